@@ -1,0 +1,718 @@
+"""Evaluate a run of byol.py, simsiam.py or bn_only.py, or a baseline, on held-out data.
+
+The architecture, the data and the held-out split come from the checkpoint: eval.py
+imports the script that wrote it and rebuilds the model and the data with that
+script's own code, so the held-out pairs and classes are exactly those the run never
+trained on.
+
+Run:
+    python eval.py runs/byol-omniglot-s0/last.pt                     # the run's own held-out split
+    python eval.py runs/byol-tll-s0/last.pt --data-dir ~/data/tll    # the data moved: same split
+    python eval.py runs/byol-tll-s0/last.pt --embedding projector
+    python eval.py runs/byol-omniglot-s0/last.pt --data tll --data-dir ~/data/tll --all-pairs
+    python eval.py runs/byol-folder-s0/last.pt --baseline random     # untrained network, same split
+    python eval.py --baseline random --data tll --data-dir ~/data/tll --seed 0 --holdout 0.2
+    python eval.py --baseline pretrained --data tll --data-dir ~/data/tll --all-pairs --image-size 224
+    python eval.py --plot runs/byol-tll-s0                           # curves.png from log.jsonl
+
+Metrics (cosine similarity throughout; a query is never its own neighbour):
+  retrieval        held-out pairs, left->right and right->left: Recall@1/5/10, MRR and
+                   median rank. Ties count at random (in expectation), so a collapsed
+                   network scores chance level, not 1.
+  one_shot         Omniglot's official 20 runs (data/omniglot/all_runs.zip), 20- and 5-way.
+  classification   labelled data: weighted kNN (k=20, 200) and a linear probe.
+  metric_learning  labelled data: Precision@1, R-Precision, MAP@R (Musgrave et al. 2020).
+  collapse         per-dimension std of the l2-normalised embeddings, and effective rank.
+Outputs: a table on stdout, eval.json, retrieval_grid.png and similarity_hist.png, next
+to the checkpoint (other data or a baseline: in a subfolder of the run) or in --out.
+Checkpoints are unpickled: evaluate only files you trust.
+"""
+
+import argparse
+import importlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METHODS = ("byol", "simsiam", "bn_only")  # the scripts whose checkpoints eval.py reads
+HERE = Path(__file__).resolve().parent
+RECALL_KS = (1, 5, 10)
+KNN_KS = (20, 200)
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, without a traceback."""
+
+
+def user_errors():
+    """eval.py's UserError and those of the training scripts imported so far (each script has its own)."""
+    return (UserError, *(sys.modules[m].UserError for m in METHODS if hasattr(sys.modules.get(m), "UserError")))
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", type=Path, default=None,
+                   help="last.pt written by byol.py, simsiam.py or bn_only.py")
+    p.add_argument("--baseline", choices=["random", "pretrained"], default=None,
+                   help="no trained weights: an untrained network or torchvision's ImageNet weights "
+                        "(data and split from the checkpoint if one is given, else from the data flags)")
+    p.add_argument("--plot", type=Path, default=None, metavar="RUN_DIR",
+                   help="only draw the curves of RUN_DIR/log.jsonl into curves.png")
+    # Data flags default to None: unset means "as the checkpoint says" (or the training scripts' default).
+    g = p.add_argument_group("data (default: the checkpoint's own data and split)")
+    g.add_argument("--data", default=None, choices=["omniglot", "tll", "pairs", "folder", "cifar10", "stl10"],
+                   help="evaluate on this dataset instead (default without a checkpoint: omniglot)")
+    g.add_argument("--data-dir", type=Path, default=None, help="dataset location, as for the training scripts")
+    g.add_argument("--pairs-csv", type=Path, default=None, help="--data pairs: CSV of (left, right) image paths")
+    g.add_argument("--download", action="store_true", help="download tll/cifar10/stl10 into --data-dir")
+    g.add_argument("--holdout", type=float, default=None, help="held-out fraction for other data (default 0.2)")
+    g.add_argument("--seed", type=int, default=None, help="split seed for other data (default: the run's, else 0)")
+    g.add_argument("--all-pairs", action="store_true",
+                   help="tll/pairs: evaluate every pair, not only the held-out ones (for baselines and other data)")
+    g.add_argument("--image-size", type=int, default=None, help="baselines only; a checkpoint fixes its own")
+    g.add_argument("--workers", type=int, default=4, help="threads that decode images")
+    g = p.add_argument_group("baseline model (a checkpoint fixes its own)")
+    g.add_argument("--arch", default=None, choices=["resnet18", "resnet50"], help="default resnet18")
+    g.add_argument("--stem", default=None, choices=["auto", "small", "imagenet"],
+                   help="default auto (random) / imagenet (pretrained, keeps the pretrained first conv)")
+    g.add_argument("--init", type=Path, default=None, help="--baseline pretrained: a local state dict instead of a download")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--embedding", default="encoder", choices=["encoder", "projector"],
+                   help="which output to compare: backbone features or the projector's")
+    g.add_argument("--memory-mb", type=float, default=512,
+                   help="budget for one block of similarities; larger sets are ranked block by block")
+    g.add_argument("--max-images", type=int, default=None, help="labelled data: subsample at most this many train and test images")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--out", type=Path, default=None, help="output directory (default: next to the checkpoint)")
+    g.add_argument("--no-pictures", action="store_true", help="skip the PNGs")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def import_method(name, source):
+    if name not in METHODS:
+        raise UserError(f"{source} was written by {name or 'something else'}, not by {', '.join(m + '.py' for m in METHODS)}; "
+                        "pass the last.pt of one of their runs")
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        raise UserError(f"{source} was written by {name}.py, which is not next to eval.py in {HERE}; add it") from None
+
+
+def load_checkpoint(path):
+    if not path.is_file():
+        raise UserError(f"CHECKPOINT {path} does not exist; pass the last.pt of a run")
+    try:
+        # weights_only=False: the checkpoint holds numpy RNG state and plain Python objects.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"CHECKPOINT {path} is not a readable checkpoint ({e.__class__.__name__}); "
+                        "it may be truncated or another kind of file: pass a last.pt written by a training script") from None
+    method = ckpt.get("method") if isinstance(ckpt, dict) else None
+    mod = import_method(method, f"CHECKPOINT {path}")
+    if not all(k in ckpt for k in ("args", "model")) or not isinstance(ckpt["args"], dict):
+        raise UserError(f"CHECKPOINT {path} lacks its args or weights; pass a last.pt written by {method}.py")
+    return mod, ckpt
+
+
+def given(opts, flag):
+    return getattr(opts, flag.lstrip("-").replace("-", "_")) is not None
+
+
+def run_args(opts, mod, ckpt):
+    """The training script's arguments that rebuild this evaluation's model and data.
+
+    Returns (args, own_data): own_data means the checkpoint's own data and held-out split.
+    """
+    saved = ckpt["args"] if ckpt else None
+    if saved and not opts.baseline:
+        for flag in ("--arch", "--stem", "--init"):
+            if given(opts, flag):
+                raise UserError(f"{flag} comes from the checkpoint ({saved.get(flag[2:])}); drop {flag}")
+    if saved and given(opts, "--image-size") and opts.image_size != saved["image_size"]:
+        raise UserError(f"--image-size {opts.image_size} does not fit CHECKPOINT {opts.checkpoint}: it was trained at "
+                        f"{saved['image_size']} px and its first layers depend on it; drop --image-size")
+    args = mod.parse_args([])  # the script's defaults, so that args it added later are present
+    own_data = saved is not None and opts.data in (None, saved["data"])
+    if own_data:
+        vars(args).update(saved)
+        for flag in ("--holdout", "--seed"):
+            value = getattr(opts, flag[2:])
+            if value is not None and value != saved[flag[2:]]:
+                raise UserError(f"{flag} {value} differs from the run's {saved[flag[2:]]}: that split would contain "
+                                f"training data; drop {flag}, or pass --data to evaluate on other data")
+        # The data may have moved: a new location is fine, the split is checked after loading.
+        for flag in ("--data-dir", "--pairs-csv"):
+            name = flag[2:].replace("-", "_")
+            if getattr(opts, name) is not None:
+                setattr(args, name, getattr(opts, name))
+            elif getattr(args, name) is not None and not Path(getattr(args, name)).exists():
+                raise UserError(f"the data of CHECKPOINT {opts.checkpoint} was at {flag} {getattr(args, name)}, which does "
+                                f"not exist here; pass {flag} with its new location")
+    else:
+        args.data = opts.data or "omniglot"
+        args.data_dir, args.pairs_csv = opts.data_dir, opts.pairs_csv
+        args.holdout = 0.2 if opts.holdout is None else opts.holdout
+        args.seed = opts.seed if opts.seed is not None else (saved["seed"] if saved else 0)
+        args.image_size = saved["image_size"] if saved else opts.image_size
+        if saved:
+            args.arch, args.stem = saved["arch"], saved["stem"]
+    if saved and opts.baseline:
+        args.stem = opts.stem or saved["stem"]
+    elif not saved:
+        args.arch = opts.arch or "resnet18"
+        args.stem = opts.stem or ("imagenet" if opts.baseline == "pretrained" else "auto")
+    if opts.all_pairs:
+        if args.data not in ("tll", "pairs"):
+            raise UserError(f"--all-pairs needs explicit pairs (--data tll or pairs), not --data {args.data}")
+        args.holdout = 0.0
+    args.data_dir = Path(args.data_dir) if args.data_dir is not None else None
+    args.pairs_csv = Path(args.pairs_csv) if args.pairs_csv is not None else None
+    args.workers, args.download = opts.workers, opts.download
+    args.pairs = "natural"  # how training drew positives; the held-out split does not depend on it
+    args.pretrained, args.init = False, None  # the checkpoint's weights replace any initialisation
+    return mod.fill_defaults(args), own_data
+
+
+def load_eval_data(opts, mod, ckpt, args, own_data):
+    """The training script's own loader; with a checkpoint's own data, check the split is the run's."""
+    data = mod.load_data(args)
+    if opts.all_pairs:
+        data.test_pairs = data.groups[:, :2].clone()  # holdout 0 and natural pairs: every (left, right)
+    elif own_data and ckpt.get("split") is not None and comparable(data.split) != comparable(ckpt["split"]):
+        where = f"--data-dir {args.data_dir}" if args.data != "pairs" else f"--pairs-csv {args.pairs_csv}"
+        raise UserError(f"{where} does not hold the data CHECKPOINT {opts.checkpoint} was trained on: its held-out "
+                        f"split differs from the run's; point {where.split()[0]} at the run's data, or pass --data "
+                        "to evaluate on other data")
+    return data
+
+
+def comparable(split):
+    """A split by file names only, so that data moved to another directory still matches."""
+    def name(x):
+        return Path(x.split(":")[-1]).name if isinstance(x, str) else [name(y) for y in x] if isinstance(x, list) else x
+
+    return {k: name(v) for k, v in split.items()} if isinstance(split, dict) else split
+
+
+class Baseline(nn.Module):
+    """A bare encoder, shaped like the methods (encoder, projector) for embed_images."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = nn.Identity()
+
+
+def build_eval_model(opts, mod, ckpt, args):
+    if opts.baseline is None:
+        model = mod.build_model(args)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"CHECKPOINT {opts.checkpoint}: its weights do not fit the model its own args describe "
+                            f"({str(e).splitlines()[0]}); the file was edited or written by another version") from None
+        return model
+    if opts.embedding == "projector":
+        raise UserError("--embedding projector needs a trained checkpoint; a baseline has no projector")
+    if opts.baseline == "random":
+        torch.manual_seed(args.seed)  # the same draw as a run's untrained network (its epoch 0)
+        return Baseline(mod.build_encoder(args.arch, args.image_size, args.stem)[0])
+    try:
+        pretrained = opts.init is None  # --init: local weights, no download
+        return Baseline(mod.build_encoder(args.arch, args.image_size, args.stem, pretrained, opts.init)[0])
+    except user_errors() as e:
+        raise UserError(f"--baseline pretrained: {str(e).removeprefix('--pretrained: ')}") from None
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def chunk_rows(num_columns, memory_mb):
+    """Rows of a [rows, num_columns] float32 similarity block (plus masks) that fit in memory_mb."""
+    return max(1, int(memory_mb * 2**20 // (num_columns * 4 * 3)))
+
+
+def harmonic(n):
+    return torch.special.digamma(n.double() + 1) + 0.5772156649015329
+
+
+@torch.no_grad()
+def match_ranks(query, gallery, rows, top=5):
+    """Where query[i]'s true match gallery[i] ranks among all of gallery, by cosine similarity.
+
+    Returns (greater, ties, top_idx): how many gallery items score strictly higher than
+    the match, how many others score exactly the same, and the `top` best indices.
+    `rows` queries at a time: only a [rows, len(gallery)] block is ever held.
+    """
+    q, g = F.normalize(query.float(), dim=1), F.normalize(gallery.float(), dim=1)
+    greater, ties, tops = [], [], []
+    for i in range(0, len(q), rows):
+        sim = q[i: i + rows] @ g.T
+        true = sim.diagonal(offset=i)[:, None]
+        greater.append((sim > true).sum(1))
+        ties.append((sim == true).sum(1) - 1)
+        tops.append(sim.topk(min(top, len(g)), dim=1).indices)
+    return torch.cat(greater).cpu(), torch.cat(ties).cpu(), torch.cat(tops).cpu()
+
+
+def retrieval_metrics(greater, ties, ks=RECALL_KS):
+    """Recall@k, MRR and median rank, with ties broken uniformly at random, in expectation.
+
+    The match is equally likely at each rank greater+1 .. greater+ties+1.
+    """
+    n = (ties + 1).double()
+    g = greater.double()
+    out = {f"recall@{k}": ((k - g).clamp(min=0).minimum(n) / n).mean().item() for k in ks}
+    out["mrr"] = ((harmonic(g + n) - harmonic(g)) / n).mean().item()
+    out["median_rank"] = (g + 1 + (n - 1) / 2).quantile(0.5).item()
+    return out
+
+
+def one_shot_accuracy(runs, ways, seed=0):
+    """runs: [(train embeddings [C,D], test embeddings [T,D], answer [T])]. N-way: each test item
+    chooses among its class and ways-1 other classes of the run, drawn with a fixed seed."""
+    gen = torch.Generator().manual_seed(seed)
+    correct = total = 0
+    for train, test, answer in runs:
+        sim = (F.normalize(test.float(), dim=1) @ F.normalize(train.float(), dim=1).T).cpu()
+        if ways < sim.shape[1]:
+            draw = torch.rand(sim.shape, generator=gen)
+            draw[torch.arange(len(answer)), answer] = -1.0  # the true class is always a candidate
+            keep = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, draw.argsort(1)[:, :ways], True)
+            sim = sim.masked_fill(~keep, -math.inf)
+        correct += (sim.argmax(1) == answer).sum().item()
+        total += len(answer)
+    return correct / total
+
+
+@torch.no_grad()
+def metric_learning_metrics(feats, labels, rows):
+    """Precision@1, R-Precision and MAP@R (Musgrave et al. 2020) with every item as a query
+    against all the others; R is the number of other items of the query's class. Queries
+    whose class has no other item are left out."""
+    x = F.normalize(feats.float(), dim=1)
+    labels = labels.to(x.device)
+    counts = torch.bincount(labels)
+    r_all = counts[labels] - 1
+    p1, rp, mapr = [], [], []
+    for i in range(0, len(x), rows):
+        r = r_all[i: i + rows]
+        sim = x[i: i + rows] @ x.T
+        sim[torch.arange(len(sim)), torch.arange(i, i + len(sim))] = -math.inf  # not its own neighbour
+        width = int(r.max().clamp(min=1))
+        rel = (labels[sim.topk(width, dim=1).indices] == labels[i: i + rows, None]).double()
+        within = torch.arange(1, width + 1, device=x.device)[None] <= r[:, None]  # the first R ranks
+        rel = rel * within
+        precision_at = rel.cumsum(1) / torch.arange(1, width + 1, device=x.device)
+        keep = r > 0
+        rr = r[keep].double()
+        p1.append(rel[keep, 0])
+        rp.append(rel[keep].sum(1) / rr)
+        mapr.append((precision_at * rel)[keep].sum(1) / rr)
+    p1, rp, mapr = torch.cat(p1), torch.cat(rp), torch.cat(mapr)
+    if not len(p1):
+        return {}
+    return {"queries": len(p1), "precision@1": p1.mean().item(), "r_precision": rp.mean().item(), "map@r": mapr.mean().item()}
+
+
+def knn_accuracy(mod, train, train_labels, test, test_labels, k, rows):
+    """The training script's weighted kNN, fed `rows` test items at a time (bounded memory)."""
+    correct = 0.0
+    for i in range(0, len(test), rows):
+        part = test_labels[i: i + rows]
+        correct += mod.knn_accuracy(train, train_labels, test[i: i + rows], part, k=k) * len(part)
+    return correct / len(test)
+
+
+def linear_probe(train, train_labels, test, test_labels, steps=100, l2=1e-3):
+    """Multinomial logistic regression on frozen, standardised features: full-batch L-BFGS."""
+    classes, y = torch.cat([train_labels, test_labels]).unique(return_inverse=True)
+    y_train, y_test = y[: len(train_labels)], y[len(train_labels):]
+    mean, std = train.mean(0), train.std(0).clamp(min=1e-6)
+    a, b = (train - mean) / std, (test - mean) / std
+    w = torch.zeros(a.shape[1], len(classes), device=a.device, requires_grad=True)
+    bias = torch.zeros(len(classes), device=a.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, bias], lr=1, max_iter=steps, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(a @ w + bias, y_train) + l2 * w.square().sum() / 2
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return ((b @ w + bias).argmax(1) == y_test).float().mean().item()
+
+
+def collapse_stats(mod, z):
+    """Per-dimension std of the l2-normalised embeddings (about 1/sqrt(d) healthy, 0 collapsed)."""
+    std = F.normalize(z.float(), dim=1).std(0)
+    return {"dim": z.shape[1], "std_mean": std.mean().item(), "std_min": std.min().item(), "std_max": std.max().item(),
+            "healthy_std": 1 / math.sqrt(z.shape[1]), "effective_rank": mod.effective_rank(z)}
+
+
+def classification_split(data, seed, max_images):
+    """(reference, query) image indices for kNN and the probe, and how they were chosen.
+
+    CIFAR-10/STL-10 hold out images of the training classes: reference = training images.
+    Folder data hold out whole classes, unseen in training: their images are split in
+    half per class, one half the reference, the other the queries.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    train, test = (~data.test_images).nonzero().flatten(), data.test_images.nonzero().flatten()
+    if set(data.labels[test].tolist()) <= set(data.labels[train].tolist()):
+        ref, query, protocol = train, test, "training images -> held-out images"
+    else:
+        ref, query = [], []
+        for c in data.labels[test].unique():
+            members = test[data.labels[test] == c]
+            members = members[torch.randperm(len(members), generator=gen)]
+            ref.append(members[: (len(members) + 1) // 2])
+            query.append(members[(len(members) + 1) // 2:])
+        ref, query, protocol = torch.cat(ref), torch.cat(query), "held-out classes, half of each class -> other half"
+    if max_images is not None:
+        ref = ref[torch.randperm(len(ref), generator=gen)[:max_images]].sort().values
+        query = query[torch.randperm(len(query), generator=gen)[:max_images]].sort().values
+    return ref, query, protocol
+
+
+class Embeddings:
+    """Embeds each needed image once; rows are looked up by image index."""
+
+    def __init__(self, mod, model, images, indices, device):
+        self.index = torch.full((len(images),), -1, dtype=torch.long)
+        unique = torch.cat(indices).unique() if indices else torch.empty(0, dtype=torch.long)
+        self.index[unique] = torch.arange(len(unique))
+        self.feats, self.projs = mod.embed_images(model, images[unique], device) if len(unique) else (None, None)
+        self.count = len(unique)
+
+    def __call__(self, idx, which):
+        return (self.feats if which == "encoder" else self.projs)[self.index[idx].to(self.feats.device)]
+
+
+def evaluate(opts, mod, model, data, args, device):
+    """All metrics that apply to this data, timings, and what the pictures need."""
+    rows_for = lambda n: chunk_rows(n, opts.memory_mb)  # noqa: E731
+    which = opts.embedding
+    pick = 1 if which == "projector" else 0  # embed_images returns (features, projections)
+    pairs = data.test_pairs
+    labelled = data.labels is not None and data.test_images is not None and bool(data.test_images.any())
+    if labelled:
+        ref, query, protocol = classification_split(data, args.seed, opts.max_images)
+        # Ranking metrics on the held-out images: the query images, or all of the held-out classes.
+        held_out = query if protocol.startswith("training") else torch.cat([ref, query]).sort().values
+    needed = [i for i in ([pairs.flatten()] + ([ref, query] if labelled else [])) if len(i)]
+
+    start = time.perf_counter()
+    emb = Embeddings(mod, model, data.images, needed, device)
+    runs = [(mod.embed_images(model, train, device)[pick], mod.embed_images(model, test, device)[pick], answer)
+            for train, test, answer in data.one_shot_runs]
+    timing = {"images_embedded": emb.count + sum(len(t) + len(s) for t, s, _ in data.one_shot_runs),
+              "embed_s": time.perf_counter() - start}
+
+    start = time.perf_counter()
+    metrics, extras = {}, {}
+    if len(pairs):
+        left, right = emb(pairs[:, 0], which), emb(pairs[:, 1], which)
+        greater, ties, top = match_ranks(left, right, rows_for(len(right)))
+        metrics["retrieval"] = {"pairs": len(pairs), "left_to_right": retrieval_metrics(greater, ties),
+                                "right_to_left": retrieval_metrics(*match_ranks(right, left, rows_for(len(left)))[:2])}
+        extras.update(left=left, right=right, greater=greater, ties=ties, top=top)
+    if runs:
+        metrics["one_shot"] = {"runs": len(runs), **{f"{w}way": one_shot_accuracy(runs, w) for w in (20, 5)}}
+    if labelled:
+        cls = {"protocol": protocol, "reference_images": len(ref), "query_images": len(query)}
+        if len(ref) and len(query):
+            r, q = emb(ref, which), emb(query, which)
+            r_labels, q_labels = data.labels[ref].to(r.device), data.labels[query].to(r.device)
+            for k in KNN_KS:
+                cls[f"knn@{k}"] = knn_accuracy(mod, r, r_labels, q, q_labels, k, min(1024, rows_for(len(r))))
+            cls["linear_probe"] = linear_probe(r, r_labels, q, q_labels)
+        metrics["classification"] = cls
+        if len(held_out):
+            dml = metric_learning_metrics(emb(held_out, which), data.labels[held_out], rows_for(len(held_out)))
+            if dml:
+                metrics["metric_learning"] = dml
+    if needed:
+        # Collapse is judged on every evaluated image, for both outputs of a trained model.
+        every = torch.cat(needed).unique()
+        metrics["collapse"] = {"encoder": collapse_stats(mod, emb(every, "encoder"))}
+        if opts.baseline is None:
+            metrics["collapse"]["projector"] = collapse_stats(mod, emb(every, "projector"))
+    timing["metrics_s"] = time.perf_counter() - start
+    return metrics, extras, timing
+
+
+def similarity_stats(left, right, samples=20000, seed=0):
+    """Cosine similarity of the positive pairs and of random non-matching (left, right) pairs."""
+    left, right = F.normalize(left.float(), dim=1).cpu(), F.normalize(right.float(), dim=1).cpu()
+    positive = (left * right).sum(1)
+    if len(left) < 2:
+        return positive, None
+    gen = torch.Generator().manual_seed(seed)
+    i = torch.randint(len(left), (samples,), generator=gen)
+    j = (i + torch.randint(1, len(left), (samples,), generator=gen)) % len(left)  # never i's own partner
+    return positive, (left[i] * right[j]).sum(1)
+
+
+def separation(positive, random):
+    """Means, and the chance that a positive pair is more similar than a random one (ROC AUC)."""
+    ordered = random.sort().values
+    below = torch.searchsorted(ordered, positive, right=False).double()
+    at_or_below = torch.searchsorted(ordered, positive, right=True).double()
+    auc = ((below + at_or_below) / 2 / len(ordered)).mean().item()  # ties count half
+    return {"positive_mean": positive.mean().item(), "random_mean": random.mean().item(), "auc": auc}
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def pyplot():
+    """matplotlib, imported only to draw (it is an optional dependency)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("matplotlib is not installed; pip install matplotlib (the 'plot' extra) to draw pictures") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def outline(ax, colour, width):
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color(colour)
+        spine.set_linewidth(width)
+
+
+def retrieval_grid(path, data, extras, rows=8, seed=0):
+    """Each row: a held-out left image, its top-5 right images and its true match, outlined
+    in green wherever it appears."""
+    plt = pyplot()
+    pairs, top, greater, ties = data.test_pairs, extras["top"], extras["greater"], extras["ties"]
+    chosen = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:rows].sort().values.tolist()
+    cols = top.shape[1] + 2
+    fig, axes = plt.subplots(len(chosen), cols, figsize=(1.3 * cols, 1.45 * len(chosen)), squeeze=False)
+    for row, i in zip(axes, chosen):
+        rank = f"{greater[i] + 1}" + (f"-{greater[i] + ties[i] + 1}" if ties[i] else "")
+        cells = [(pairs[i, 0], "query", False)]
+        cells += [(pairs[j, 1], f"top {k + 1}", j == i) for k, j in enumerate(top[i].tolist())]
+        cells += [(pairs[i, 1], f"match: rank {rank}", True)]
+        for ax, (image, title, is_match) in zip(row, cells):
+            ax.imshow(data.images[image].permute(1, 2, 0).numpy())
+            ax.set_title(title, fontsize=7)
+            outline(ax, "limegreen" if is_match else "lightgray", 3 if is_match else 0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def similarity_hist(path, positive, random):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    low, high = min(positive.min(), random.min()).item(), max(positive.max(), random.max()).item()
+    bins = torch.linspace(low, max(high, low + 1e-6), 41).numpy()
+    ax.hist(random.numpy(), bins, density=True, alpha=0.55, label=f"random pairs ({len(random)})")
+    ax.hist(positive.numpy(), bins, density=True, alpha=0.55, label=f"positive pairs ({len(positive)})")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("density")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+QUALITY = ("one_shot", "recall@1", "knn@20")  # the training scripts' per-epoch quality metrics
+
+
+def read_log(run_dir):
+    path = run_dir / "log.jsonl" if run_dir.is_dir() else run_dir
+    if not path.is_file():
+        raise UserError(f"--plot {run_dir} holds no log.jsonl; pass a run directory written by "
+                        f"{', '.join(m + '.py' for m in METHODS)}")
+    by_epoch = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"--plot: line {number} of {path} is not JSON; the log is damaged, delete that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise UserError(f"--plot: line {number} of {path} has no epoch; it is not a training log")
+        by_epoch[record["epoch"]] = record  # an epoch logged twice (a crash before its checkpoint): keep the rerun
+    if not by_epoch:
+        raise UserError(f"--plot: {path} is empty; it fills after the first evaluation of a run")
+    return path, [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def plot_curves(run_dir, out=None):
+    """Quality, loss and collapse against epoch, from a training script's log.jsonl."""
+    path, records = read_log(run_dir)
+    plt = pyplot()
+
+    def series(key):
+        points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    fig, (quality, loss, collapse) = plt.subplots(1, 3, figsize=(14, 3.8))
+    for key in QUALITY:
+        if series(key)[0]:
+            quality.plot(*series(key), marker="o", label=key)
+    quality.set_title("held-out quality (epoch 0: untrained)")
+    loss.plot(*series("loss"), marker="o", color="tab:red")
+    loss.set_title("training loss")
+    collapse.plot(*series("collapse_std"), marker="o", label="collapse_std")
+    collapse.plot(*series("healthy_std"), linestyle="--", color="gray", label="healthy std (1/sqrt d)")
+    collapse.set_title("collapse")
+    collapse.set_ylim(bottom=0)
+    rank = collapse.twinx()
+    rank.plot(*series("effective_rank"), marker="s", color="tab:green", label="effective rank")
+    rank.set_ylabel("effective rank")
+    for ax in (quality, loss, collapse):
+        ax.set_xlabel("epoch")
+    quality.legend(fontsize=8)
+    lines = collapse.get_legend_handles_labels(), rank.get_legend_handles_labels()
+    collapse.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8)
+    fig.tight_layout()
+    out = Path(out) if out is not None else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+    return out / "curves.png"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def default_out(opts, args, own_data):
+    """Next to the checkpoint; other data, baselines and projector outputs get their own subfolder."""
+    parts = [f"baseline-{opts.baseline}"] if opts.baseline else []
+    parts += [] if own_data else [args.data]
+    parts += ["all-pairs"] if opts.all_pairs else []
+    parts += ["projector"] if opts.embedding == "projector" else []
+    if opts.checkpoint is None:
+        return Path("runs") / f"{'-'.join(parts)}-s{args.seed}"
+    return opts.checkpoint.parent / f"eval-{'-'.join(parts)}" if parts else opts.checkpoint.parent
+
+
+def flatten(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def print_table(result):
+    src, data = result["source"], result["data"]
+    who = (f"{src['method']} checkpoint {src['checkpoint']} (epoch {src['epoch']})" if "method" in src
+           else f"{src['baseline']} baseline")
+    if "method" in src and src.get("baseline"):
+        who = f"{src['baseline']} baseline {src['arch']} on the split of {src['checkpoint']}"
+    print(f"{who}; {result['embedding']} embedding")
+    print(f"data: {data['data']}, {data['split']}, {data['image_size']} px")
+    rows = [(k, v) for k, v in flatten(result["metrics"])]
+    width = max((len(k) for k, _ in rows), default=0)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+    t = result["seconds"]
+    print(f"embedded {t['images_embedded']} images in {t['embed_s']:.1f} s; metrics in {t['metrics_s']:.2f} s")
+
+
+def run(opts):
+    if opts.plot is not None:
+        if opts.checkpoint is not None or opts.baseline is not None:
+            raise UserError("--plot only draws the curves of a run; pass it without CHECKPOINT and --baseline")
+        print(f"wrote {plot_curves(opts.plot, opts.out)}")
+        return
+    if opts.checkpoint is None and opts.baseline is None:
+        raise UserError("nothing to evaluate: pass a CHECKPOINT, --baseline random|pretrained, or --plot RUN_DIR")
+    if opts.memory_mb <= 0:
+        raise UserError(f"--memory-mb {opts.memory_mb} must be positive")
+    if opts.max_images is not None and opts.max_images < 1:
+        raise UserError(f"--max-images {opts.max_images} must be 1 or more")
+    if opts.checkpoint is not None:
+        mod, ckpt = load_checkpoint(opts.checkpoint)
+    else:
+        mod, ckpt = import_method("byol", "eval.py"), None  # the scripts share their data and model code
+    args, own_data = run_args(opts, mod, ckpt)
+    device = mod.pick_device(opts.device, 0)
+    model = build_eval_model(opts, mod, ckpt, args).to(device)  # before the data: a bad file fails fast
+    data = load_eval_data(opts, mod, ckpt, args, own_data)
+    metrics, extras, timing = evaluate(opts, mod, model, data, args, device)
+    if "left" in extras:
+        positive, random = similarity_stats(extras["left"], extras["right"])
+        if random is not None:
+            metrics["similarity"] = separation(positive, random)
+
+    if opts.all_pairs:
+        split = "all pairs" + (" (the run trained on most of them)" if own_data and opts.baseline is None else "")
+    elif own_data:
+        split = f"the run's held-out split (seed {args.seed}, holdout {args.holdout})"
+    else:
+        split = f"held-out split (seed {args.seed}, holdout {args.holdout})"
+    source = {"baseline": opts.baseline, "arch": args.arch, "stem": args.stem}
+    if ckpt is not None:
+        source.update(checkpoint=str(opts.checkpoint), method=ckpt["method"], epoch=ckpt.get("epoch"))
+    result = {
+        "source": source,
+        "data": {"data": args.data, "data_dir": None if args.data_dir is None else str(args.data_dir),
+                 "pairs_csv": None if args.pairs_csv is None else str(args.pairs_csv), "split": split,
+                 "seed": args.seed, "holdout": args.holdout, "image_size": args.image_size, "images": len(data.images)},
+        "embedding": opts.embedding,
+        "metrics": metrics,
+        "seconds": timing,
+    }
+    out = opts.out if opts.out is not None else default_out(opts, args, own_data)
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    if not opts.no_pictures and "left" in extras:
+        try:
+            retrieval_grid(out / "retrieval_grid.png", data, extras)
+            pictures.append(str(out / "retrieval_grid.png"))
+            if "similarity" in metrics:
+                similarity_hist(out / "similarity_hist.png", positive, random)
+                pictures.append(str(out / "similarity_hist.png"))
+        except UserError as e:  # no matplotlib: the metrics still count
+            print(f"note: {e}; skipped the pictures", file=sys.stderr)
+    result["pictures"] = pictures
+    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    print_table(result)
+    print(f"wrote {out / 'eval.json'}" + "".join(f", {p}" for p in pictures))
+    return result
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    try:
+        run(opts)
+    except user_errors() as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1012 @@
+"""SimSiam: learn a visual similarity from positive pairs only (Chen & He 2021).
+
+One network (encoder -> projector) and a predictor. The predictor's output for one
+view learns to match the projection of the other view, which is detached:
+stop-gradient plus a predictor avoid collapse without negatives, target network or EMA.
+
+Run:
+    python simsiam.py                                # embedded Omniglot, CPU-sized
+    python simsiam.py --data tll --data-dir ~/data/tll --epochs 100
+    python simsiam.py --data tll --data-dir ~/data/tll --download
+    python simsiam.py --data pairs --pairs-csv my_pairs.csv
+    python simsiam.py --data folder --data-dir ~/data/classes
+    python simsiam.py --data cifar10 --data-dir ~/data --download --epochs 800
+    python simsiam.py --resume runs/simsiam-omniglot-s0/last.pt
+    torchrun --nproc_per_node 8 simsiam.py --data tll --data-dir ~/data/tll
+
+Use the method without this CLI:
+    from simsiam import SimSiam, build_encoder
+    model = SimSiam(*build_encoder("resnet18", image_size=64))
+    loss = model(view1, view2); loss.backward(); optimizer.step()
+"""
+
+import argparse
+import copy
+import csv
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, UnidentifiedImageError
+
+from kernels import force_reference, symmetric_cosine_loss
+
+METHOD = "simsiam"
+HERE = Path(__file__).resolve().parent
+TLL_DRIVE_IDS = {"left": "1jvkbTr_giSP3Ru8OwGNCg6B4PvVbcO34", "right": "1EzBZUb_mh_Dp_FKD0P4XiYYSd0QBH5zW"}
+TLL_PAGE = "https://sites.google.com/view/totally-looks-like-dataset"
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="omniglot", choices=["omniglot", "tll", "pairs", "folder", "cifar10", "stl10"],
+                   help="dataset; omniglot is embedded under data/ and needs no download")
+    g.add_argument("--data-dir", type=Path, default=None,
+                   help="dataset location (tll: left/ and right/ or left.zip and right.zip; folder: class subfolders)")
+    g.add_argument("--pairs-csv", type=Path, default=None, help="--data pairs: CSV of (left, right) image paths")
+    g.add_argument("--pairs", default="natural", choices=["natural", "aug"],
+                   help="natural: positives are the dataset's own pairs; aug: two augmentations of one image")
+    g.add_argument("--download", action="store_true", help="download tll/cifar10/stl10 into --data-dir")
+    g.add_argument("--holdout", type=float, default=0.2, help="fraction of pairs (or classes) held out for evaluation")
+    g.add_argument("--image-size", type=int, default=None, help="training resolution (default: 28 omniglot, 32 cifar10, 96 stl10, 64 otherwise)")
+    g.add_argument("--workers", type=int, default=4, help="threads that decode images once at start-up")
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--crop-min-scale", type=float, default=0.2, help="smallest area of the random resized crop")
+    g.add_argument("--jitter-strength", type=float, default=1.0, help="scales BYOL's colour jitter (0.4, 0.4, 0.2, 0.1)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"], help="torchvision backbone")
+    g.add_argument("--stem", default="auto", choices=["auto", "small", "imagenet"],
+                   help="small: 3x3 stride-1 conv, no max-pool (CIFAR variant); auto picks it for images of 32 px or less")
+    g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
+    g.add_argument("--init", type=Path, default=None, help="start the encoder from a local state dict")
+    g.add_argument("--proj-dim", type=int, default=2048, help="width of the 3-layer projector (hidden and output)")
+    g.add_argument("--pred-dim", type=int, default=512, help="bottleneck width of the predictor")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs (default: 6 omniglot, 100 otherwise)")
+    g.add_argument("--batch-size", type=int, default=128, help="global batch of positive pairs")
+    g.add_argument("--optimizer", default="sgd", choices=["lars", "adamw", "sgd"], help="LARS as in the paper; AdamW or SGD for small batches")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.2*bs/256 lars, 0.05*bs/256 sgd, 2e-3 adamw)")
+    g.add_argument("--weight-decay", type=float, default=None, help="default: 1.5e-6 lars, 1e-4 sgd, 1e-6 adamw")
+    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine decay")
+    g.add_argument("--fix-pred-lr", action="store_true", help="keep the predictor's learning rate constant (SimSiam sec. 4.2)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation, batches and augmentations")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    g.add_argument("--reference-kernels", action="store_true", help="use the PyTorch reference ops instead of the Triton kernels (A/B runs)")
+    g.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<method>-<data>-s<seed>)")
+    g.add_argument("--resume", type=Path, default=None, help="continue exactly from a checkpoint written by this script")
+    g.add_argument("--stop-after-epochs", type=int, default=None, help="stop after this many epochs of this invocation (time-limited jobs)")
+    g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates (each costs one host sync)")
+    g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    return args
+
+
+def fill_defaults(args):
+    """Defaults that depend on the dataset or the optimiser."""
+    if args.image_size is None:
+        args.image_size = {"omniglot": 28, "cifar10": 32, "stl10": 96}.get(args.data, 64)
+    if args.epochs is None:
+        args.epochs = 6 if args.data == "omniglot" else 100
+    if args.lr is None:
+        args.lr = {"lars": 0.2, "sgd": 0.05}.get(args.optimizer, 0.0)
+        args.lr = args.lr * args.batch_size / 256 if args.lr else 2e-3
+    if args.weight_decay is None:
+        args.weight_decay = {"lars": 1.5e-6, "sgd": 1e-4, "adamw": 1e-6}[args.optimizer]
+    if args.out is None:
+        args.out = Path("runs") / f"{METHOD}-{args.data}-s{args.seed}"
+    for flag, value, low in [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                             ("--image-size", args.image_size, 8), ("--log-every", args.log_every, 1)]:
+        if value < low:
+            raise UserError(f"{flag} {value} is too small; use {low} or more")
+    if not 0.0 <= args.holdout < 1.0:
+        raise UserError(f"--holdout {args.holdout} must lie in [0, 1)")
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class PairData:
+    """Images decoded and resized once, plus who is positive with whom.
+
+    images[i] is a uint8 [3, S, S] image. Each training anchor has a group of
+    positives; a training pair is the anchor and one other member of its group
+    (the anchor itself when the group has one member: two augmentations of one image).
+    """
+
+    images: torch.Tensor
+    names: list
+    anchors: torch.Tensor  # [M] image index of each training anchor
+    groups: torch.Tensor  # [M, G] image indices of the anchor's group, padded with -1
+    group_sizes: torch.Tensor  # [M]
+    anchor_pos: torch.Tensor  # [M] where the anchor sits in its group
+    test_pairs: torch.Tensor  # [P, 2] held-out positive pairs, for Recall@1
+    labels: torch.Tensor = None  # per-image class, for kNN accuracy (labelled data only)
+    test_images: torch.Tensor = None  # per-image flag: held out from training
+    one_shot_runs: list = field(default_factory=list)  # Omniglot: [(train uint8 [20,3,S,S], test uint8, answer [20])]
+    split: dict = field(default_factory=dict)  # names of held-out items, saved with the run
+
+
+def decode_image(read_bytes, name, size):
+    """Decode, resize the shorter side to `size` and centre-crop: uint8 [3, size, size]."""
+    try:
+        with Image.open(io.BytesIO(read_bytes())) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            scale = size / min(w, h)
+            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+            w, h = img.size
+            left, top = (w - size) // 2, (h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+            return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"cannot read image {name} ({e.__class__.__name__}: {e}); replace or remove that file") from None
+
+
+def decode_all(sources, size, workers):
+    """sources: list of (name, zero-argument function returning bytes)."""
+    if not sources:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        images = list(pool.map(lambda s: decode_image(s[1], s[0], size), sources))
+    return torch.stack(images)
+
+
+def file_source(path):
+    return str(path), Path(path).read_bytes
+
+
+def zip_sources(zip_path, names):
+    zf = zipfile.ZipFile(zip_path)  # ZipFile reads are thread-safe for distinct members
+    return [(f"{zip_path}:{n}", (lambda n=n: zf.read(n))) for n in names]
+
+
+def open_zip(path):
+    try:
+        return zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot open {path} ({e}); check the file or download it again") from None
+
+
+def require_dir(path, flag="--data-dir"):
+    if path is None:
+        raise UserError(f"{flag} is required for this dataset")
+    if not Path(path).is_dir():
+        raise UserError(f"{flag} {path} does not exist or is not a directory; check the path")
+    return Path(path)
+
+
+def split_items(n, holdout, seed):
+    """Deterministic split of n items into (train, test) index lists."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test = int(round(n * holdout)) if n > 1 else 0
+    return sorted(order[n_test:]), sorted(order[:n_test])
+
+
+def pairs_data(images, names, left, right, holdout, seed, pairs_mode):
+    """Data whose positives are explicit (left[i], right[i]) pairs."""
+    train, test = split_items(len(left), holdout, seed)
+    if not train:
+        raise UserError("no training pairs left after the hold-out; lower --holdout or add pairs")
+    left_t, right_t = torch.tensor(left), torch.tensor(right)
+    if pairs_mode == "aug":
+        anchors = torch.cat([left_t[train], right_t[train]])
+        groups = anchors[:, None]
+    else:
+        anchors = left_t[train]
+        groups = torch.stack([left_t[train], right_t[train]], 1)
+    return PairData(
+        images=images, names=names, anchors=anchors, groups=groups,
+        group_sizes=torch.full((len(anchors),), groups.shape[1]), anchor_pos=torch.zeros(len(anchors), dtype=torch.long),
+        test_pairs=torch.stack([left_t[test], right_t[test]], 1).reshape(-1, 2),
+        split={"test_pairs": [[names[left[i]], names[right[i]]] for i in test]},
+    )
+
+
+def grouped_data(images, names, labels, holdout, seed, pairs_mode):
+    """Data whose positives are the images of one class; whole classes are held out."""
+    labels = torch.as_tensor(labels)
+    classes = labels.unique().tolist()
+    train_cls, test_cls = split_items(len(classes), holdout, seed)
+    train_cls, test_cls = [classes[i] for i in train_cls], [classes[i] for i in test_cls]
+    members = {c: (labels == c).nonzero().flatten() for c in classes}
+    anchors = torch.cat([members[c] for c in train_cls]) if train_cls else torch.empty(0, dtype=torch.long)
+    if pairs_mode == "aug":
+        groups, sizes, pos = anchors[:, None], torch.ones(len(anchors), dtype=torch.long), torch.zeros(len(anchors), dtype=torch.long)
+    else:
+        width = max(len(members[c]) for c in train_cls) if train_cls else 1
+        padded = {c: F.pad(members[c], (0, width - len(members[c])), value=-1) for c in train_cls}
+        groups = torch.stack([padded[int(labels[a])] for a in anchors]) if len(anchors) else torch.empty(0, width, dtype=torch.long)
+        sizes = torch.tensor([len(members[int(labels[a])]) for a in anchors], dtype=torch.long)
+        pos = (groups == anchors[:, None]).long().argmax(1)
+    # Held-out pairs: the first two images of each held-out class (seeded order).
+    gen = torch.Generator().manual_seed(seed + 1)
+    test_pairs = []
+    for c in test_cls:
+        m = members[c][torch.randperm(len(members[c]), generator=gen)]
+        if len(m) >= 2:
+            test_pairs.append(m[:2])
+    test_pairs = torch.stack(test_pairs) if test_pairs else torch.empty(0, 2, dtype=torch.long)
+    is_test = torch.zeros(len(labels), dtype=torch.bool)
+    for c in test_cls:
+        is_test[members[c]] = True
+    return PairData(
+        images=images, names=names, anchors=anchors, groups=groups, group_sizes=sizes, anchor_pos=pos,
+        test_pairs=test_pairs, labels=labels, test_images=is_test, split={"test_classes": [str(c) for c in test_cls]},
+    )
+
+
+def load_omniglot(args):
+    """Embedded Omniglot: a positive pair is one character drawn by two different people."""
+    root = Path(args.data_dir) if args.data_dir else HERE / "data" / "omniglot"
+    zip_path = require_dir(root) / "images_background_small1.zip"
+    zf = open_zip(zip_path)
+    names = sorted(n for n in zf.namelist() if n.endswith(".png"))
+    if not names:
+        raise UserError(f"{zip_path} holds no PNG images; download it again")
+    characters = [n.rsplit("/", 1)[0] for n in names]  # .../<alphabet>/<character>
+    index = {c: i for i, c in enumerate(sorted(set(characters)))}
+    images = decode_all(zip_sources(zip_path, names), args.image_size, args.workers)
+    data = grouped_data(images, names, [index[c] for c in characters], args.holdout, args.seed, args.pairs)
+    data.labels = None  # characters are the pairs' groups, not classes to classify
+    data.one_shot_runs = load_one_shot_runs(root / "all_runs.zip", args.image_size, args.workers)
+    return data
+
+
+def load_one_shot_runs(zip_path, size, workers):
+    """The official 20-way one-shot runs: each test item must be matched to its training class."""
+    zf = open_zip(zip_path)
+    runs = []
+    for run in sorted({n.split("/")[0] for n in zf.namelist() if n.endswith("class_labels.txt")}):
+        lines = zf.read(f"{run}/class_labels.txt").decode().split()
+        tests, trains = lines[0::2], lines[1::2]
+        train_names = sorted(set(trains))
+        train = decode_all(zip_sources(zip_path, train_names), size, workers)
+        test = decode_all(zip_sources(zip_path, tests), size, workers)
+        runs.append((train, test, torch.tensor([train_names.index(t) for t in trains])))
+    if not runs:
+        raise UserError(f"{zip_path} holds no one-shot runs; download it again")
+    return runs
+
+
+def download_tll(root):
+    from torchvision.datasets.utils import download_file_from_google_drive
+
+    root.mkdir(parents=True, exist_ok=True)
+    for side, file_id in TLL_DRIVE_IDS.items():
+        if (root / side).is_dir() or (root / f"{side}.zip").is_file():
+            continue
+        try:
+            download_file_from_google_drive(file_id, str(root), f"{side}.zip")
+        except Exception as e:  # any network failure looks different; the fix is the same
+            raise UserError(
+                f"could not download TLL {side}.zip ({e.__class__.__name__}); download left.zip and right.zip "
+                f"by hand from {TLL_PAGE} into {root} and run again without --download"
+            ) from None
+
+
+def list_side(root, side):
+    """Image names of one TLL side, from root/side/ or root/side.zip."""
+    folder, archive = root / side, root / f"{side}.zip"
+    exts = (".jpg", ".jpeg", ".png")
+    if folder.is_dir():
+        return {p.name: file_source(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in exts}
+    if archive.is_file():
+        zf = open_zip(archive)
+        members = sorted(n for n in zf.namelist() if n.lower().endswith(exts))
+        return {Path(n).name: s for n, s in zip(members, zip_sources(archive, members))}
+    raise UserError(f"--data-dir {root} has neither {side}/ nor {side}.zip; expected the Totally Looks Like layout")
+
+
+def load_tll(args):
+    """Totally Looks Like: left/NAME and right/NAME are a positive pair."""
+    root = Path(args.data_dir) if args.data_dir else None
+    if args.download and root is not None:
+        download_tll(root)
+    root = require_dir(root)
+    left, right = list_side(root, "left"), list_side(root, "right")
+    if not left:
+        raise UserError(f"--data-dir {root}: no images found in left/; the dataset is empty")
+    only_left, only_right = sorted(set(left) - set(right)), sorted(set(right) - set(left))
+    if only_left or only_right:
+        raise UserError(
+            f"--data-dir {root}: left and right names do not match (only in left: {only_left[:3]}, "
+            f"only in right: {only_right[:3]}); every left/NAME needs a right/NAME"
+        )
+    keys = sorted(left)
+    sources = [left[k] for k in keys] + [right[k] for k in keys]
+    images = decode_all(sources, args.image_size, args.workers)
+    n = len(keys)
+    return pairs_data(images, [s[0] for s in sources], list(range(n)), list(range(n, 2 * n)), args.holdout, args.seed, args.pairs)
+
+
+def load_pairs_csv(args):
+    """Any CSV of (left, right) image paths; relative paths are relative to the CSV."""
+    path = args.pairs_csv
+    if path is None:
+        raise UserError("--data pairs needs --pairs-csv FILE")
+    if not Path(path).is_file():
+        raise UserError(f"--pairs-csv {path} does not exist; check the path")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if rows and not (Path(path).parent / rows[0][0].strip()).exists() and not Path(rows[0][0].strip()).is_absolute():
+        rows = rows[1:]  # a header row
+    if not rows:
+        raise UserError(f"--pairs-csv {path} holds no pairs; the dataset is empty")
+    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
+    if bad:
+        raise UserError(f"--pairs-csv {path}: rows {bad[:3]} do not have two columns (left,right)")
+    resolve = lambda s: Path(s.strip()) if Path(s.strip()).is_absolute() else Path(path).parent / s.strip()
+    missing = [str(resolve(c)) for r in rows for c in r[:2] if not resolve(c).is_file()]
+    if missing:
+        raise UserError(f"--pairs-csv {path} names images that do not exist, e.g. {missing[:3]}; fix the paths")
+    files = sorted({str(resolve(c)) for r in rows for c in r[:2]})
+    index = {f: i for i, f in enumerate(files)}
+    images = decode_all([file_source(f) for f in files], args.image_size, args.workers)
+    left = [index[str(resolve(r[0]))] for r in rows]
+    right = [index[str(resolve(r[1]))] for r in rows]
+    return pairs_data(images, files, left, right, args.holdout, args.seed, args.pairs)
+
+
+def load_folder(args):
+    """Class subfolders: a positive pair is two images of one class."""
+    root = require_dir(args.data_dir)
+    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files = [(p, c) for c in classes for p in sorted((root / c).rglob("*")) if p.suffix.lower() in exts]
+    if not files:
+        raise UserError(f"--data-dir {root} holds no images in class subfolders; the dataset is empty")
+    images = decode_all([file_source(p) for p, _ in files], args.image_size, args.workers)
+    labels = [classes.index(c) for _, c in files]
+    return grouped_data(images, [str(p) for p, _ in files], labels, args.holdout, args.seed, args.pairs)
+
+
+def load_torchvision(args):
+    """CIFAR-10 / STL-10: positives are two augmentations of one image (standard SSL)."""
+    root = Path(args.data_dir) if args.data_dir else Path("data")
+    try:
+        if args.data == "cifar10":
+            train = torchvision.datasets.CIFAR10(root, train=True, download=args.download)
+            test = torchvision.datasets.CIFAR10(root, train=False, download=args.download)
+            arrays = [torch.from_numpy(d.data).permute(0, 3, 1, 2) for d in (train, test)]
+            label_lists = [train.targets, test.targets]
+        else:
+            train = torchvision.datasets.STL10(root, split="train", download=args.download)
+            test = torchvision.datasets.STL10(root, split="test", download=args.download)
+            arrays = [torch.from_numpy(d.data) for d in (train, test)]
+            label_lists = [d.labels.tolist() for d in (train, test)]
+    except RuntimeError as e:
+        raise UserError(f"{args.data} not found under --data-dir {root} ({e}); add --download or fix the path") from None
+    images = torch.cat(arrays)
+    if images.shape[-1] != args.image_size:
+        images = F.interpolate(images.float(), size=args.image_size, mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
+    n_train = len(arrays[0])
+    anchors = torch.arange(n_train)
+    labels = torch.tensor(label_lists[0] + label_lists[1])
+    is_test = torch.arange(len(images)) >= n_train
+    return PairData(
+        images=images, names=[f"{args.data}[{i}]" for i in range(len(images))], anchors=anchors,
+        groups=anchors[:, None], group_sizes=torch.ones(n_train, dtype=torch.long), anchor_pos=torch.zeros(n_train, dtype=torch.long),
+        test_pairs=torch.empty(0, 2, dtype=torch.long), labels=labels, test_images=is_test, split={"test": "official test split"},
+    )
+
+
+def load_data(args):
+    if args.data in ("cifar10", "stl10"):
+        args.pairs = "aug"  # no natural pairs in these datasets
+    loader = {"omniglot": load_omniglot, "tll": load_tll, "pairs": load_pairs_csv, "folder": load_folder,
+              "cifar10": load_torchvision, "stl10": load_torchvision}[args.data]
+    data = loader(args)
+    if len(data.anchors) == 0:
+        raise UserError(f"--data {args.data}: no training images after the hold-out; the dataset is empty")
+    return data
+
+
+def step_generator(seed, step, device):
+    """One generator per (seed, step): batches and augmentations replay exactly after --resume."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def epoch_order(num_anchors, seed, epoch):
+    return torch.randperm(num_anchors, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def make_pair_batch(data, order, step, batch_size, rank, world, seed, global_step, device):
+    """The uint8 views of one batch of positive pairs, this rank's share, on `device`."""
+    idx = order[step * batch_size: (step + 1) * batch_size].view(world, -1)[rank]
+    gen = step_generator(seed, global_step, "cpu")
+    draw = torch.rand(len(idx), generator=gen)
+    sizes, pos = data.group_sizes[idx], data.anchor_pos[idx]
+    # A random other member of the group: draw among size-1 slots and skip the anchor's own.
+    other = (draw * (sizes - 1).clamp(min=1)).long()
+    other = torch.where(sizes > 1, other + (other >= pos).long(), pos)
+    first = data.anchors[idx]
+    second = data.groups[idx, other]
+    x1 = data.images[first].to(device, non_blocking=True)
+    x2 = data.images[second].to(device, non_blocking=True)
+    return x1, x2
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def standardize(x):
+    """float [B,3,H,W] in [0, 1] -> ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def normalize(x):
+    """uint8 [B,3,H,W] -> float, ImageNet-normalised: what the network sees at evaluation."""
+    return standardize(x.float() / 255)
+
+
+def uniform(gen, n, low, high, device):
+    return torch.rand(n, generator=gen, device=device) * (high - low) + low
+
+
+def gray(x):
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def augment(x, gen, blur_prob, solarize_prob, crop_min_scale=0.2, jitter_strength=1.0):
+    """BYOL's augmentation with per-sample random parameters, as batched tensor ops.
+
+    x: uint8 [B,3,S,S] on the training device. Returns normalised float [B,3,S,S].
+    """
+    b, _, s, _ = x.shape
+    dev = x.device
+    x = x.float() / 255
+    # Random resized crop and horizontal flip in one affine resampling.
+    area = uniform(gen, b, crop_min_scale, 1.0, dev)
+    log_ratio = uniform(gen, b, math.log(3 / 4), math.log(4 / 3), dev)
+    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    cx = uniform(gen, b, -1.0, 1.0, dev) * (1 - w)
+    cy = uniform(gen, b, -1.0, 1.0, dev) * (1 - h)
+    flip = torch.where(torch.rand(b, generator=gen, device=dev) < 0.5, -1.0, 1.0)
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+    grid = F.affine_grid(theta, [b, 3, s, s], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    # Colour jitter with p=0.8 (brightness, contrast, saturation, hue; fixed order).
+    on = (torch.rand(b, generator=gen, device=dev) < 0.8).float().view(b, 1, 1, 1)
+    k = jitter_strength
+    bright = 1 + on * uniform(gen, b, -0.4 * k, 0.4 * k, dev).view(b, 1, 1, 1)
+    contrast = 1 + on * uniform(gen, b, -0.4 * k, 0.4 * k, dev).view(b, 1, 1, 1)
+    saturation = 1 + on * uniform(gen, b, -0.2 * k, 0.2 * k, dev).view(b, 1, 1, 1)
+    hue = on.view(b) * uniform(gen, b, -0.1 * k, 0.1 * k, dev)
+    x = (x * bright).clamp(0, 1)
+    x = ((x - gray(x).mean((2, 3), keepdim=True)) * contrast + gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
+    x = ((x - gray(x)) * saturation + gray(x)).clamp(0, 1)
+    x = rotate_hue(x, hue).clamp(0, 1)
+    # Grayscale with p=0.2.
+    to_gray = (torch.rand(b, generator=gen, device=dev) < 0.2).view(b, 1, 1, 1)
+    x = torch.where(to_gray, gray(x).expand_as(x), x)
+    # Gaussian blur, sigma in [0.1, 2] at 224 px, scaled to this resolution.
+    blur = torch.rand(b, generator=gen, device=dev) < blur_prob
+    sigma = uniform(gen, b, 0.1, 2.0, dev) * s / 224
+    x = torch.where(blur.view(b, 1, 1, 1), gaussian_blur(x, sigma), x)
+    # Solarize.
+    sol = (torch.rand(b, generator=gen, device=dev) < solarize_prob).view(b, 1, 1, 1)
+    x = torch.where(sol & (x >= 0.5), 1 - x, x)
+    return standardize(x)
+
+
+def rotate_hue(x, hue):
+    """Hue shift by `hue` turns, as a rotation of the chroma plane in YIQ space."""
+    angle = hue * 2 * math.pi
+    cos, sin = angle.cos(), angle.sin()
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device)
+    rot = torch.zeros(len(hue), 3, 3, device=x.device)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # [B,3,3]
+    return torch.einsum("bij,bjhw->bihw", m, x)
+
+
+def gaussian_blur(x, sigma):
+    """Separable blur with a per-sample sigma, as one grouped convolution per axis."""
+    b, c, s, _ = x.shape
+    radius = max(1, int(math.ceil(3 * 2.0 * s / 224)))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, K]
+    y = x.reshape(1, b * c, s, s)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, s, s)
+
+
+def augment_pair(x1, x2, gen, args):
+    """BYOL's asymmetric views: blur 1.0 / 0.1, solarize 0.0 / 0.2."""
+    v1 = augment(x1, gen, 1.0, 0.0, args.crop_min_scale, args.jitter_strength)
+    v2 = augment(x2, gen, 0.1, 0.2, args.crop_min_scale, args.jitter_strength)
+    return v1, v2
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_encoder(arch="resnet18", image_size=224, stem="auto", pretrained=False, init=None):
+    """A torchvision ResNet without its classifier. Returns (encoder, feature_dim)."""
+    weights = {"resnet18": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2"}[arch] if pretrained else None
+    try:
+        net = getattr(torchvision.models, arch)(weights=weights)
+    except Exception as e:  # offline, or a broken cache: torchvision raises several kinds
+        raise UserError(
+            f"--pretrained: could not get torchvision's {arch} weights ({e.__class__.__name__}); "
+            "connect to the internet once, or pass a local state dict with --init PATH"
+        ) from None
+    if stem == "small" or (stem == "auto" and image_size <= 32):
+        # Small images lose too much to a stride-2 conv and a max-pool: CIFAR-style stem.
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    if init is not None:
+        if not Path(init).is_file():
+            raise UserError(f"--init {init} does not exist; pass a state dict saved with torch.save")
+        try:
+            state = torch.load(init, map_location="cpu", weights_only=True)
+            state = {k.removeprefix("module.").removeprefix("encoder."): v for k, v in state.items() if not k.startswith("fc.")}
+            net.load_state_dict(state, strict=False)
+        except Exception as e:
+            raise UserError(f"--init {init} is not a state dict for {arch} ({e.__class__.__name__}); check the file") from None
+    return net, feature_dim
+
+
+def projector_mlp(in_dim, dim):
+    """SimSiam's 3-layer projector: no bias before BN, and a last BN without affine."""
+    return nn.Sequential(
+        nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+        nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+        nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim, affine=False),
+    )
+
+
+def predictor_mlp(dim, pred_dim):
+    """SimSiam's 2-layer predictor with a bottleneck."""
+    return nn.Sequential(
+        nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True), nn.Linear(pred_dim, dim)
+    )
+
+
+# ----------------------------------------------------------------------------- method
+
+
+class SimSiam(nn.Module):
+    """Simple Siamese network around any encoder.
+
+    forward(x1, x2) returns D(p1, z2) / 2 + D(p2, z1) / 2 with D = -cos and z
+    detached (stop-gradient). -cos is an affine map of the fused kernel's 2 - 2cos.
+    """
+
+    def __init__(self, encoder, feature_dim, proj_dim=2048, pred_dim=512):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector_mlp(feature_dim, proj_dim)
+        self.predictor = predictor_mlp(proj_dim, pred_dim)
+
+    def forward(self, x1, x2):
+        # Both views in one pass: one launch per layer; BN sees both views' statistics.
+        z = self.projector(self.encoder(torch.cat([x1, x2])))
+        p1, p2 = self.predictor(z).chunk(2)
+        z1, z2 = z.detach().chunk(2)
+        # (2 - 2cos(p1, z2)) + (2 - 2cos(p2, z1)) = 4 - 2(c1 + c2); SimSiam's loss is -(c1 + c2) / 2.
+        return symmetric_cosine_loss(p1, p2, z1, z2) / 4 - 1
+
+    def embed(self, x):
+        """Features used for similarity search: the encoder's output."""
+        return self.encoder(x)
+
+
+def build_model(args):
+    encoder, feature_dim = build_encoder(args.arch, args.image_size, args.stem, args.pretrained, args.init)
+    return SimSiam(encoder, feature_dim, args.proj_dim, args.pred_dim)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def embed_images(model, images, device, batch_size=256):
+    """(encoder features, projector outputs) of uint8 images, in eval mode."""
+    was_training = model.training
+    model.eval()
+    feats, projs = [], []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i: i + batch_size].to(device))
+        h = model.encoder(x)
+        feats.append(h.float())
+        projs.append(model.projector(h).float())
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(projs)
+
+
+def recall_at_1(left, right):
+    """Fraction of left embeddings whose nearest right embedding (cosine) is their pair."""
+    sim = F.normalize(left, dim=1) @ F.normalize(right, dim=1).T
+    return (sim.argmax(1) == torch.arange(len(left), device=sim.device)).float().mean().item()
+
+
+def one_shot_accuracy(model, runs, device):
+    """Mean accuracy over the official 20-way one-shot runs (nearest neighbour, cosine)."""
+    correct = total = 0
+    for train, test, answer in runs:
+        ftrain, _ = embed_images(model, train, device)
+        ftest, _ = embed_images(model, test, device)
+        pred = (F.normalize(ftest, dim=1) @ F.normalize(ftrain, dim=1).T).argmax(1).cpu()
+        correct += (pred == answer).sum().item()
+        total += len(answer)
+    return correct / total
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=20, temperature=0.07):
+    """Weighted kNN (Wu et al. 2018) with cosine similarity."""
+    train_feats, test_feats = F.normalize(train_feats, dim=1), F.normalize(test_feats, dim=1)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    correct = 0
+    for i in range(0, len(test_feats), 1024):
+        sim, idx = (test_feats[i: i + 1024] @ train_feats.T).topk(min(k, len(train_feats)), dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == test_labels[i: i + 1024]).sum().item()
+    return correct / len(test_feats)
+
+
+def collapse_std(z):
+    """Mean per-dimension std of l2-normalised outputs: ~1/sqrt(d) healthy, ~0 collapsed."""
+    return F.normalize(z.float(), dim=1).std(0).mean().item()
+
+
+def effective_rank(z):
+    """exp(entropy) of the normalised singular values (Roy & Vetterli 2007)."""
+    s = torch.linalg.svdvals(z.float() - z.float().mean(0))
+    p = s / s.sum().clamp(min=1e-12)
+    return math.exp(-(p * (p + 1e-12).log()).sum().item())
+
+
+def evaluate(model, data, device, max_images=4096):
+    """Quality and collapse metrics on held-out data."""
+    metrics = {}
+    if len(data.test_pairs):
+        left, _ = embed_images(model, data.images[data.test_pairs[:, 0]], device)
+        right, _ = embed_images(model, data.images[data.test_pairs[:, 1]], device)
+        metrics["recall@1"] = recall_at_1(left, right)
+    if data.one_shot_runs:
+        metrics["one_shot"] = one_shot_accuracy(model, data.one_shot_runs, device)
+    if data.labels is not None and data.test_images is not None and data.test_images.any() and (~data.test_images).any():
+        gen = torch.Generator().manual_seed(0)
+        train_idx = (~data.test_images).nonzero().flatten()
+        test_idx = data.test_images.nonzero().flatten()
+        train_idx = train_idx[torch.randperm(len(train_idx), generator=gen)[:4 * max_images]]
+        test_idx = test_idx[torch.randperm(len(test_idx), generator=gen)[:max_images]]
+        ftrain, _ = embed_images(model, data.images[train_idx], device)
+        ftest, _ = embed_images(model, data.images[test_idx], device)
+        metrics["knn@20"] = knn_accuracy(ftrain, data.labels[train_idx].to(device), ftest, data.labels[test_idx].to(device))
+    # Collapse is judged on the projector outputs of images the network trains on.
+    sample = data.anchors[torch.randperm(len(data.anchors), generator=torch.Generator().manual_seed(1))[:max_images]]
+    _, proj = embed_images(model, data.images[sample], device)
+    metrics["collapse_std"] = collapse_std(proj)
+    metrics["healthy_std"] = 1 / math.sqrt(proj.shape[1])
+    metrics["effective_rank"] = effective_rank(proj)
+    return metrics
+
+
+def quality_name(metrics):
+    return next((k for k in ("one_shot", "recall@1", "knn@20") if k in metrics), None)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as used by BYOL: biases and BN parameters get neither
+    weight decay nor the trust ratio (pass them in a group with lars=False)."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=1e-3):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if group["lars"]:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    p_norm, d_norm = p.norm(), d.norm()
+                    trust = torch.where((p_norm > 0) & (d_norm > 0), group["eta"] * p_norm / d_norm, torch.ones_like(p_norm))
+                    d = d * trust
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def build_optimizer(args, model, fixed_lr_params=()):
+    """Biases and BN parameters get no weight decay and no LARS adaptation;
+    fixed_lr_params keep a constant learning rate (SimSiam's --fix-pred-lr)."""
+    fixed_lr_params = list(fixed_lr_params)
+    fixed = {id(p) for p in fixed_lr_params}
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in fixed]
+    groups = [{"params": [p for p in trainable if p.ndim > 1]},
+              {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0, "lars": False}]
+    if fixed_lr_params:
+        groups.append({"params": fixed_lr_params, "fix_lr": True})
+    if args.optimizer == "lars":
+        return LARS(groups, lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def warmup_cosine(total_steps, warmup_steps):
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+    return factor
+
+
+def constant_lr(step):
+    return 1.0
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def pick_device(name, local_rank):
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but torch sees no CUDA device; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
+
+
+class Diverged(Exception):
+    pass
+
+
+class Logger:
+    """JSONL + TensorBoard on rank 0."""
+
+    def __init__(self, out, enabled):
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                print("note: tensorboard is not installed; writing the JSONL log only", file=sys.stderr)
+            self.jsonl = out / "log.jsonl"
+
+    def log(self, record):
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.writer.add_scalar(k, v, record["epoch"])
+            self.writer.flush()
+
+
+def format_metrics(m):
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+def train(args):
+    ckpt = None
+    if args.resume is not None:
+        ckpt = load_checkpoint(args.resume)
+        keep = {k: getattr(args, k) for k in ("resume", "stop_after_epochs", "device", "no_progress", "workers")}
+        args = argparse.Namespace(**{**ckpt["args"], **keep})
+        args.out = Path(args.out)
+    args = fill_defaults(args)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(args.device, local_rank)
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    if args.reference_kernels:
+        force_reference(True)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+
+    data = load_data(args)
+    steps_per_epoch = len(data.anchors) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.anchors)} training anchors; lower --batch-size")
+    if device.type == "cuda":
+        data.images = data.images.pin_memory()
+
+    model = build_model(args).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(args, model, model.predictor.parameters() if args.fix_pred_lr else ())
+    total_steps = args.epochs * steps_per_epoch
+    schedule = warmup_cosine(total_steps, int(args.warmup_epochs * steps_per_epoch))
+    # A group marked fix_lr (SimSiam's --fix-pred-lr) keeps its learning rate.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [constant_lr if g.get("fix_lr") else schedule for g in optimizer.param_groups])
+    history, start_epoch = [], 0
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"--resume {args.resume} does not fit the model its own args describe ({str(e).splitlines()[0]})") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        history, start_epoch = ckpt["history"], ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    step_fn = torch.compile(net) if args.compile else net
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    is_main = rank == 0
+    if is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "split.json").write_text(json.dumps(data.split, indent=1))
+    logger = Logger(args.out, is_main)
+    if ckpt is None:
+        untrained = evaluate(model, data, device)
+        history.append({"epoch": 0, **untrained})
+        logger.log(history[-1])
+        if is_main:
+            print(f"untrained: {format_metrics(untrained)}")
+
+    from tqdm import tqdm
+
+    stop_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
+    for epoch in range(start_epoch, stop_epoch):
+        order = epoch_order(len(data.anchors), args.seed, epoch)
+        loss_sum = torch.zeros((), device=device)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main or args.no_progress, leave=False)
+        start = time.perf_counter()
+        for step in range(steps_per_epoch):
+            global_step = epoch * steps_per_epoch + step
+            x1, x2 = make_pair_batch(data, order, step, args.batch_size, rank, world, args.seed, global_step, device)
+            v1, v2 = augment_pair(x1, x2, step_generator(args.seed, global_step, device), args)
+            if device.type == "cuda":
+                v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                loss = step_fn(v1, v2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach()
+            if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
+                mean_loss = loss_sum.item() / (step + 1)  # the only host sync, once per log interval
+                if not math.isfinite(mean_loss):
+                    raise Diverged(f"loss became {mean_loss} in epoch {epoch + 1} by step {step + 1}")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+            bar.update()
+        bar.close()
+        seconds = time.perf_counter() - start
+        record = {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
+                  "images_per_s": 2 * steps_per_epoch * args.batch_size / seconds}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            record.update(evaluate(model, data, device))
+        history.append(record)
+        logger.log(record)
+        if is_main:
+            print(f"epoch {epoch + 1}/{args.epochs} {format_metrics(record)}")
+            if "collapse_std" in record and record["collapse_std"] < 0.2 * record["healthy_std"]:
+                name = quality_name(record)
+                print(f"warning: the representation looks collapsed: collapse_std={record['collapse_std']:.2e} "
+                      f"(about {record['healthy_std']:.3f} when healthy), effective_rank={record['effective_rank']:.1f}"
+                      + (f", {name}={record[name]:.3f}" if name else ""), file=sys.stderr)
+            save_atomic({"method": METHOD, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "epoch": epoch + 1, "step": global_step + 1, "rng": rng_state(), "split": data.split, "history": history},
+                        args.out / "last.pt")
+    if world > 1:
+        dist.destroy_process_group()
+    return model, history, args
+
+
+def load_checkpoint(path):
+    if not Path(path).is_file():
+        raise UserError(f"--resume {path} does not exist; pass a last.pt written by {METHOD}.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"--resume {path} is not a readable checkpoint ({e.__class__.__name__}); it may be truncated") from None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        found = ckpt.get("method") if isinstance(ckpt, dict) else None
+        raise UserError(f"--resume {path} was written by {found or 'something else'}, not {METHOD}.py; resume it with its own script")
+    return ckpt
+
+
+def summary(history):
+    """Trained against untrained, on the same held-out data."""
+    first, last = history[0], history[-1]
+    name = quality_name(first)
+    if name is None or name not in last:
+        return ""
+    return f"{name}: {last[name]:.3f} trained vs {first[name]:.3f} untrained"
+
+
+def main(argv=None):
+    try:
+        _, history, args = train(parse_args(argv))
+    except UserError as e:
+        print(f"{METHOD}.py: error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"{METHOD}.py: error: {e}; stopped, the last good checkpoint is kept in the run directory", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"run directory: {args.out}")
+        print(summary(history))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
