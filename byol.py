@@ -705,7 +705,7 @@ def effective_rank(z):
     return math.exp(-(p * (p + 1e-12).log()).sum().item())
 
 
-def evaluate(model, data, device, max_images=4096):
+def evaluate(model, data, device, max_images=2048):
     """Quality and collapse metrics on held-out data."""
     metrics = {}
     if len(data.test_pairs):
@@ -724,7 +724,7 @@ def evaluate(model, data, device, max_images=4096):
         ftest, _ = embed_images(model, data.images[test_idx], device)
         metrics["knn@20"] = knn_accuracy(ftrain, data.labels[train_idx].to(device), ftest, data.labels[test_idx].to(device))
     # Collapse is judged on the projector outputs of images the network trains on.
-    sample = data.anchors[torch.randperm(len(data.anchors), generator=torch.Generator().manual_seed(1))[:max_images]]
+    sample = data.anchors[torch.randperm(len(data.anchors), generator=torch.Generator().manual_seed(1))[:max_images // 2]]
     _, proj = embed_images(model, data.images[sample], device)
     metrics["collapse_std"] = collapse_std(proj)
     metrics["healthy_std"] = 1 / math.sqrt(proj.shape[1])

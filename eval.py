@@ -149,9 +149,10 @@ def run_args(opts, mod, ckpt):
         raise UserError(f"--image-size {opts.image_size} does not fit CHECKPOINT {opts.checkpoint}: it was trained at "
                         f"{saved['image_size']} px and its first layers depend on it; drop --image-size")
     args = mod.parse_args([])  # the script's defaults, so that args it added later are present
+    if saved:
+        vars(args).update(saved)  # the model; for its own data also the data and split
     own_data = saved is not None and opts.data in (None, saved["data"])
     if own_data:
-        vars(args).update(saved)
         for flag in ("--holdout", "--seed"):
             value = getattr(opts, flag[2:])
             if value is not None and value != saved[flag[2:]]:
@@ -171,8 +172,6 @@ def run_args(opts, mod, ckpt):
         args.holdout = 0.2 if opts.holdout is None else opts.holdout
         args.seed = opts.seed if opts.seed is not None else (saved["seed"] if saved else 0)
         args.image_size = saved["image_size"] if saved else opts.image_size
-        if saved:
-            args.arch, args.stem = saved["arch"], saved["stem"]
     if saved and opts.baseline:
         args.stem = opts.stem or saved["stem"]
     elif not saved:
@@ -226,8 +225,9 @@ def build_eval_model(opts, mod, ckpt, args):
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
+            detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1][:160]
             raise UserError(f"CHECKPOINT {opts.checkpoint}: its weights do not fit the model its own args describe "
-                            f"({str(e).splitlines()[0]}); the file was edited or written by another version") from None
+                            f"({detail}); the file was edited or written by another version") from None
         return model
     if opts.embedding == "projector":
         raise UserError("--embedding projector needs a trained checkpoint; a baseline has no projector")
@@ -258,7 +258,7 @@ def match_ranks(query, gallery, rows, top=5):
     """Where query[i]'s true match gallery[i] ranks among all of gallery, by cosine similarity.
 
     Returns (greater, ties, top_idx): how many gallery items score strictly higher than
-    the match, how many others score exactly the same, and the `top` best indices.
+    the match, how many others score exactly the same, and the `top` best indices (or None).
     `rows` queries at a time: only a [rows, len(gallery)] block is ever held.
     """
     q, g = F.normalize(query.float(), dim=1), F.normalize(gallery.float(), dim=1)
@@ -268,8 +268,9 @@ def match_ranks(query, gallery, rows, top=5):
         true = sim.diagonal(offset=i)[:, None]
         greater.append((sim > true).sum(1))
         ties.append((sim == true).sum(1) - 1)
-        tops.append(sim.topk(min(top, len(g)), dim=1).indices)
-    return torch.cat(greater).cpu(), torch.cat(ties).cpu(), torch.cat(tops).cpu()
+        if top:
+            tops.append(sim.topk(min(top, len(g)), dim=1).indices)
+    return torch.cat(greater).cpu(), torch.cat(ties).cpu(), torch.cat(tops).cpu() if top else None
 
 
 def retrieval_metrics(greater, ties, ks=RECALL_KS):
@@ -280,7 +281,8 @@ def retrieval_metrics(greater, ties, ks=RECALL_KS):
     n = (ties + 1).double()
     g = greater.double()
     out = {f"recall@{k}": ((k - g).clamp(min=0).minimum(n) / n).mean().item() for k in ks}
-    out["mrr"] = ((harmonic(g + n) - harmonic(g)) / n).mean().item()
+    # Mean of 1/rank over those positions; exactly 1/(greater+1) without ties.
+    out["mrr"] = torch.where(n == 1, 1 / (g + 1), (harmonic(g + n) - harmonic(g)) / n).mean().item()
     out["median_rank"] = (g + 1 + (n - 1) / 2).quantile(0.5).item()
     return out
 
@@ -435,7 +437,7 @@ def evaluate(opts, mod, model, data, args, device):
         left, right = emb(pairs[:, 0], which), emb(pairs[:, 1], which)
         greater, ties, top = match_ranks(left, right, rows_for(len(right)))
         metrics["retrieval"] = {"pairs": len(pairs), "left_to_right": retrieval_metrics(greater, ties),
-                                "right_to_left": retrieval_metrics(*match_ranks(right, left, rows_for(len(left)))[:2])}
+                                "right_to_left": retrieval_metrics(*match_ranks(right, left, rows_for(len(left)), top=0)[:2])}
         extras.update(left=left, right=right, greater=greater, ties=ties, top=top)
     if runs:
         metrics["one_shot"] = {"runs": len(runs), **{f"{w}way": one_shot_accuracy(runs, w) for w in (20, 5)}}
@@ -468,9 +470,13 @@ def similarity_stats(left, right, samples=20000, seed=0):
     positive = (left * right).sum(1)
     if len(left) < 2:
         return positive, None
-    gen = torch.Generator().manual_seed(seed)
-    i = torch.randint(len(left), (samples,), generator=gen)
-    j = (i + torch.randint(1, len(left), (samples,), generator=gen)) % len(left)  # never i's own partner
+    n = len(left)
+    if n * (n - 1) <= samples:  # few pairs: every non-matching one
+        i, j = (~torch.eye(n, dtype=torch.bool)).nonzero().T
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        i = torch.randint(n, (samples,), generator=gen)
+        j = (i + torch.randint(1, n, (samples,), generator=gen)) % n  # never i's own partner
     return positive, (left[i] * right[j]).sum(1)
 
 
@@ -627,10 +633,11 @@ def flatten(tree, prefix=""):
 
 def print_table(result):
     src, data = result["source"], result["data"]
-    who = (f"{src['method']} checkpoint {src['checkpoint']} (epoch {src['epoch']})" if "method" in src
-           else f"{src['baseline']} baseline")
-    if "method" in src and src.get("baseline"):
-        who = f"{src['baseline']} baseline {src['arch']} on the split of {src['checkpoint']}"
+    if src["baseline"]:
+        who = f"{src['baseline']} baseline ({src['arch']}, {src['stem']} stem)"
+        who += f" with the data of {src['checkpoint']}" if "checkpoint" in src else ""
+    else:
+        who = f"{src['method']} checkpoint {src['checkpoint']} (epoch {src['epoch']})"
     print(f"{who}; {result['embedding']} embedding")
     print(f"data: {data['data']}, {data['split']}, {data['image_size']} px")
     rows = [(k, v) for k, v in flatten(result["metrics"])]

@@ -97,6 +97,7 @@ def bench_record():
     return record
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not config.getoption("--benchmark") or not _BENCH_ROWS:
         return
