@@ -23,7 +23,7 @@ Run:
 
 Use the method without this CLI:
     from bn_only import BNOnly, build_encoder
-    model = BNOnly(*build_encoder("resnet18", image_size=64))
+    model = BNOnly(*build_encoder("resnet18", stem="small"))
     loss = model(view1, view2); loss.backward(); optimizer.step()
 """
 
@@ -53,6 +53,8 @@ from PIL import Image, UnidentifiedImageError
 from kernels import force_reference, symmetric_cosine_loss
 
 METHOD = "bn_only"
+# Peak learning rate per 256 pairs, scaled linearly with the batch (LARS: as in the paper).
+BASE_LR = {"lars": 0.2, "sgd": 0.2, "adamw": 4e-3}
 HERE = Path(__file__).resolve().parent
 TLL_DRIVE_IDS = {"left": "1jvkbTr_giSP3Ru8OwGNCg6B4PvVbcO34", "right": "1EzBZUb_mh_Dp_FKD0P4XiYYSd0QBH5zW"}
 TLL_PAGE = "https://sites.google.com/view/totally-looks-like-dataset"
@@ -82,12 +84,14 @@ def parse_args(argv=None):
     g.add_argument("--image-size", type=int, default=None, help="training resolution (default: 28 omniglot, 32 cifar10, 96 stl10, 64 otherwise)")
     g.add_argument("--workers", type=int, default=4, help="threads that decode images once at start-up")
     g = p.add_argument_group("augmentation")
-    g.add_argument("--crop-min-scale", type=float, default=0.2, help="smallest area of the random resized crop")
+    g.add_argument("--crop-min-scale", type=float, default=None,
+                   help="smallest area of the random resized crop (default: 0.6 omniglot, whose strokes are small; 0.2 otherwise)")
     g.add_argument("--jitter-strength", type=float, default=1.0, help="scales BYOL's colour jitter (0.4, 0.4, 0.2, 0.1)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"], help="torchvision backbone")
-    g.add_argument("--stem", default="auto", choices=["auto", "small", "imagenet"],
-                   help="small: 3x3 stride-1 conv, no max-pool (CIFAR variant); auto picks it for images of 32 px or less")
+    g.add_argument("--stem", default=None, choices=["small", "imagenet"],
+                   help="small: 3x3 stride-1 conv, no max-pool (CIFAR variant). Default: small for images of 64 px or less, "
+                        "except omniglot, whose default run is sized for a CPU, and --pretrained")
     g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
     g.add_argument("--init", type=Path, default=None, help="start the encoder from a local state dict")
     g.add_argument("--hidden-dim", type=int, default=4096, help="hidden width of projector and predictor")
@@ -98,12 +102,12 @@ def parse_args(argv=None):
     g.add_argument("--predictor", action="store_true", help="ablation: add a predictor on top of the projector")
     g.add_argument("--stop-grad", action="store_true", help="ablation: detach the projection side of the loss")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs (default: 6 omniglot, 100 otherwise)")
-    g.add_argument("--batch-size", type=int, default=128, help="global batch of positive pairs")
-    g.add_argument("--optimizer", default="adamw", choices=["lars", "adamw", "sgd"], help="LARS as in the paper; AdamW or SGD for small batches")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.2*bs/256 lars, 0.05*bs/256 sgd, 2e-3 adamw)")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs (default: 4 omniglot, 100 otherwise)")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch of positive pairs")
+    g.add_argument("--optimizer", default="sgd", choices=["lars", "adamw", "sgd"], help="LARS as in the paper for large batches; SGD or AdamW for small ones")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: BASE_LR[optimizer] * batch-size / 256)")
     g.add_argument("--weight-decay", type=float, default=None, help="default: 1.5e-6 lars, 1e-4 sgd, 1e-6 adamw")
-    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up before the cosine decay")
+    g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up before the cosine decay (default: 10%% of the epochs, at most 10)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation, batches and augmentations")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -123,11 +127,16 @@ def fill_defaults(args):
     """Defaults that depend on the dataset or the optimiser."""
     if args.image_size is None:
         args.image_size = {"omniglot": 28, "cifar10": 32, "stl10": 96}.get(args.data, 64)
+    if args.stem is None:
+        args.stem = "small" if args.image_size <= 64 and args.data != "omniglot" and not args.pretrained else "imagenet"
+    if args.crop_min_scale is None:
+        args.crop_min_scale = 0.6 if args.data == "omniglot" else 0.2
     if args.epochs is None:
-        args.epochs = 6 if args.data == "omniglot" else 100
+        args.epochs = 4 if args.data == "omniglot" else 100
+    if args.warmup_epochs is None:
+        args.warmup_epochs = min(10.0, 0.1 * args.epochs)
     if args.lr is None:
-        args.lr = {"lars": 0.2, "sgd": 0.05}.get(args.optimizer, 0.0)
-        args.lr = args.lr * args.batch_size / 256 if args.lr else 2e-3
+        args.lr = BASE_LR[args.optimizer] * args.batch_size / 256
     if args.weight_decay is None:
         args.weight_decay = {"lars": 1.5e-6, "sgd": 1e-4, "adamw": 1e-6}[args.optimizer]
     if args.out is None:
@@ -571,7 +580,7 @@ def augment_pair(x1, x2, gen, args):
 # ----------------------------------------------------------------------------- model
 
 
-def build_encoder(arch="resnet18", image_size=224, stem="auto", pretrained=False, init=None):
+def build_encoder(arch="resnet18", stem="imagenet", pretrained=False, init=None):
     """A torchvision ResNet without its classifier. Returns (encoder, feature_dim)."""
     weights = {"resnet18": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2"}[arch] if pretrained else None
     try:
@@ -581,7 +590,7 @@ def build_encoder(arch="resnet18", image_size=224, stem="auto", pretrained=False
             f"--pretrained: could not get torchvision's {arch} weights ({e.__class__.__name__}); "
             "connect to the internet once, or pass a local state dict with --init PATH"
         ) from None
-    if stem == "small" or (stem == "auto" and image_size <= 32):
+    if stem == "small":
         # Small images lose too much to a stride-2 conv and a max-pool: CIFAR-style stem.
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
@@ -593,9 +602,11 @@ def build_encoder(arch="resnet18", image_size=224, stem="auto", pretrained=False
         try:
             state = torch.load(init, map_location="cpu", weights_only=True)
             state = {k.removeprefix("module.").removeprefix("encoder."): v for k, v in state.items() if not k.startswith("fc.")}
-            net.load_state_dict(state, strict=False)
+            missing, _ = net.load_state_dict(state, strict=False)
         except Exception as e:
             raise UserError(f"--init {init} is not a state dict for {arch} ({e.__class__.__name__}); check the file") from None
+        if len(missing) == len(net.state_dict()):
+            raise UserError(f"--init {init} holds none of {arch}'s weights; pass a state dict saved from {arch}")
     return net, feature_dim
 
 
@@ -639,7 +650,7 @@ class BNOnly(nn.Module):
 
 
 def build_model(args):
-    encoder, feature_dim = build_encoder(args.arch, args.image_size, args.stem, args.pretrained, args.init)
+    encoder, feature_dim = build_encoder(args.arch, args.stem, args.pretrained, args.init)
     return BNOnly(encoder, feature_dim, args.hidden_dim, args.proj_dim, not args.no_bn, args.bn_placement,
                   args.predictor, args.stop_grad)
 
@@ -705,7 +716,7 @@ def effective_rank(z):
     return math.exp(-(p * (p + 1e-12).log()).sum().item())
 
 
-def evaluate(model, data, device, max_images=4096):
+def evaluate(model, data, device, max_images=2048):
     """Quality and collapse metrics on held-out data."""
     metrics = {}
     if len(data.test_pairs):
@@ -714,17 +725,19 @@ def evaluate(model, data, device, max_images=4096):
         metrics["recall@1"] = recall_at_1(left, right)
     if data.one_shot_runs:
         metrics["one_shot"] = one_shot_accuracy(model, data.one_shot_runs, device)
-    if data.labels is not None and data.test_images is not None and data.test_images.any() and (~data.test_images).any():
+    if data.labels is not None and data.test_images is not None and data.test_images.sum() > 1:
         gen = torch.Generator().manual_seed(0)
-        train_idx = (~data.test_images).nonzero().flatten()
         test_idx = data.test_images.nonzero().flatten()
-        train_idx = train_idx[torch.randperm(len(train_idx), generator=gen)[:4 * max_images]]
         test_idx = test_idx[torch.randperm(len(test_idx), generator=gen)[:max_images]]
+        train_idx = (~data.test_images & torch.isin(data.labels, data.labels[test_idx])).nonzero().flatten()
+        if len(train_idx) == 0:  # whole classes held out: half of their images are the reference
+            train_idx, test_idx = test_idx[0::2], test_idx[1::2]
+        train_idx = train_idx[torch.randperm(len(train_idx), generator=gen)[:4 * max_images]]
         ftrain, _ = embed_images(model, data.images[train_idx], device)
         ftest, _ = embed_images(model, data.images[test_idx], device)
         metrics["knn@20"] = knn_accuracy(ftrain, data.labels[train_idx].to(device), ftest, data.labels[test_idx].to(device))
     # Collapse is judged on the projector outputs of images the network trains on.
-    sample = data.anchors[torch.randperm(len(data.anchors), generator=torch.Generator().manual_seed(1))[:max_images]]
+    sample = data.anchors[torch.randperm(len(data.anchors), generator=torch.Generator().manual_seed(1))[:max_images // 2]]
     _, proj = embed_images(model, data.images[sample], device)
     metrics["collapse_std"] = collapse_std(proj)
     metrics["healthy_std"] = 1 / math.sqrt(proj.shape[1])

@@ -83,8 +83,8 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=int, default=4, help="threads that decode images")
     g = p.add_argument_group("baseline model (a checkpoint fixes its own)")
     g.add_argument("--arch", default=None, choices=["resnet18", "resnet50"], help="default resnet18")
-    g.add_argument("--stem", default=None, choices=["auto", "small", "imagenet"],
-                   help="default auto (random) / imagenet (pretrained, keeps the pretrained first conv)")
+    g.add_argument("--stem", default=None, choices=["small", "imagenet"],
+                   help="default: as the training scripts (random) / imagenet (pretrained, keeps the pretrained first conv)")
     g.add_argument("--init", type=Path, default=None, help="--baseline pretrained: a local state dict instead of a download")
     g = p.add_argument_group("evaluation")
     g.add_argument("--embedding", default="encoder", choices=["encoder", "projector"],
@@ -126,7 +126,8 @@ def load_checkpoint(path):
                         "it may be truncated or another kind of file: pass a last.pt written by a training script") from None
     method = ckpt.get("method") if isinstance(ckpt, dict) else None
     mod = import_method(method, f"CHECKPOINT {path}")
-    if not all(k in ckpt for k in ("args", "model")) or not isinstance(ckpt["args"], dict):
+    needed = ("data", "seed", "holdout", "image_size", "arch", "stem")
+    if not all(k in ckpt for k in ("args", "model")) or not all(k in ckpt["args"] for k in needed):
         raise UserError(f"CHECKPOINT {path} lacks its args or weights; pass a last.pt written by {method}.py")
     return mod, ckpt
 
@@ -172,11 +173,14 @@ def run_args(opts, mod, ckpt):
         args.holdout = 0.2 if opts.holdout is None else opts.holdout
         args.seed = opts.seed if opts.seed is not None else (saved["seed"] if saved else 0)
         args.image_size = saved["image_size"] if saved else opts.image_size
+    if opts.init is not None and opts.baseline != "pretrained":
+        raise UserError("--init gives the weights of --baseline pretrained; drop it, or add --baseline pretrained")
     if saved and opts.baseline:
-        args.stem = opts.stem or saved["stem"]
+        # random: the run's own untrained network; pretrained: keep the ImageNet first conv
+        args.stem = opts.stem or (saved["stem"] if opts.baseline == "random" else "imagenet")
     elif not saved:
         args.arch = opts.arch or "resnet18"
-        args.stem = opts.stem or ("imagenet" if opts.baseline == "pretrained" else "auto")
+        args.stem = opts.stem or ("imagenet" if opts.baseline == "pretrained" else None)
     if opts.all_pairs:
         if args.data not in ("tll", "pairs"):
             raise UserError(f"--all-pairs needs explicit pairs (--data tll or pairs), not --data {args.data}")
@@ -233,10 +237,10 @@ def build_eval_model(opts, mod, ckpt, args):
         raise UserError("--embedding projector needs a trained checkpoint; a baseline has no projector")
     if opts.baseline == "random":
         torch.manual_seed(args.seed)  # the same draw as a run's untrained network (its epoch 0)
-        return Baseline(mod.build_encoder(args.arch, args.image_size, args.stem)[0])
+        return Baseline(mod.build_encoder(args.arch, args.stem)[0])
     try:
         pretrained = opts.init is None  # --init: local weights, no download
-        return Baseline(mod.build_encoder(args.arch, args.image_size, args.stem, pretrained, opts.init)[0])
+        return Baseline(mod.build_encoder(args.arch, args.stem, pretrained, opts.init)[0])
     except user_errors() as e:
         raise UserError(f"--baseline pretrained: {str(e).removeprefix('--pretrained: ')}") from None
 

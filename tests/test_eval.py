@@ -281,11 +281,13 @@ def test_random_baseline_is_the_runs_untrained_network_on_the_same_split(run, tm
     assert "projector" not in flags["metrics"]["collapse"]
 
 
-def test_all_pairs_in_a_small_memory_budget(run, tmp_path, capsys):
+def test_pairs_csv_all_pairs_in_a_small_memory_budget(run, tmp_path, capsys):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("left,right\n" + "".join(f"{run.tll}/left/{i:03d}.jpg,{run.tll}/right/{i:03d}.jpg\n" for i in range(24)))
     # A budget of a few bytes ranks one row at a time (equal to one block: see the unit test).
-    whole, _ = evaluate(["--baseline", "random", "--data", "tll", "--data-dir", run.tll, "--all-pairs", "--memory-mb", "1e-6",
-                         "--image-size", "16", "--stem", "imagenet", "--out", tmp_path, "--no-pictures"], capsys)
-    assert whole["metrics"]["retrieval"]["pairs"] == 24
+    whole, _ = evaluate([run.ckpt, "--data", "pairs", "--pairs-csv", csv, "--all-pairs", "--memory-mb", "1e-6",
+                         "--out", tmp_path, "--no-pictures"], capsys)
+    assert whole["metrics"]["retrieval"]["pairs"] == 24 and whole["data"]["data"] == "pairs"
     assert "all pairs" in whole["data"]["split"]
     check_ranges(whole["metrics"])
 
@@ -410,6 +412,8 @@ def test_error_missing_data(run, tmp_path, capsys):
     bad.write_text('{"epoch": 0}\nnot json\n')
     one_line_error(["--plot", bad], capsys, "line 2")
     one_line_error([run.ckpt, "--baseline", "random", "--embedding", "projector"], capsys, "no projector")
+    one_line_error([run.ckpt, "--baseline", "random", "--init", tmp_path / "w.pt"], capsys, "--init")
+    one_line_error([run.ckpt, "--arch", "resnet50"], capsys, "--arch comes from the checkpoint")
 
 
 def test_pretrained_baseline_offline_is_one_line(tmp_path, capsys, monkeypatch):

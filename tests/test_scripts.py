@@ -391,7 +391,7 @@ def test_target_tau_rises_from_base_to_one():
 
 
 def test_byol_with_a_torchvision_encoder():
-    model = byol.BYOL(*byol.build_encoder("resnet18", image_size=16), hidden_dim=32, proj_dim=16)
+    model = byol.BYOL(*byol.build_encoder("resnet18"), hidden_dim=32, proj_dim=16)
     x1, x2 = views(4, 16)
     loss = model(x1, x2)
     loss.backward()
