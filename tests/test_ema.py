@@ -48,13 +48,15 @@ def bits(x):
 
 
 # ---- lists of views into guarded buffers ------------------------------------------------------
-SENTINEL = 1234.5  # exactly representable in all three dtypes
+# Different guard patterns on the two sides: an out-of-bounds EMA of a guard element then
+# changes it (with equal patterns tau*s + (1-tau)*s == s would hide the overrun).
+SENTINEL = {"t": 1234.5, "o": -777.25}
 
 
 def guarded_views(specs, seed):
     """specs: [(shape, dtype)]. Returns (target views, online views, buffers, guard masks):
     per dtype one buffer per side, the tensors laid out in it with guard gaps of 1..17
-    elements (so views also start at odd, unaligned offsets) filled with a sentinel."""
+    elements (so views also start at odd, unaligned offsets) filled with sentinels."""
     g = torch.Generator().manual_seed(seed)
     layout, sizes = [], {}
     for shape, dtype in specs:
@@ -65,7 +67,7 @@ def guarded_views(specs, seed):
         off = sizes.get(dtype, 0) + gap
         layout.append((off, n))
         sizes[dtype] = off + n
-    bufs = {side: {dt: torch.full((n + 9,), SENTINEL, dtype=dt) for dt, n in sizes.items()} for side in "to"}
+    bufs = {side: {dt: torch.full((n + 9,), SENTINEL[side], dtype=dt) for dt, n in sizes.items()} for side in "to"}
     guards = {dt: torch.ones(n + 9, dtype=torch.bool) for dt, n in sizes.items()}
     target, online = [], []
     for (shape, dtype), (off, n) in zip(specs, layout):
@@ -189,6 +191,19 @@ def test_parameters_with_requires_grad():
     ema_update_reference_(ref, [p.detach() for p in online.parameters()], 0.99)
     for p, r in zip(target.parameters(), ref):
         torch.testing.assert_close(p.detach(), r)
+
+
+def test_alignment_hint_only_for_aligned_addresses():
+    # the kernel promises 16-byte alignment to the compiler when `aligned` is set (the
+    # interpreter ignores the hint, so this is checked on the plan)
+    buf_t, buf_o = torch.zeros(4096 + 64), torch.zeros(4096 + 64)
+    fresh = ema_mod._build_plan([torch.randn(100), torch.randn(3)], [torch.randn(100), torch.randn(3)])
+    assert [g.aligned for g in fresh.groups] == [True]
+    for off in (1, 2, 3):  # 4, 8, 12 bytes past an aligned address
+        plan = ema_mod._build_plan([buf_t[off:off + 50], buf_t[1000:1050]], [buf_o[0:50], buf_o[100:150]])
+        assert [g.aligned for g in plan.groups] == [False]
+    plan = ema_mod._build_plan([buf_t[4:54]], [buf_o[8:58]])  # 16 and 32 bytes in
+    assert [g.aligned for g in plan.groups] == [True]
 
 
 def test_validation_errors():
