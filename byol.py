@@ -48,8 +48,9 @@ from PIL import Image, UnidentifiedImageError
 from kernels import ema_update_, force_reference, symmetric_cosine_loss
 
 METHOD = "byol"
-# Peak learning rate per 256 pairs, scaled linearly with the batch (LARS: as in the paper).
-BASE_LR = {"lars": 0.2, "sgd": 0.2, "adamw": 4e-3}
+# Peak learning rate per 256 pairs, scaled linearly with the batch (LARS: as in the paper;
+# SGD: tuned on the embedded Omniglot).
+BASE_LR = {"lars": 0.2, "sgd": 0.4, "adamw": 4e-3}
 HERE = Path(__file__).resolve().parent
 TLL_DRIVE_IDS = {"left": "1jvkbTr_giSP3Ru8OwGNCg6B4PvVbcO34", "right": "1EzBZUb_mh_Dp_FKD0P4XiYYSd0QBH5zW"}
 TLL_PAGE = "https://sites.google.com/view/totally-looks-like-dataset"
@@ -242,7 +243,7 @@ def pairs_data(images, names, left, right, holdout, seed, pairs_mode):
     )
 
 
-def grouped_data(images, names, labels, holdout, seed, pairs_mode):
+def grouped_data(images, names, labels, holdout, seed, pairs_mode, class_names=None):
     """Data whose positives are the images of one class; whole classes are held out."""
     labels = torch.as_tensor(labels)
     classes = labels.unique().tolist()
@@ -271,7 +272,7 @@ def grouped_data(images, names, labels, holdout, seed, pairs_mode):
         is_test[members[c]] = True
     return PairData(
         images=images, names=names, anchors=anchors, groups=groups, group_sizes=sizes, anchor_pos=pos,
-        test_pairs=test_pairs, labels=labels, test_images=is_test, split={"test_classes": [str(c) for c in test_cls]},
+        test_pairs=test_pairs, labels=labels, test_images=is_test, split={"test_classes": [class_names[c] if class_names else str(c) for c in test_cls]},
     )
 
 
@@ -286,7 +287,7 @@ def load_omniglot(args):
     characters = [n.rsplit("/", 1)[0] for n in names]  # .../<alphabet>/<character>
     index = {c: i for i, c in enumerate(sorted(set(characters)))}
     images = decode_all(zip_sources(zip_path, names), args.image_size, args.workers)
-    data = grouped_data(images, names, [index[c] for c in characters], args.holdout, args.seed, args.pairs)
+    data = grouped_data(images, names, [index[c] for c in characters], args.holdout, args.seed, args.pairs, sorted(index))
     data.labels = None  # characters are the pairs' groups, not classes to classify
     data.one_shot_runs = load_one_shot_runs(root / "all_runs.zip", args.image_size, args.workers)
     return data
@@ -368,14 +369,16 @@ def load_pairs_csv(args):
         raise UserError(f"--pairs-csv {path} does not exist; check the path")
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    if rows and not (Path(path).parent / rows[0][0].strip()).exists() and not Path(rows[0][0].strip()).is_absolute():
+    resolve = lambda s: Path(s.strip()) if Path(s.strip()).is_absolute() else Path(path).parent / s.strip()
+    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    # A header names no image: none of its first two cells is a file or looks like an image name.
+    if rows and not any(resolve(c).is_file() or c.strip().lower().endswith(exts) for c in rows[0][:2]):
         rows = rows[1:]  # a header row
     if not rows:
         raise UserError(f"--pairs-csv {path} holds no pairs; the dataset is empty")
     bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
     if bad:
         raise UserError(f"--pairs-csv {path}: rows {bad[:3]} do not have two columns (left,right)")
-    resolve = lambda s: Path(s.strip()) if Path(s.strip()).is_absolute() else Path(path).parent / s.strip()
     missing = [str(resolve(c)) for r in rows for c in r[:2] if not resolve(c).is_file()]
     if missing:
         raise UserError(f"--pairs-csv {path} names images that do not exist, e.g. {missing[:3]}; fix the paths")
@@ -397,7 +400,7 @@ def load_folder(args):
         raise UserError(f"--data-dir {root} holds no images in class subfolders; the dataset is empty")
     images = decode_all([file_source(p) for p, _ in files], args.image_size, args.workers)
     labels = [classes.index(c) for _, c in files]
-    return grouped_data(images, [str(p) for p, _ in files], labels, args.holdout, args.seed, args.pairs)
+    return grouped_data(images, [str(p) for p, _ in files], labels, args.holdout, args.seed, args.pairs, classes)
 
 
 def load_torchvision(args):
@@ -441,9 +444,11 @@ def load_data(args):
     return data
 
 
-def step_generator(seed, step, device):
-    """One generator per (seed, step): batches and augmentations replay exactly after --resume."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+def step_generator(seed, step, device, stream=0):
+    """One generator per (seed, step, stream): batches and augmentations replay exactly after --resume.
+    Stream 0 picks the positives of the global batch; stream 1 + r augments rank r's share. The stream
+    shifts the low 32 bits: a CPU generator ignores the higher bits of its seed."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step + stream * 0x9E3779B9)
 
 
 def epoch_order(num_anchors, seed, epoch):
@@ -452,9 +457,10 @@ def epoch_order(num_anchors, seed, epoch):
 
 def make_pair_batch(data, order, step, batch_size, rank, world, seed, global_step, device):
     """The uint8 views of one batch of positive pairs, this rank's share, on `device`."""
-    idx = order[step * batch_size: (step + 1) * batch_size].view(world, -1)[rank]
-    gen = step_generator(seed, global_step, "cpu")
-    draw = torch.rand(len(idx), generator=gen)
+    batch = order[step * batch_size: (step + 1) * batch_size]
+    # Drawn for the whole global batch, then this rank's share: the same pairs whatever the number of processes.
+    draw = torch.rand(len(batch), generator=step_generator(seed, global_step, "cpu")).view(world, -1)[rank]
+    idx = batch.view(world, -1)[rank]
     sizes, pos = data.group_sizes[idx], data.anchor_pos[idx]
     # A random other member of the group: draw among size-1 slots and skip the anchor's own.
     other = (draw * (sizes - 1).clamp(min=1)).long()
@@ -810,8 +816,12 @@ def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rng_state():
@@ -950,7 +960,7 @@ def train(args):
         for step in range(steps_per_epoch):
             global_step = epoch * steps_per_epoch + step
             x1, x2 = make_pair_batch(data, order, step, args.batch_size, rank, world, args.seed, global_step, device)
-            v1, v2 = augment_pair(x1, x2, step_generator(args.seed, global_step, device), args)
+            v1, v2 = augment_pair(x1, x2, step_generator(args.seed, global_step, device, stream=1 + rank), args)
             if device.type == "cuda":
                 v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
             with autocast:

@@ -184,9 +184,9 @@ def test_bad_arguments(tmp_path, capsys, tll_dir, case):
         pytest.skip("this machine has CUDA")
     argv, needles = BAD_ARGS[case](tmp_path, tll_dir)
     out = tmp_path / "run"
-    rc = byol.main([*argv, "--image-size", "16", "--stem", "imagenet", "--hidden-dim", "32", "--proj-dim", "16",
-                    "--batch-size", "8", "--workers", "1", "--no-progress", "--out", str(out)]
-                   if "--resume" not in argv else [*argv, "--no-progress"])
+    common = ["--image-size", "16", "--stem", "imagenet", "--hidden-dim", "32", "--proj-dim", "16", "--batch-size", "8",
+              "--epochs", "1", "--workers", "1", "--no-progress", "--out", str(out)]
+    rc = byol.main([*common, *argv] if "--resume" not in argv else [*argv, "--no-progress"])  # argv's flags win
     assert_user_error(rc, capsys.readouterr().err, out, "byol", *needles)
 
 
@@ -391,12 +391,12 @@ def test_target_tau_rises_from_base_to_one():
 
 
 def test_byol_with_a_torchvision_encoder():
-    model = byol.BYOL(*byol.build_encoder("resnet18"), hidden_dim=32, proj_dim=16)
+    model = byol.BYOL(*byol.build_encoder("resnet18", stem="small"), hidden_dim=32, proj_dim=16)
     x1, x2 = views(4, 16)
     loss = model(x1, x2)
     loss.backward()
     assert 0 <= loss.item() <= 8 and model.embed(x1).shape == (4, 512)
-    assert isinstance(model.encoder.maxpool, nn.Identity)  # 16 px: the small stem
+    assert isinstance(model.encoder.maxpool, nn.Identity) and model.encoder.conv1.stride == (1, 1)  # the small stem
 
 
 def test_simsiam_loss_range_and_stop_gradient():
