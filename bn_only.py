@@ -986,7 +986,7 @@ def train(args):
         logger.log(record)
         if is_main:
             print(f"epoch {epoch + 1}/{args.epochs} {format_metrics(record)}")
-            if "collapse_std" in record and record["collapse_std"] < 0.2 * record["healthy_std"]:
+            if "collapse_std" in record and record["collapse_std"] < 0.1 * record["healthy_std"]:
                 name = quality_name(record)
                 print(f"warning: the representation looks collapsed: collapse_std={record['collapse_std']:.2e} "
                       f"(about {record['healthy_std']:.3f} when healthy), effective_rank={record['effective_rank']:.1f}"

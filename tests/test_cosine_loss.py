@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from triton_backends import nvidia_backend_available
 
 import kernels
 from kernels import backend
@@ -399,16 +400,7 @@ _AOT = textwrap.dedent(
 )
 
 
-def _nvidia_backend_available():
-    try:
-        import triton.backends
-
-        return "nvidia" in triton.backends.backends
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _nvidia_backend_available(), reason="Triton's NVIDIA backend is not installed")
+@pytest.mark.skipif(not nvidia_backend_available(), reason="Triton's NVIDIA backend is not installed")
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
 def test_kernels_compile_for_sm90(dt):
     # The interpreter accepts some code the compiler rejects; compile ahead of time for

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from triton_backends import nvidia_backend_available
 
 from kernels import backend
 from kernels.ema import BLOCK, ema_update_, ema_update_reference_, ema_update_triton_
@@ -257,16 +258,7 @@ _AOT = textwrap.dedent(
 )
 
 
-def _nvidia_backend_available():
-    try:
-        import triton.backends
-
-        return "nvidia" in triton.backends.backends
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _nvidia_backend_available(), reason="Triton's NVIDIA backend is not installed")
+@pytest.mark.skipif(not nvidia_backend_available(), reason="Triton's NVIDIA backend is not installed")
 def test_kernel_compiles_for_sm90():
     # the int64 -> pointer cast and the alignment hints must also pass the real compiler,
     # not only the interpreter; with the hints, full chunks use 128-bit loads
