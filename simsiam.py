@@ -21,7 +21,6 @@ Use the method without this CLI:
 """
 
 import argparse
-import copy
 import csv
 import io
 import json

@@ -4,7 +4,6 @@ zips). Nothing here trains a network."""
 
 import argparse
 import inspect
-import math
 from pathlib import Path
 
 import pytest
