@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from kernels import force_reference, symmetric_cosine_loss
 
@@ -472,6 +473,8 @@ def make_pair_batch(data, order, step, batch_size, rank, world, seed, global_ste
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+YIQ_TO_RGB = ((1.0, 0.9562, 0.6214), (1.0, -0.2727, -0.6468), (1.0, -1.1037, 1.7006))  # inverse of RGB_TO_YIQ
 
 
 def standardize(x):
@@ -542,11 +545,11 @@ def rotate_hue(x, hue):
     """Hue shift by `hue` turns, as a rotation of the chroma plane in YIQ space."""
     angle = hue * 2 * math.pi
     cos, sin = angle.cos(), angle.sin()
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device)
     rot = torch.zeros(len(hue), 3, 3, device=x.device)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # [B,3,3]
+    # Constant matrices, not torch.linalg.inv: inv checks for singularity, a host sync on CUDA.
+    m = torch.tensor(YIQ_TO_RGB, device=x.device) @ rot @ torch.tensor(RGB_TO_YIQ, device=x.device)  # [B,3,3]
     return torch.einsum("bij,bjhw->bihw", m, x)
 
 
@@ -940,8 +943,6 @@ def train(args):
         logger.log(history[-1])
         if is_main:
             print(f"untrained: {format_metrics(untrained)}")
-
-    from tqdm import tqdm
 
     stop_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
     for epoch in range(start_epoch, stop_epoch):

@@ -17,27 +17,20 @@ import textwrap
 import pytest
 import torch
 
-import bn_only
 import byol
-import simsiam
 from tiny_data import (
+    MODULES,
     REPO,
     SCRIPTS,
     args_for,
-    make_tll,
     one_thread,  # noqa: F401  (fixture)
     state_dicts_equal,
     tensors_in,
     tiny_flags,
+    tll_dir,  # noqa: F401  (fixture)
 )
 
-MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only}
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tll_dir(tmp_path_factory):
-    return make_tll(tmp_path_factory.mktemp("tll"), n=20, seed=0)
 
 
 def run_main(module, argv):

@@ -21,6 +21,7 @@ import bn_only
 import byol
 import simsiam
 from tiny_data import (
+    MODULES,
     REPO,
     args_for,
     decode_index,
@@ -30,15 +31,10 @@ from tiny_data import (
     make_tll,
     one_thread,  # noqa: F401  (fixture)
     tiny_flags,
+    tll_dir,  # noqa: F401  (fixture)
 )
 
-MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only}
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tll_dir(tmp_path_factory):
-    return make_tll(tmp_path_factory.mktemp("tll"), n=20, seed=0)
 
 
 def assert_user_error(rc, err, out_dir, script, *needles):

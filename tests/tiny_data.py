@@ -16,8 +16,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import bn_only
+import byol
+import simsiam
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("byol", "simsiam", "bn_only")
+MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only}
 
 
 def random_image(rng, size=24):
@@ -152,3 +157,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tll_dir(tmp_path_factory):
+    """A tiny TLL layout (20 pairs), shared by the tests of one module."""
+    return make_tll(tmp_path_factory.mktemp("tll"), n=20, seed=0)
