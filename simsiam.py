@@ -79,7 +79,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("augmentation")
     g.add_argument("--crop-min-scale", type=float, default=None,
                    help="smallest area of the random resized crop (default: 0.6 omniglot, whose strokes are small; 0.2 otherwise)")
-    g.add_argument("--jitter-strength", type=float, default=1.0, help="scales BYOL's colour jitter (0.4, 0.4, 0.2, 0.1)")
+    g.add_argument("--jitter-strength", type=float, default=None,
+                   help="scales BYOL's colour jitter (0.4, 0.4, 0.2, 0.1) (default: 1; 0 omniglot, whose strokes are binary)")
+    g.add_argument("--flip-prob", type=float, default=None,
+                   help="horizontal flip probability (default: 0.5; 0 omniglot, whose characters are chiral)")
+    g.add_argument("--solarize-prob", type=float, default=None,
+                   help="solarize probability of the second view (default: 0.2; 0 omniglot, where it turns the white page black)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"], help="torchvision backbone")
     g.add_argument("--stem", default=None, choices=["small", "imagenet"],
@@ -120,6 +125,9 @@ def fill_defaults(args):
         args.stem = "small" if args.image_size <= 64 and args.data != "omniglot" and not args.pretrained else "imagenet"
     if args.crop_min_scale is None:
         args.crop_min_scale = 0.6 if args.data == "omniglot" else 0.2
+    for flag, usual, omniglot in [("jitter_strength", 1.0, 0.0), ("flip_prob", 0.5, 0.0), ("solarize_prob", 0.2, 0.0)]:
+        if getattr(args, flag) is None:
+            setattr(args, flag, omniglot if args.data == "omniglot" else usual)
     if args.epochs is None:
         args.epochs = 4 if args.data == "omniglot" else 100
     if args.warmup_epochs is None:
@@ -497,7 +505,7 @@ def gray(x):
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
-def augment(x, gen, blur_prob, solarize_prob, crop_min_scale=0.2, jitter_strength=1.0):
+def augment(x, gen, blur_prob, solarize_prob, crop_min_scale=0.2, jitter_strength=1.0, flip_prob=0.5):
     """BYOL's augmentation with per-sample random parameters, as batched tensor ops.
 
     x: uint8 [B,3,S,S] on the training device. Returns normalised float [B,3,S,S].
@@ -512,7 +520,7 @@ def augment(x, gen, blur_prob, solarize_prob, crop_min_scale=0.2, jitter_strengt
     h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
     cx = uniform(gen, b, -1.0, 1.0, dev) * (1 - w)
     cy = uniform(gen, b, -1.0, 1.0, dev) * (1 - h)
-    flip = torch.where(torch.rand(b, generator=gen, device=dev) < 0.5, -1.0, 1.0)
+    flip = torch.where(torch.rand(b, generator=gen, device=dev) < flip_prob, -1.0, 1.0)
     zero = torch.zeros_like(w)
     theta = torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
     grid = F.affine_grid(theta, [b, 3, s, s], align_corners=False)
@@ -568,8 +576,8 @@ def gaussian_blur(x, sigma):
 
 def augment_pair(x1, x2, gen, args):
     """BYOL's asymmetric views: blur 1.0 / 0.1, solarize 0.0 / 0.2."""
-    v1 = augment(x1, gen, 1.0, 0.0, args.crop_min_scale, args.jitter_strength)
-    v2 = augment(x2, gen, 0.1, 0.2, args.crop_min_scale, args.jitter_strength)
+    v1 = augment(x1, gen, 1.0, 0.0, args.crop_min_scale, args.jitter_strength, args.flip_prob)
+    v2 = augment(x2, gen, 0.1, args.solarize_prob, args.crop_min_scale, args.jitter_strength, args.flip_prob)
     return v1, v2
 
 
@@ -905,8 +913,8 @@ def train(args):
     steps_per_epoch = len(data.anchors) // args.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.anchors)} training anchors; lower --batch-size")
-    if device.type == "cuda":
-        data.images = data.images.pin_memory()
+    if device.type == "cuda" and data.images.nbytes < torch.cuda.mem_get_info(device)[0] // 4:
+        data.images = data.images.to(device)  # a batch is then a gather on the GPU, with no host copy
 
     model = build_model(args).to(device)
     if device.type == "cuda":

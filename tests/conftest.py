@@ -26,7 +26,7 @@ def pytest_addoption(parser):
         "--benchmark",
         action="store_true",
         default=False,
-        help="run only the kernel benchmarks (tests/bench_*.py); without it they are skipped",
+        help="run only the benchmarks (tests/bench_*.py); without it they are skipped",
     )
 
 
@@ -97,11 +97,25 @@ def bench_record():
     return record
 
 
+_BENCH_TABLES: list[tuple[str, str]] = []  # (title, markdown) from the training benchmark
+
+
+@pytest.fixture
+def bench_table():
+    """``add(title, markdown)``: a whole table for the summary (tests/bench_training.py)."""
+    return lambda title, markdown: _BENCH_TABLES.append((title, markdown))
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not config.getoption("--benchmark") or not _BENCH_ROWS:
+    if not config.getoption("--benchmark"):
         return
     tr = terminalreporter
+    for title, table in _BENCH_TABLES:
+        tr.write_sep("=", title)
+        tr.write_line(table)
+    if not _BENCH_ROWS:
+        return
     tr.write_sep("=", "kernel benchmarks: median time and effective bandwidth")
     # one table per section (first word of the case: "loss", "ema", ...)
     sections: dict[str, list] = {}

@@ -280,7 +280,12 @@ def test_ddp_rank_shares_make_up_the_single_process_batch(folder_dir):
 
 # ----------------------------------------------------------------------------- augmentation
 
-AUG = argparse.Namespace(crop_min_scale=0.2, jitter_strength=1.0)
+def aug_args(**overrides):
+    """The augmentation flags with byol.py's non-Omniglot defaults."""
+    return argparse.Namespace(**{"crop_min_scale": 0.2, "jitter_strength": 1.0, "flip_prob": 0.5, "solarize_prob": 0.2, **overrides})
+
+
+AUG = aug_args()
 MEAN = torch.tensor(byol.IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(byol.IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -315,7 +320,7 @@ def test_augment_is_per_sample_and_seeded(tll_data):
 def test_solarize_never_on_view_1_and_sometimes_on_view_2():
     """White images with no colour jitter stay white unless solarised (white -> black)."""
     x = torch.full((400, 3, 8, 8), 255, dtype=torch.uint8)
-    args = argparse.Namespace(crop_min_scale=0.2, jitter_strength=0.0)
+    args = aug_args(jitter_strength=0.0)
     v1, v2 = byol.augment_pair(x, x, byol.step_generator(1, 0, "cpu"), args)
     dark1 = (unstandardize(v1).flatten(1).max(1).values < 0.5).float().mean().item()
     dark2 = (unstandardize(v2).flatten(1).max(1).values < 0.5).float().mean().item()
@@ -327,7 +332,7 @@ def test_blur_always_on_view_1_and_rarely_on_view_2(monkeypatch):
     """Mark blurred samples: the blur is replaced by a constant grey 0.25 (never solarised)."""
     monkeypatch.setattr(byol, "gaussian_blur", lambda x, sigma: torch.full_like(x, 0.25))
     x = torch.full((400, 3, 8, 8), 255, dtype=torch.uint8)
-    args = argparse.Namespace(crop_min_scale=0.2, jitter_strength=0.0)
+    args = aug_args(jitter_strength=0.0)
     v1, v2 = byol.augment_pair(x, x, byol.step_generator(2, 0, "cpu"), args)
     grey = lambda v: ((unstandardize(v) - 0.25).abs().flatten(1).max(1).values < 1e-4).float().mean().item()
     assert grey(v1) == 1.0
@@ -337,7 +342,7 @@ def test_blur_always_on_view_1_and_rarely_on_view_2(monkeypatch):
 def test_grayscale_sometimes_on_both_views():
     x = torch.full((400, 3, 8, 8), 25, dtype=torch.uint8)
     x[:, 0] = 100  # dull red: every channel below the solarisation threshold 0.5
-    args = argparse.Namespace(crop_min_scale=0.2, jitter_strength=0.0)
+    args = aug_args(jitter_strength=0.0)
     for v in byol.augment_pair(x, x, byol.step_generator(3, 0, "cpu"), args):
         u = unstandardize(v)
         g = ((u[:, 0] - u[:, 1]).abs().flatten(1).max(1).values < 1e-4).float().mean().item()
@@ -348,13 +353,38 @@ def test_crop_min_scale_one_keeps_the_whole_image_content():
     """Crop area 1 (and no jitter): a half-black/half-white image keeps half of each, up to flips."""
     x = torch.zeros(32, 3, 16, 16, dtype=torch.uint8)
     x[..., :8] = 255
-    v1, _ = byol.augment_pair(x, x, byol.step_generator(4, 0, "cpu"), argparse.Namespace(crop_min_scale=1.0, jitter_strength=0.0))
+    v1, _ = byol.augment_pair(x, x, byol.step_generator(4, 0, "cpu"), aug_args(crop_min_scale=1.0, jitter_strength=0.0))
     # solarize never hits view 1 and grayscale keeps black/white: the bright fraction stays near 1/2
     bright = (unstandardize(v1).mean(1) > 0.5).float().flatten(1).mean(1)
     assert ((bright - 0.5).abs() < 0.2).all(), bright
-    small, _ = byol.augment_pair(x, x, byol.step_generator(4, 0, "cpu"), argparse.Namespace(crop_min_scale=0.05, jitter_strength=0.0))
+    small, _ = byol.augment_pair(x, x, byol.step_generator(4, 0, "cpu"), aug_args(crop_min_scale=0.05, jitter_strength=0.0))
     bright_small = (unstandardize(small).mean(1) > 0.5).float().flatten(1).mean(1)
     assert ((bright_small - 0.5).abs() > 0.3).any()  # small crops can fall on one side only
+
+
+def test_solarize_prob_zero_keeps_white_pages_white():
+    x = torch.full((400, 3, 8, 8), 255, dtype=torch.uint8)
+    _, v2 = byol.augment_pair(x, x, byol.step_generator(1, 0, "cpu"), aug_args(jitter_strength=0.0, solarize_prob=0.0))
+    assert (unstandardize(v2).flatten(1).max(1).values > 0.5).all()
+
+
+def test_flip_prob_sets_how_often_the_bright_half_changes_sides():
+    x = torch.zeros(400, 3, 16, 16, dtype=torch.uint8)
+    x[..., :8] = 255  # bright left half
+    for flip_prob, low, high in [(0.0, 0.0, 0.0), (0.5, 0.4, 0.6), (1.0, 1.0, 1.0)]:
+        v1, _ = byol.augment_pair(x, x, byol.step_generator(5, 0, "cpu"), aug_args(crop_min_scale=1.0, jitter_strength=0.0, flip_prob=flip_prob))
+        u = unstandardize(v1).mean(1)
+        flipped = (u[..., 8:].mean((1, 2)) > u[..., :8].mean((1, 2))).float().mean().item()
+        assert low <= flipped <= high, (flip_prob, flipped)
+
+
+def test_omniglot_defaults_switch_off_what_binary_chiral_strokes_do_not_need():
+    omniglot = byol.fill_defaults(byol.parse_args([]))
+    assert (omniglot.jitter_strength, omniglot.flip_prob, omniglot.solarize_prob) == (0.0, 0.0, 0.0)
+    tll = byol.fill_defaults(byol.parse_args(["--data", "tll", "--data-dir", "x"]))
+    assert (tll.jitter_strength, tll.flip_prob, tll.solarize_prob) == (1.0, 0.5, 0.2)
+    chosen = byol.fill_defaults(byol.parse_args(["--flip-prob", "0.3", "--solarize-prob", "0.1", "--jitter-strength", "0.5"]))
+    assert (chosen.jitter_strength, chosen.flip_prob, chosen.solarize_prob) == (0.5, 0.3, 0.1)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

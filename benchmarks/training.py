@@ -1,0 +1,547 @@
+"""Training benchmark: byol.py's step and pipeline against lucidrains' byol-pytorch (issue #6).
+
+Sections (--only picks some; all by default):
+  step     one training step: augmentation + forward + backward + SGD + EMA, same backbone,
+           image size, batch and optimiser for both; ours also with channels_last (CPU) and,
+           with --compile, torch.compile
+  epoch    a whole epoch with data loading: ours decodes once into a uint8 cache, byol-pytorch
+           reads image files through a DataLoader every epoch
+  augment  augmentation alone: our batched per-sample augment_pair against torchvision's
+           per-image transforms of the same BYOL pipeline in a DataLoader
+  kernels  CUDA only: fused Triton kernels against the PyTorch reference inside a real step,
+           resnet18 and resnet50
+
+Images are counted as 2 views x batch: each step of either implementation pushes 2 x batch
+images through the online and the target network.
+
+Run (byol-pytorch comes with `pip install -e ".[bench]"`):
+    python benchmarks/training.py --device cpu --threads 2                      # CPU, resnet18, 64 px, batch 64
+    python benchmarks/training.py --device cpu --threads 2 --data-dir ../shared/data/tll-dev --max-pairs 256
+    python benchmarks/training.py --device cuda --arch resnet18 --image-size 224 --batch-size 256 --workers 16 \\
+        --data-dir ~/data/tll --json runs/bench-training-r18.json
+    python benchmarks/training.py --device cuda --arch resnet50 --image-size 224 --batch-size 128 --workers 16 \\
+        --data-dir ~/data/tll --json runs/bench-training-r50.json
+    python benchmarks/training.py --device cpu --only step --compile                 # torch.compile too (slow to compile)
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+# This repository's byol.py and kernels/ (not the unrelated PyPI package `kernels`).
+sys.path.insert(0, str(REPO))
+
+import byol  # noqa: E402
+from kernels import backend  # noqa: E402
+
+SECTIONS = ("step", "epoch", "augment", "kernels")
+BYOL_PYTORCH_MISSING = "byol-pytorch is not installed: pip install -e '.[bench]'"
+THEIR_AUGMENTATION = ("byol-pytorch draws one random parameter set per batch (its default SimCLR-style "
+                      "pipeline); ours draws per-sample parameters for BYOL's full pipeline")
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, without a traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def parse_args(argv=None):
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the training steps and our augmentation run")
+    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"],
+                   help="torchvision backbone for both implementations, ImageNet stem (the kernels section runs both)")
+    p.add_argument("--image-size", type=int, default=64, help="training resolution in pixels (square)")
+    p.add_argument("--batch-size", type=int, default=64, help="pairs per step (ours) = images per step (byol-pytorch); 2 views each")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps (and timed augmentation batches; epochs: see --epochs)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (None: torch's own choice)")
+    p.add_argument("--only", nargs="+", default=list(SECTIONS), choices=SECTIONS, metavar="SECTION",
+                   help=f"sections to run, any of: {', '.join(SECTIONS)}")
+    p.add_argument("--compile", action="store_true", help="also time our step with torch.compile (slow to compile on CPU)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="DataLoader workers (byol-pytorch, torchvision augmentation) = decoding threads (ours)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="epoch section: TLL layout DIR/left/*.jpg, DIR/right/*.jpg (None: synthetic JPEGs in a temp dir)")
+    p.add_argument("--max-pairs", type=int, default=None,
+                   help="epoch section: use at most this many pairs (None: all of --data-dir; 8 batches of synthetic pairs)")
+    p.add_argument("--epochs", type=int, default=2, help="epoch section: timed epochs of each pipeline")
+    p.add_argument("--seed", type=int, default=0, help="seeds the synthetic data, the models and the augmentations")
+    p.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file (None: print only)")
+    cfg = p.parse_args(argv)
+    for flag, value, low in [("--image-size", cfg.image_size, 16), ("--batch-size", cfg.batch_size, 2),
+                             ("--repeats", cfg.repeats, 1), ("--warmup", cfg.warmup, 0), ("--workers", cfg.workers, 0),
+                             ("--epochs", cfg.epochs, 1), ("--threads", cfg.threads, 1), ("--max-pairs", cfg.max_pairs, 2)]:
+        if value is not None and value < low:
+            raise UserError(f"{flag} {value} is too small; use {low} or more")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for CUDA but torch sees no CUDA device; use --device cpu")
+    if "epoch" in cfg.only:  # bad data is reported before minutes of other sections, not after
+        if cfg.data_dir is not None and not cfg.data_dir.is_dir():
+            raise UserError(f"--data-dir {cfg.data_dir} does not exist or is not a directory; check the path")
+        pairs = len(tll_files(cfg.data_dir, cfg.max_pairs)[0]) if cfg.data_dir else cfg.max_pairs or 8 * cfg.batch_size
+        if pairs < cfg.batch_size:
+            raise UserError(f"--batch-size {cfg.batch_size} is larger than the {pairs} pairs of the epoch section; "
+                            "lower it or raise --max-pairs")
+    return cfg
+
+
+def byol_pytorch_available():
+    return importlib.util.find_spec("byol_pytorch") is not None
+
+
+def byol_args(cfg, arch=None):
+    """byol.py's own settings for TLL-like data at this size: SGD (lr 0.4 x B/256, momentum 0.9,
+    weight decay 1e-4), BYOL's augmentation, 4096/256 MLPs, tau 0.996; ImageNet stem like byol-pytorch."""
+    return byol.fill_defaults(byol.parse_args([
+        "--data", "tll", "--arch", arch or cfg.arch, "--stem", "imagenet", "--image-size", str(cfg.image_size),
+        "--batch-size", str(cfg.batch_size), "--optimizer", "sgd", "--seed", str(cfg.seed)]))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device):
+    """bf16 on CUDA, as byol.py trains there; fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def random_images(n, size, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+
+
+# ----------------------------------------------------------------------------- the two training steps
+
+
+def our_trainer(bargs, device, channels_last=False, compile_model=False):
+    """step(x1, x2, index): byol.py's training step on uint8 pairs (scheduler aside)."""
+    torch.manual_seed(bargs.seed)
+    model = byol.build_model(bargs).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = byol.build_optimizer(bargs, model)
+    forward = torch.compile(model) if compile_model else model
+
+    def step(x1, x2, index):
+        gen = byol.step_generator(bargs.seed, index, device, stream=1)
+        v1, v2 = byol.augment_pair(x1, x2, gen, bargs)
+        if channels_last:
+            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            loss = forward(v1, v2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.update_target(bargs.base_tau)
+        return loss
+
+    return step
+
+
+def their_trainer(bargs, device):
+    """step(x): byol-pytorch's step on a float batch in [0, 1]; its forward makes both views."""
+    from byol_pytorch import BYOL as TheirBYOL
+
+    torch.manual_seed(bargs.seed)
+    net = getattr(torchvision.models, bargs.arch)(weights=None).to(device)
+    learner = TheirBYOL(net, image_size=bargs.image_size, hidden_layer="avgpool", use_simplicial_embeddings=False,
+                        projection_size=bargs.proj_dim, projection_hidden_size=bargs.hidden_dim)
+    # The same optimiser as ours (biases and BN without weight decay); the target network has no gradients.
+    optimizer = byol.build_optimizer(bargs, learner)
+
+    def step(x):
+        with autocast(device):
+            loss = learner(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        learner.update_moving_average()
+        return loss
+
+    return step
+
+
+def timed_call(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def time_steps(step, warmup, repeats, device):
+    """Seconds of each of `repeats` calls of step(index) after `warmup` untimed ones."""
+    return [timed_call(lambda: step(index), device) for index in range(warmup + repeats)][warmup:]
+
+
+def time_round_robin(steps, warmup, repeats, device):
+    """{name: seconds} for {name: step(index)}, one step of each per round: a change in the
+    machine's load (other jobs) then hits every variant alike, and their ratios stay fair."""
+    seconds = {name: [] for name in steps}
+    for index in range(warmup + repeats):
+        for name, step in steps.items():
+            elapsed = timed_call(lambda: step(index), device)
+            if index >= warmup:
+                seconds[name].append(elapsed)
+    return seconds
+
+
+def timing_row(name, seconds, images_per_call, note=""):
+    median = statistics.median(seconds)
+    return {"name": name, "median_ms": 1e3 * median, "min_ms": 1e3 * min(seconds), "max_ms": 1e3 * max(seconds),
+            "images_per_call": images_per_call, "images_per_s": images_per_call / median, "note": note}
+
+
+def step_variants(cfg, device):
+    """(name, zero-argument builder of step(index), note) for every variant this run times."""
+    bargs = byol_args(cfg)
+    x1 = random_images(cfg.batch_size, cfg.image_size, device, cfg.seed)
+    x2 = random_images(cfg.batch_size, cfg.image_size, device, cfg.seed + 1)
+    on_cuda = device.type == "cuda"
+
+    def ours(channels_last, compile_model=False):
+        def build():
+            train = our_trainer(bargs, device, channels_last, compile_model)
+            return lambda index: train(x1, x2, index)
+        return build
+
+    variants = [("ours", ours(channels_last=on_cuda), "channels_last, bf16 autocast" if on_cuda else "fp32, contiguous")]
+    if not on_cuda:  # on CUDA byol.py already runs channels_last
+        variants.append(("ours channels_last", ours(channels_last=True), "fp32, model and views channels_last"))
+    if cfg.compile:
+        variants.append(("ours torch.compile", ours(channels_last=on_cuda, compile_model=True), "forward compiled, as byol.py --compile"))
+    if byol_pytorch_available():
+        x = x1.float() / 255
+
+        def theirs():
+            train = their_trainer(bargs, device)
+            return lambda index: train(x)
+
+        variants.append(("byol-pytorch", theirs, ("bf16 autocast; " if on_cuda else "fp32; ") + "one augmentation draw per batch"))
+    return variants
+
+
+def run_step_section(cfg, device):
+    steps, notes = {}, {}
+    for name, build, note in step_variants(cfg, device):
+        step = build()
+        if name.endswith("torch.compile"):
+            try:
+                step(0)  # compiles; not timed
+            except Exception as e:  # e.g. no C++ compiler for inductor
+                print(f"{name}: skipped, torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+                continue
+        steps[name], notes[name] = step, note
+    seconds = time_round_robin(steps, cfg.warmup, cfg.repeats, device)
+    return [timing_row(name, seconds[name], 2 * cfg.batch_size, notes[name]) for name in steps]
+
+
+# ----------------------------------------------------------------------------- epochs with data loading
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """What a byol-pytorch user feeds it: every epoch, each image is read from disk, resized and made a tensor."""
+
+    def __init__(self, paths, size):
+        self.paths = paths
+        self.transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB"))
+
+
+def write_synthetic_tll(root, pairs, seed):
+    """root/left/NNNNN.jpg and root/right/NNNNN.jpg, 200 x 245 like TLL: smooth random colour fields."""
+    rng = np.random.default_rng(seed)
+    for side in ("left", "right"):
+        (root / side).mkdir(parents=True)
+        for i in range(pairs):
+            coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+            coarse.resize((200, 245), Image.BILINEAR).save(root / side / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def tll_files(root, max_pairs):
+    left, right = byol.list_side(root, "left"), byol.list_side(root, "right")
+    names = sorted(set(left) & set(right))[:max_pairs]
+    if len(names) < 2:
+        raise UserError(f"--data-dir {root}: fewer than 2 pairs with the same name in left/ and right/")
+    return [left[n][0] for n in names], [right[n][0] for n in names]
+
+
+def time_our_epochs(cfg, device, left, right):
+    """(seconds to decode the cache once, seconds of each epoch)."""
+    bargs = byol_args(cfg)
+    start = time.perf_counter()
+    images = byol.decode_all([byol.file_source(p) for p in left + right], cfg.image_size, cfg.workers)
+    n = len(left)
+    data = byol.pairs_data(images, left + right, list(range(n)), list(range(n, 2 * n)), 0.0, cfg.seed, "natural")
+    if device.type == "cuda":
+        data.images = data.images.pin_memory()
+    decode_s = time.perf_counter() - start
+    step = our_trainer(bargs, device, channels_last=device.type == "cuda")
+    steps = n // cfg.batch_size
+    epoch_s = []
+    for epoch in range(cfg.epochs):
+        order = byol.epoch_order(len(data.anchors), cfg.seed, epoch)
+        sync(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            index = epoch * steps + i
+            x1, x2 = byol.make_pair_batch(data, order, i, cfg.batch_size, 0, 1, cfg.seed, index, device)
+            step(x1, x2, index)
+        sync(device)
+        epoch_s.append(time.perf_counter() - start)
+    return decode_s, epoch_s
+
+
+def time_their_epochs(cfg, device, left):
+    """Seconds of each epoch over the left images (byol-pytorch makes its two views from one image)."""
+    step = their_trainer(byol_args(cfg), device)
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(left, cfg.image_size), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+        num_workers=cfg.workers, pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    epoch_s = []
+    for _ in range(cfg.epochs):
+        sync(device)
+        start = time.perf_counter()
+        for x in loader:
+            step(x.to(device, non_blocking=True))
+        sync(device)
+        epoch_s.append(time.perf_counter() - start)
+    return epoch_s
+
+
+def run_epoch_section(cfg, device):
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.data_dir is None:
+            pairs = cfg.max_pairs or 8 * cfg.batch_size
+            root, source = write_synthetic_tll(Path(tmp), pairs, cfg.seed), f"{pairs} synthetic 200x245 JPEG pairs"
+        else:
+            root, source = cfg.data_dir, str(cfg.data_dir)
+        left, right = tll_files(root, cfg.max_pairs)
+        steps = len(left) // cfg.batch_size
+        images = 2 * cfg.batch_size * steps
+        decode_s, ours = time_our_epochs(cfg, device, left, right)
+        rows = [{"name": "ours", "startup_s": decode_s, "epoch_s": ours, "images_per_epoch": images,
+                 "images_per_s": images / statistics.median(ours),
+                 "note": f"decodes {2 * len(left)} images once ({max(1, cfg.workers)} threads), then make_pair_batch + augment_pair"}]
+        if byol_pytorch_available():
+            theirs = time_their_epochs(cfg, device, left)
+            rows.append({"name": "byol-pytorch", "startup_s": 0.0, "epoch_s": theirs, "images_per_epoch": images,
+                         "images_per_s": images / statistics.median(theirs),
+                         "note": f"DataLoader ({cfg.workers} workers) reads, resizes and converts {steps * cfg.batch_size} left images every epoch"})
+    return rows, f"{source}, {len(left)} pairs used, {steps} steps of {cfg.batch_size} per epoch"
+
+
+# ----------------------------------------------------------------------------- augmentation alone
+
+
+def torchvision_view(size, bargs, blur_prob, solarize_prob):
+    """torchvision's per-image BYOL view, with the same parameters as byol.augment."""
+    k = bargs.jitter_strength
+    radius = max(1, math.ceil(3 * 2.0 * size / 224))  # byol.gaussian_blur's kernel radius
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(bargs.crop_min_scale, 1.0)),
+        T.RandomHorizontalFlip(bargs.flip_prob),
+        T.RandomApply([T.ColorJitter(0.4 * k, 0.4 * k, 0.2 * k, 0.1 * k)], p=0.8),
+        T.RandomGrayscale(0.2),
+        T.RandomApply([T.GaussianBlur(2 * radius + 1, (0.1 * size / 224, 2.0 * size / 224))], p=blur_prob),
+        T.RandomSolarize(128, p=solarize_prob),
+        T.ToTensor(),
+        T.Normalize(byol.IMAGENET_MEAN, byol.IMAGENET_STD),
+    ])
+
+
+class TorchvisionPairs(torch.utils.data.Dataset):
+    """Both BYOL views of in-memory PIL images, per image, as a DataLoader runs them."""
+
+    def __init__(self, images, bargs):
+        self.images = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images]
+        size = images.shape[-1]
+        self.view1 = torchvision_view(size, bargs, blur_prob=1.0, solarize_prob=0.0)
+        self.view2 = torchvision_view(size, bargs, blur_prob=0.1, solarize_prob=bargs.solarize_prob)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.view1(self.images[i]), self.view2(self.images[i])
+
+
+def run_augment_section(cfg, device):
+    bargs = byol_args(cfg)
+    images = 2 * cfg.batch_size
+    x1 = random_images(cfg.batch_size, cfg.image_size, device, cfg.seed)
+    x2 = random_images(cfg.batch_size, cfg.image_size, device, cfg.seed + 1)
+
+    def ours(index):
+        byol.augment_pair(x1, x2, byol.step_generator(cfg.seed, index, device, stream=1), bargs)
+
+    rows = [timing_row(f"ours augment_pair ({device.type})", time_steps(ours, cfg.warmup, cfg.repeats, device), images,
+                       "batched tensor ops, per-sample parameters")]
+    batches = cfg.warmup + cfg.repeats
+    dataset = TorchvisionPairs(random_images(cfg.batch_size * batches, cfg.image_size, "cpu", cfg.seed + 2), bargs)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers)
+    # Time between batch arrivals, after the warm-up batches (the first includes starting the workers).
+    start = time.perf_counter()
+    arrivals = [time.perf_counter() for _ in loader]
+    seconds = np.diff([start, *arrivals])[cfg.warmup:].tolist()
+    rows.append(timing_row("torchvision per-image (CPU)", seconds, images,
+                           f"PIL transforms in a DataLoader, {cfg.workers} workers"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- fused kernels (CUDA)
+
+
+def fused_skip_reason(device):
+    if device.type != "cuda":
+        return "the fused Triton kernels need CUDA; kernels section skipped"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "TRITON_INTERPRET=1 is set: the interpreter would be timed, not the compiled kernels; kernels section skipped"
+    if backend.is_reference_forced():
+        return "the reference path is forced (KERNELS_FORCE_REFERENCE); kernels section skipped"
+    if not backend.triton_available():
+        return "Triton is not installed; kernels section skipped"
+    return None
+
+
+def run_kernels_section(cfg, device):
+    """Our step with the PyTorch reference ops, then with the fused kernels, resnet18 and resnet50."""
+    x1 = random_images(cfg.batch_size, cfg.image_size, device, cfg.seed)
+    x2 = random_images(cfg.batch_size, cfg.image_size, device, cfg.seed + 1)
+    rows = []
+    try:
+        for arch in ("resnet18", "resnet50"):
+            for kernels, forced in (("reference", True), ("fused", False)):
+                backend.force_reference(forced)  # read at every call of the loss and the EMA
+                train = our_trainer(byol_args(cfg, arch), device, channels_last=True)
+                seconds = time_steps(lambda index: train(x1, x2, index), cfg.warmup, cfg.repeats, device)
+                rows.append(timing_row(f"{arch} {kernels}", seconds, 2 * cfg.batch_size, "channels_last, bf16 autocast"))
+    finally:
+        backend.force_reference(False)
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def step_table(rows, baseline=None):
+    """Per-step timings; the last column divides images/s by the baseline row's (same run)."""
+    base = next((r for r in rows if r["name"] == baseline), None)
+    return markdown(
+        ["variant", "median ms", "min ms", "max ms", "images/s", f"vs {baseline}" if base else "ratio", "note"],
+        [[r["name"], f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['max_ms']:.1f}", f"{r['images_per_s']:.1f}",
+          f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-", r["note"]] for r in rows])
+
+
+def epoch_table(rows):
+    return markdown(
+        ["pipeline", "start-up s", "epoch s (median)", "epochs s", "images/s", "note"],
+        [[r["name"], f"{r['startup_s']:.2f}", f"{statistics.median(r['epoch_s']):.2f}",
+          ", ".join(f"{s:.2f}" for s in r["epoch_s"]), f"{r['images_per_s']:.1f}", r["note"]] for r in rows])
+
+
+def kernels_table(rows):
+    by_name = {r["name"]: r for r in rows}
+    return markdown(
+        ["arch", "reference ms", "fused ms", "speed-up", "fused images/s"],
+        [[arch, f"{by_name[f'{arch} reference']['median_ms']:.1f}", f"{by_name[f'{arch} fused']['median_ms']:.1f}",
+          f"{by_name[f'{arch} reference']['median_ms'] / by_name[f'{arch} fused']['median_ms']:.2f}x",
+          f"{by_name[f'{arch} fused']['images_per_s']:.1f}"] for arch in ("resnet18", "resnet50")])
+
+
+def augmentation_share(augment_rows, step_rows):
+    """Is augmentation the bottleneck? Its time per image as a share of our whole step's."""
+    ours = next(r for r in step_rows if r["name"] == "ours")
+    return "\n".join(f"- {r['name']}: {r['images_per_s'] / ours['images_per_s']:.1f}x the images/s of our training step "
+                     f"(would take {100 * ours['images_per_s'] / r['images_per_s']:.0f}% of the step's time)" for r in augment_rows)
+
+
+def describe(cfg, device):
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return (f"{where}, torch {torch.__version__}, {torch.get_num_threads()} threads; {cfg.arch} (ImageNet stem), "
+            f"{cfg.image_size} px, batch {cfg.batch_size} -> {2 * cfg.batch_size} images per step (2 views x batch); "
+            f"median/min/max over {cfg.repeats} steps after {cfg.warmup} warm-up steps")
+
+
+def run(cfg):
+    """Runs the chosen sections, prints their tables; returns every measurement."""
+    device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    results = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}, "setup": describe(cfg, device)}
+    print(f"# Training benchmark\n\n{results['setup']}\n")
+    if not byol_pytorch_available():
+        print(BYOL_PYTORCH_MISSING + "\n")
+    if "step" in cfg.only:
+        rows = run_step_section(cfg, device)
+        results["step"] = rows
+        print("## Training step (the variants take turns, one step each per round)\n\n" + step_table(rows, "byol-pytorch")
+              + f"\n\nNote: {THEIR_AUGMENTATION}.\n")
+    if "epoch" in cfg.only:
+        rows, source = run_epoch_section(cfg, device)
+        results["epoch"] = rows
+        print(f"## Epoch with data loading\n\n{source}\n\n" + epoch_table(rows) + "\n")
+    if "augment" in cfg.only:
+        rows = run_augment_section(cfg, device)
+        results["augment"] = rows
+        print("## Augmentation alone\n\n" + step_table(rows, rows[0]["name"]) + "\n")
+        if "step" in cfg.only:
+            print(augmentation_share(rows, results["step"]) + "\n")
+    if "kernels" in cfg.only:
+        reason = fused_skip_reason(device)
+        if reason:
+            print(f"## Fused kernels\n\n{reason}\n")
+        else:
+            rows = run_kernels_section(cfg, device)
+            results["kernels"] = rows
+            print("## Fused kernels in a real step\n\n" + kernels_table(rows) + "\n")
+    if cfg.json:
+        cfg.json.parent.mkdir(parents=True, exist_ok=True)
+        cfg.json.write_text(json.dumps(results, indent=1))
+        print(f"wrote {cfg.json}")
+    return results
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except (UserError, byol.UserError) as e:
+        print(f"training.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

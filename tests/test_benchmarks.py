@@ -1,0 +1,68 @@
+"""benchmarks/training.py without byol-pytorch: bad arguments give one line, and a tiny run of
+our step and augmentation (16 px, batch 4, 1 thread) reports sane timings."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tiny_data import load_training_benchmark, one_thread  # noqa: F401  (fixture)
+
+training = load_training_benchmark()
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--arch", "vgg11"], "invalid choice: 'vgg11'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--only", "everything"], "invalid choice: 'everything'"),
+    (["--image-size", "8"], "--image-size 8 is too small"),
+    (["--batch-size", "1"], "--batch-size 1 is too small"),
+    (["--data-dir", "/no/such/dir"], "does not exist"),
+    (["--max-pairs", "4", "--batch-size", "8"], "larger than the 4 pairs"),
+    pytest.param(["--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+])
+def test_bad_arguments_give_one_line(argv, needle, capsys):
+    rc = training.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("training.py: error: ") and needle in lines[0], err
+
+
+def test_data_dir_without_tll_layout_is_one_line(tmp_path, capsys):
+    assert training.main(["--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("training.py: error: ") and "left" in err and "\n" not in err, err
+
+
+def test_tiny_run_of_ours(tmp_path, monkeypatch, capsys):
+    # Without byol-pytorch: only our rows, and the one-line hint instead of a failure.
+    monkeypatch.setattr(training, "byol_pytorch_available", lambda: False)
+    out = tmp_path / "result.json"
+    rc = training.main(["--device", "cpu", "--image-size", "16", "--batch-size", "4", "--repeats", "2", "--warmup", "1",
+                        "--threads", "1", "--workers", "0", "--only", "step", "augment", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert training.BYOL_PYTORCH_MISSING in printed and "| ours channels_last |" in printed
+    result = json.loads(out.read_text())
+    assert [r["name"] for r in result["step"]] == ["ours", "ours channels_last"]
+    assert [r["name"] for r in result["augment"]] == ["ours augment_pair (cpu)", "torchvision per-image (CPU)"]
+    for row in result["step"] + result["augment"]:
+        assert row["images_per_call"] == 2 * 4  # both views of every pair
+        assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("median_ms", "min_ms", "max_ms", "images_per_s"))
+        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["images_per_s"] == pytest.approx(8 / (row["median_ms"] / 1e3))
+
+
+def test_our_step_has_byol_settings_and_a_finite_loss():
+    cfg = training.parse_args(["--image-size", "16", "--batch-size", "4", "--only", "step"])
+    bargs = training.byol_args(cfg)
+    assert (bargs.stem, bargs.optimizer) == ("imagenet", "sgd")  # the same stem and optimiser as byol-pytorch's run
+    x1, x2 = (training.random_images(4, 16, torch.device("cpu"), seed) for seed in (0, 1))
+    torch.manual_seed(0)
+    step = training.our_trainer(bargs, torch.device("cpu"))
+    loss = step(x1, x2, 0)
+    assert math.isfinite(loss.item()) and 0 <= loss.item() <= 8  # two terms of 2 - 2cos
