@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# results/run_all.sh: reproduce every number of RESULTS.md (issue #7).
+#
+# Usage (from anywhere; relative paths are relative to the repository root):
+#     bash results/run_all.sh
+#     SEEDS="0 1 2 3 4" THREADS=8 bash results/run_all.sh
+#     DATASETS=tll TLL_DIR=~/data/tll-dev E_TLL=20 bash results/run_all.sh
+#     FORCE=1 bash results/run_all.sh          # redo runs that already have eval.json
+#
+# What it runs (each training run followed by `python eval.py RUN_DIR/last.pt --out RUN_DIR`,
+# which writes RUN_DIR/eval.json, and `python eval.py --plot RUN_DIR`, which draws RUN_DIR/curves.png):
+#   omniglot (embedded data, the scripts' default epochs):
+#     byol.py, simsiam.py, bn_only.py                       for each seed in SEEDS
+#     bn_only.py ablations: --no-bn; --predictor; --stop-grad;
+#                           --bn-placement all               for each seed in ABLATION_SEEDS
+#     eval.py --baseline random / pretrained, on the split of byol's run of each seed
+#   tll (TLL_DIR, with left/ and right/ or left.zip and right.zip; skipped when missing):
+#     byol.py, simsiam.py, bn_only.py with --data tll --data-dir TLL_DIR --image-size 32
+#                           --stem imagenet --epochs E_TLL   for each seed in SEEDS
+#     eval.py --baseline random / pretrained, as for omniglot
+#   then: python results/summarize.py OUT > results/tables.md  (and results/<data>_curves.png)
+#
+# Run directories: OUT/<data>/<row>-s<seed>, rows byol, simsiam, bn_only, bn_only-no-bn,
+# bn_only-predictor, bn_only-stop-grad, bn_only-bn-all,
+# baseline-random, baseline-pretrained. A run whose eval.json exists is skipped (so the
+# script resumes where it stopped), unless FORCE=1; an unfinished training run with a
+# last.pt is continued with --resume (bit-identical on CPU), one without is restarted.
+# --baseline pretrained needs torchvision's ImageNet weights: offline it fails with a note
+# and the script goes on (PRETRAINED_INIT=resnet18.pth passes a local state dict instead).
+#
+# Variables (environment):
+#   SEEDS="0 1 2"  ABLATION_SEEDS="0"  DATASETS="omniglot tll"  OUT=results/runs
+#   TLL_DIR=../shared/data/tll-dev  E_TLL=10  THREADS=$(nproc)  FORCE=0  PYTHON=python
+#   TRAIN_ARGS=""  extra flags for every training run (e.g. "--device cuda"; they become
+#                  part of the saved args, so keep them to ones that do not change results)
+#   PRETRAINED_INIT=""  local ImageNet resnet18 state dict for --baseline pretrained
+set -euo pipefail
+
+SEEDS="${SEEDS:-0 1 2}"
+ABLATION_SEEDS="${ABLATION_SEEDS:-0}"
+DATASETS="${DATASETS:-omniglot tll}"
+TLL_DIR="${TLL_DIR:-../shared/data/tll-dev}"
+OUT="${OUT:-results/runs}"
+E_TLL="${E_TLL:-10}"
+THREADS="${THREADS:-$(nproc)}"
+FORCE="${FORCE:-0}"
+PYTHON="${PYTHON:-python}"
+TRAIN_ARGS="${TRAIN_ARGS:-}"
+PRETRAINED_INIT="${PRETRAINED_INIT:-}"
+
+cd "$(dirname "$0")/.."  # the repository root: the scripts, and the paths above, are relative to it
+export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
+read -r -a TRAIN_EXTRA <<< "$TRAIN_ARGS"
+
+log() { echo "[run_all $(date +%H:%M:%S)] $*"; }
+
+done_already() {  # RUN_DIR: true (and a note) when its eval.json exists and FORCE is not 1
+    if [[ -f "$1/eval.json" && "$FORCE" != 1 ]]; then
+        log "skip $1: eval.json exists (FORCE=1 redoes it)"
+        return 0
+    fi
+    return 1
+}
+
+# train DATA ROW SEED SCRIPT [FLAGS...]: train into OUT/DATA/ROW-sSEED, then evaluate and plot it.
+train() {
+    local data=$1 row=$2 seed=$3 script=$4
+    shift 4
+    local dir="$OUT/$data/$row-s$seed"
+    done_already "$dir" && return 0
+    if [[ "$FORCE" == 1 || ! -f "$dir/last.pt" ]]; then
+        rm -rf "$dir"  # log.jsonl is appended to: a restart must not mix with an old run
+        mkdir -p "$dir"
+        log "train $dir: $PYTHON $script.py $* --seed $seed --out $dir"
+        "$PYTHON" "$script.py" "$@" --seed "$seed" --out "$dir" --workers "$THREADS" --no-progress \
+            ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} 2>&1 | tee -a "$dir/train.log"
+    else
+        log "resume $dir from its last.pt"
+        "$PYTHON" "$script.py" --resume "$dir/last.pt" --workers "$THREADS" --no-progress 2>&1 | tee -a "$dir/train.log"
+    fi
+    log "eval $dir"
+    "$PYTHON" eval.py "$dir/last.pt" --out "$dir" --workers "$THREADS" 2>&1 | tee "$dir/eval.log"
+    "$PYTHON" eval.py --plot "$dir" || log "note: no curves.png for $dir (matplotlib missing?)"
+}
+
+# baseline DATA KIND SEED: eval.py --baseline KIND on the data and split of byol's run of SEED.
+baseline() {
+    local data=$1 kind=$2 seed=$3
+    local dir="$OUT/$data/baseline-$kind-s$seed" ckpt="$OUT/$data/byol-s$seed/last.pt"
+    done_already "$dir" && return 0
+    if [[ ! -f "$ckpt" ]]; then
+        log "skip $dir: it takes its data and split from $ckpt, which does not exist"
+        return 0
+    fi
+    local extra=()
+    [[ "$kind" == pretrained && -n "$PRETRAINED_INIT" ]] && extra=(--init "$PRETRAINED_INIT")
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    log "baseline $dir: $PYTHON eval.py $ckpt --baseline $kind ${extra[*]+${extra[*]}} --out $dir"
+    if ! "$PYTHON" eval.py "$ckpt" --baseline "$kind" ${extra[@]+"${extra[@]}"} --out "$dir" --workers "$THREADS" \
+            2>&1 | tee "$dir/eval.log"; then
+        if [[ "$kind" == pretrained ]]; then
+            log "note: --baseline pretrained failed (offline? no ImageNet weights; set PRETRAINED_INIT=path/to/resnet18.pth);" \
+                "no baseline-pretrained row for $data seed $seed, going on"
+            rm -rf "$dir"
+            return 0
+        fi
+        log "error: $dir failed"
+        return 1
+    fi
+}
+
+wants() { [[ " $DATASETS " == *" $1 "* ]]; }
+
+log "OUT=$OUT SEEDS='$SEEDS' ABLATION_SEEDS='$ABLATION_SEEDS' DATASETS='$DATASETS' THREADS=$THREADS FORCE=$FORCE"
+
+if wants omniglot; then
+    for seed in $SEEDS; do
+        for script in byol simsiam bn_only; do
+            train omniglot "$script" "$seed" "$script"
+        done
+    done
+    for seed in $ABLATION_SEEDS; do
+        train omniglot bn_only-no-bn "$seed" bn_only --no-bn
+        train omniglot bn_only-predictor "$seed" bn_only --predictor
+        train omniglot bn_only-stop-grad "$seed" bn_only --stop-grad
+        train omniglot bn_only-bn-all "$seed" bn_only --bn-placement all
+    done
+    for seed in $SEEDS; do
+        baseline omniglot random "$seed"
+        baseline omniglot pretrained "$seed"
+    done
+fi
+
+if wants tll; then
+    if [[ -d "$TLL_DIR/left" || -f "$TLL_DIR/left.zip" ]]; then
+        for seed in $SEEDS; do
+            for script in byol simsiam bn_only; do
+                train tll "$script" "$seed" "$script" --data tll --data-dir "$TLL_DIR" \
+                    --image-size 32 --stem imagenet --epochs "$E_TLL"
+            done
+        done
+        for seed in $SEEDS; do
+            baseline tll random "$seed"
+            baseline tll pretrained "$seed"
+        done
+    else
+        log "SKIPPING the TLL rows: TLL_DIR=$TLL_DIR has neither left/ nor left.zip (set TLL_DIR to the TLL-dev data)"
+    fi
+fi
+
+log "summarize -> results/tables.md, results/<data>_curves.png"
+"$PYTHON" results/summarize.py "$OUT" --plots-dir results > results/tables.md
+log "done: results/tables.md"
