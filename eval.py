@@ -11,6 +11,7 @@ Run:
     python eval.py runs/byol-tll-s0/last.pt --embedding projector
     python eval.py runs/byol-omniglot-s0/last.pt --data tll --data-dir ~/data/tll --all-pairs
     python eval.py runs/byol-folder-s0/last.pt --baseline random     # untrained network, same split
+    python eval.py runs/byol-folder-s0/last.pt --baseline random-bn  # the same, BN statistics fitted to the training images
     python eval.py --baseline random --data tll --data-dir ~/data/tll --seed 0 --holdout 0.2
     python eval.py --baseline pretrained --data tll --data-dir ~/data/tll --all-pairs --image-size 224
     python eval.py --plot runs/byol-tll-s0                           # curves.png from log.jsonl
@@ -63,9 +64,11 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", nargs="?", type=Path, default=None,
                    help="last.pt written by byol.py, simsiam.py or bn_only.py")
-    p.add_argument("--baseline", choices=["random", "pretrained"], default=None,
-                   help="no trained weights: an untrained network or torchvision's ImageNet weights "
-                        "(data and split from the checkpoint if one is given, else from the data flags)")
+    p.add_argument("--baseline", choices=["random", "random-bn", "pretrained"], default=None,
+                   help="no trained weights: an untrained network; the same with its batch-norm statistics "
+                        "re-estimated on the training images (what any training run gets for free); or "
+                        "torchvision's ImageNet weights (data and split from the checkpoint if one is given, "
+                        "else from the data flags)")
     p.add_argument("--plot", type=Path, default=None, metavar="RUN_DIR",
                    help="only draw the curves of RUN_DIR/log.jsonl into curves.png")
     # Data flags default to None: unset means "as the checkpoint says" (or the training scripts' default).
@@ -177,7 +180,7 @@ def run_args(opts, mod, ckpt):
         raise UserError("--init gives the weights of --baseline pretrained; drop it, or add --baseline pretrained")
     if saved and opts.baseline:
         # random: the run's own untrained network; pretrained: keep the ImageNet first conv
-        args.stem = opts.stem or (saved["stem"] if opts.baseline == "random" else "imagenet")
+        args.stem = opts.stem or (saved["stem"] if opts.baseline.startswith("random") else "imagenet")
     elif not saved:
         args.arch = opts.arch or "resnet18"
         args.stem = opts.stem or ("imagenet" if opts.baseline == "pretrained" else None)
@@ -223,6 +226,23 @@ class Baseline(nn.Module):
         self.projector = nn.Identity()
 
 
+@torch.no_grad()
+def recalibrate_batch_norm(mod, model, images, device, batch_size=256):
+    """Re-estimate every BN layer's running statistics on `images`, with no gradient step.
+
+    An untrained network evaluates with BN's initial statistics (mean 0, variance 1), while
+    any training run, collapsed or not, also adapts them to its data. This baseline takes
+    that adaptation alone: plain, un-augmented training images, equal weight per batch."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches, not an EMA
+    model.train()
+    for i in range(0, len(images), batch_size):
+        model.encoder(mod.normalize(images[i: i + batch_size].to(device)))
+    model.eval()
+
+
 def build_eval_model(opts, mod, ckpt, args):
     if opts.baseline is None:
         model = mod.build_model(args)
@@ -235,7 +255,7 @@ def build_eval_model(opts, mod, ckpt, args):
         return model
     if opts.embedding == "projector":
         raise UserError("--embedding projector needs a trained checkpoint; a baseline has no projector")
-    if opts.baseline == "random":
+    if opts.baseline in ("random", "random-bn"):
         torch.manual_seed(args.seed)  # the same draw as a run's untrained network (its epoch 0)
         return Baseline(mod.build_encoder(args.arch, args.stem)[0])
     try:
@@ -659,7 +679,7 @@ def run(opts):
         print(f"wrote {plot_curves(opts.plot, opts.out)}")
         return
     if opts.checkpoint is None and opts.baseline is None:
-        raise UserError("nothing to evaluate: pass a CHECKPOINT, --baseline random|pretrained, or --plot RUN_DIR")
+        raise UserError("nothing to evaluate: pass a CHECKPOINT, --baseline random|random-bn|pretrained, or --plot RUN_DIR")
     if opts.memory_mb <= 0:
         raise UserError(f"--memory-mb {opts.memory_mb} must be positive")
     if opts.max_images is not None and opts.max_images < 1:
@@ -672,6 +692,10 @@ def run(opts):
     device = mod.pick_device(opts.device, 0)
     model = build_eval_model(opts, mod, ckpt, args).to(device)  # before the data: a bad file fails fast
     data = load_eval_data(opts, mod, ckpt, args, own_data)
+    if opts.baseline == "random-bn":
+        # The images the run trains on, at most 4096 of them (a seeded draw).
+        train_images = data.anchors[torch.randperm(len(data.anchors), generator=torch.Generator().manual_seed(args.seed))[:4096]]
+        recalibrate_batch_norm(mod, model, data.images[train_images], device)
     metrics, extras, timing = evaluate(opts, mod, model, data, args, device)
     if "left" in extras:
         positive, random = similarity_stats(extras["left"], extras["right"])

@@ -281,6 +281,33 @@ def test_random_baseline_is_the_runs_untrained_network_on_the_same_split(run, tm
     assert "projector" not in flags["metrics"]["collapse"]
 
 
+def test_random_bn_baseline_fits_batch_norm_statistics_to_the_training_images(run, capsys, monkeypatch):
+    fitted = {}
+    recalibrate = ev.recalibrate_batch_norm
+
+    def spy(mod, model, images, device, batch_size=256):
+        recalibrate(mod, model, images, device, batch_size)
+        fitted["images"], fitted["bn1"] = images, model.encoder.bn1
+
+    monkeypatch.setattr(ev, "recalibrate_batch_norm", spy)
+    result, _ = evaluate([run.ckpt, "--baseline", "random-bn", "--no-pictures"], capsys)
+    assert result["source"]["baseline"] == "random-bn"
+    # The first BN's statistics are those of its input on the training images, nothing held out.
+    mod, ckpt = ev.load_checkpoint(run.ckpt)
+    args, _ = ev.run_args(ev.parse_args([str(run.ckpt)]), mod, ckpt)
+    data = mod.load_data(args)
+    assert len(fitted["images"]) == len(data.anchors) < 256  # one batch: the plain mean and variance
+    assert sorted(map(bytes, fitted["images"].numpy())) == sorted(map(bytes, data.images[data.anchors].numpy()))
+    torch.manual_seed(args.seed)
+    encoder = mod.build_encoder(args.arch, args.stem)[0].eval()
+    conv1 = encoder.conv1(byol.normalize(fitted["images"])).transpose(0, 1).flatten(1)
+    assert torch.allclose(fitted["bn1"].running_mean, conv1.mean(1), atol=1e-5)
+    assert torch.allclose(fitted["bn1"].running_var, conv1.var(1), rtol=1e-4)
+    # ... and they change what the untrained network retrieves.
+    untrained, _ = evaluate([run.ckpt, "--baseline", "random", "--no-pictures"], capsys)
+    assert result["metrics"]["collapse"] != untrained["metrics"]["collapse"]
+
+
 def test_pairs_csv_all_pairs_in_a_small_memory_budget(run, tmp_path, capsys):
     csv = tmp_path / "pairs.csv"
     csv.write_text("left,right\n" + "".join(f"{run.tll}/left/{i:03d}.jpg,{run.tll}/right/{i:03d}.jpg\n" for i in range(24)))
