@@ -15,10 +15,12 @@ Baseline rows (baseline-random, baseline-pretrained) have eval.json only; eval.j
 The row name and seed come from the directory name and are checked against eval.json
 (data and seed) and the saved args (seed). Each table cell is the mean +- the sample
 standard deviation (ddof 1) over the row's seeds; with one seed, the value alone.
-Metrics, all from eval.json (encoder embedding unless said otherwise):
+Metrics, from eval.json unless said otherwise (encoder embedding unless said otherwise):
   one-shot 20-way   Omniglot's official 20 runs;
   R@k               held-out pair retrieval, mean of left->right and right->left
                     (eval.py counts ties at random, so a collapsed network scores chance);
+  train proj std / rank  the training script's own last collapse_std and effective rank
+                    (log.jsonl: projector, up to 1024 training images);
   proj std / rank   collapse_std (mean per-dimension std of the l2-normalised projector
                     outputs; healthy = 1/sqrt(d), shown in its own column) and effective
                     rank, on the evaluated images. Baselines have no projector;
@@ -112,6 +114,11 @@ def discover(out_dir):
             run["eval"] = json.loads((run_dir / "eval.json").read_text())
             run["metrics"] = flat_metrics(run["eval"])
             run["log"] = read_jsonl(run_dir / "log.jsonl") if (run_dir / "log.jsonl").is_file() else []
+            if run["log"] and "collapse_std" in run["log"][-1]:
+                # The training script's own end-of-run collapse check, on up to 1024 training images:
+                # eval.py's is on the held-out images, only 54 of them on Omniglot (rank <= 54).
+                run["metrics"]["log_std"] = run["log"][-1]["collapse_std"]
+                run["metrics"]["log_rank"] = run["log"][-1]["effective_rank"]
             run["method"], run["args"] = read_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else (None, None)
             check(run)
             tree.setdefault(run["data"], {}).setdefault(run["row"], []).append(run)
@@ -233,7 +240,8 @@ def columns_for(rows):
     elif "r@1" in have:
         cols += [("r@1", "R@1", "{:.4f}"), ("r@5", "R@5", "{:.4f}"), ("r@10", "R@10", "{:.4f}"),
                  ("r@1_l2r", "R@1 l→r", "{:.4f}"), ("r@1_r2l", "R@1 r→l", "{:.4f}")]
-    cols += [("proj_std", "proj collapse_std", "{:.2e}"), ("proj_healthy", "proj healthy", "{:.3g}"),
+    cols += [("log_std", "train proj collapse_std", "{:.2e}"), ("log_rank", "train proj eff. rank", "{:.1f}"),
+             ("proj_std", "proj collapse_std", "{:.2e}"), ("proj_healthy", "proj healthy", "{:.3g}"),
              ("proj_rank", "proj eff. rank", "{:.1f}"), ("enc_std", "enc collapse_std", "{:.2e}"),
              ("enc_rank", "enc eff. rank", "{:.1f}")]
     cols.append(("epochs", "epochs", "{:d}"))

@@ -109,14 +109,14 @@ def test_tables_and_curves(tmp_path, capsys):
     # Omniglot: one-shot, R@1 (mean of both directions), proj std, proj healthy, proj rank, enc std, enc rank, n
     s = statistics.stdev
     assert abs(s([0.25, 0.30]) - 0.0354) < 5e-5 and abs(s([0.3, 0.4]) - 0.0707) < 5e-5  # the hand values below
-    assert rows["byol"] == ["0.2750 ± 0.0354", "0.3500 ± 0.0707", "2.00e-02 ± 1.41e-02", "0.0625", "15.0 ± 7.1",
+    assert rows["byol"] == ["0.2750 ± 0.0354", "0.3500 ± 0.0707", "2.00e-02 ± 1.41e-02", "15.0 ± 7.1", "2.00e-02 ± 1.41e-02", "0.0625", "15.0 ± 7.1",
                             "4.00e-02 ± 1.41e-02", "110.0 ± 14.1", "3", "2"]
-    assert rows["bn_only-no-bn"] == ["0.0500", "0.1000", "4.00e-04", "0.0625", "1.2", "1.00e-03", "1.5", "3", "1"]
-    assert rows["baseline-random"] == ["0.2100 ± 0.0141", "0.2000 ± 0.0000", "–", "–", "–", "5.00e-03 ± 1.41e-03",
+    assert rows["bn_only-no-bn"] == ["0.0500", "0.1000", "4.00e-04", "1.2", "4.00e-04", "0.0625", "1.2", "1.00e-03", "1.5", "3", "1"]
+    assert rows["baseline-random"] == ["0.2100 ± 0.0141", "0.2000 ± 0.0000", "–", "–", "–", "–", "–", "5.00e-03 ± 1.41e-03",
                                        "40.0 ± 0.0", "–", "2"]
     assert "simsiam" not in rows and "simsiam-s0 has no eval.json" in captured.err
     assert omniglot.index("| baseline-random") < omniglot.index("| byol") < omniglot.index("| bn_only-no-bn")
-    assert "| row | one-shot 20-way | R@1 held-out | proj collapse_std |" in omniglot
+    assert "| row | one-shot 20-way | R@1 held-out | train proj collapse_std | train proj eff. rank | proj collapse_std |" in omniglot
 
     # Commands rebuilt from the saved args: only the non-default flags, S for the seed.
     assert f"`python byol.py --seed S --out {om}/byol-sS` && `python eval.py {om}/byol-sS/last.pt --out {om}/byol-sS`" in text
@@ -125,9 +125,9 @@ def test_tables_and_curves(tmp_path, capsys):
     assert "`byol`, S in 0, 1:" in omniglot and "`bn_only-no-bn`, S in 0:" in omniglot
 
     # TLL: R@1/5/10 as the mean of both directions (r->l is l->r + 0.02), then each direction's R@1
-    assert "| row | R@1 | R@5 | R@10 | R@1 l→r | R@1 r→l | proj collapse_std |" in tll_text
+    assert "| row | R@1 | R@5 | R@10 | R@1 l→r | R@1 r→l | train proj collapse_std |" in tll_text
     assert table_rows(tll_text) == {"byol": ["0.1600 ± 0.0707", "0.3600 ± 0.0707", "0.6100 ± 0.1414", "0.1500 ± 0.0707",
-                                             "0.1700 ± 0.0707", "5.00e-02 ± 0.00e+00", "0.0625", "40.0 ± 0.0",
+                                             "0.1700 ± 0.0707", "5.00e-02 ± 0.00e+00", "40.0 ± 0.0", "5.00e-02 ± 0.00e+00", "0.0625", "40.0 ± 0.0",
                                              "2.00e-02 ± 0.00e+00", "50.0 ± 0.0", "3", "2"]}
     assert (f"`python byol.py --data tll --data-dir {data_dir} --image-size 32 --stem imagenet --epochs 10 "
             f"--seed S --out {tll}/byol-sS`") in tll_text
