@@ -13,16 +13,16 @@
 #     byol.py, simsiam.py, bn_only.py                       for each seed in SEEDS
 #     bn_only.py ablations: --no-bn; --predictor; --stop-grad;
 #                           --bn-placement all               for each seed in ABLATION_SEEDS
-#     eval.py --baseline random / pretrained, on the split of byol's run of each seed
+#     eval.py --baseline random / random-bn / pretrained, on the split of byol's run of each seed
 #   tll (TLL_DIR, with left/ and right/ or left.zip and right.zip; skipped when missing):
 #     byol.py, simsiam.py, bn_only.py with --data tll --data-dir TLL_DIR --image-size 32
 #                           --stem imagenet --epochs E_TLL   for each seed in SEEDS
-#     eval.py --baseline random / pretrained, as for omniglot
+#     eval.py --baseline random / random-bn / pretrained, as for omniglot
 #   then: python results/summarize.py OUT > results/tables.md  (and results/<data>_curves.png)
 #
 # Run directories: OUT/<data>/<row>-s<seed>, rows byol, simsiam, bn_only, bn_only-no-bn,
 # bn_only-predictor, bn_only-stop-grad, bn_only-bn-all,
-# baseline-random, baseline-pretrained. A run whose eval.json exists is skipped (so the
+# baseline-random, baseline-random-bn, baseline-pretrained. A run whose eval.json exists is skipped (so the
 # script resumes where it stopped), unless FORCE=1; an unfinished training run with a
 # last.pt is continued with --resume (bit-identical on CPU), one without is restarted.
 # --baseline pretrained needs torchvision's ImageNet weights: offline it fails with a note
@@ -30,7 +30,7 @@
 #
 # Variables (environment):
 #   SEEDS="0 1 2"  ABLATION_SEEDS="0"  DATASETS="omniglot tll"  OUT=results/runs
-#   TLL_DIR=../shared/data/tll-dev  E_TLL=10  THREADS=$(nproc)  FORCE=0  PYTHON=python
+#   TLL_DIR=../shared/data/tll-dev  E_TLL=5  THREADS=$(nproc)  FORCE=0  PYTHON=python
 #   TRAIN_ARGS=""  extra flags for every training run (e.g. "--device cuda"; they become
 #                  part of the saved args, so keep them to ones that do not change results)
 #   PRETRAINED_INIT=""  local ImageNet resnet18 state dict for --baseline pretrained
@@ -41,7 +41,7 @@ ABLATION_SEEDS="${ABLATION_SEEDS:-0}"
 DATASETS="${DATASETS:-omniglot tll}"
 TLL_DIR="${TLL_DIR:-../shared/data/tll-dev}"
 OUT="${OUT:-results/runs}"
-E_TLL="${E_TLL:-10}"
+E_TLL="${E_TLL:-5}"
 THREADS="${THREADS:-$(nproc)}"
 FORCE="${FORCE:-0}"
 PYTHON="${PYTHON:-python}"
@@ -128,6 +128,7 @@ if wants omniglot; then
     done
     for seed in $SEEDS; do
         baseline omniglot random "$seed"
+        baseline omniglot random-bn "$seed"
         baseline omniglot pretrained "$seed"
     done
 fi
@@ -142,6 +143,7 @@ if wants tll; then
         done
         for seed in $SEEDS; do
             baseline tll random "$seed"
+            baseline tll random-bn "$seed"
             baseline tll pretrained "$seed"
         done
     else
