@@ -29,7 +29,7 @@
 # and the script goes on (PRETRAINED_INIT=resnet18.pth passes a local state dict instead).
 #
 # Variables (environment):
-#   SEEDS="0 1 2"  ABLATION_SEEDS="0"  DATASETS="omniglot tll"  OUT=results/runs
+#   SEEDS="0 1 2"  ABLATION_SEEDS="$SEEDS"  DATASETS="omniglot tll"  OUT=results/runs
 #   TLL_DIR=../shared/data/tll-dev  E_TLL=5  THREADS=$(nproc)  FORCE=0  PYTHON=python
 #   TRAIN_ARGS=""  extra flags for every training run (e.g. "--device cuda"; they become
 #                  part of the saved args, so keep them to ones that do not change results)
@@ -37,7 +37,7 @@
 set -euo pipefail
 
 SEEDS="${SEEDS:-0 1 2}"
-ABLATION_SEEDS="${ABLATION_SEEDS:-0}"
+ABLATION_SEEDS="${ABLATION_SEEDS:-$SEEDS}"
 DATASETS="${DATASETS:-omniglot tll}"
 TLL_DIR="${TLL_DIR:-../shared/data/tll-dev}"
 OUT="${OUT:-results/runs}"
