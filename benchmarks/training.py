@@ -1,11 +1,12 @@
-"""Training benchmark: byol.py's step and pipeline against lucidrains' byol-pytorch (issue #6).
+"""Training benchmark: byol.py's step and pipeline against lucidrains' byol-pytorch and lightly (issue #6).
 
 Sections (--only picks some; all by default):
   step     one training step: augmentation + forward + backward + SGD + EMA, same backbone,
            image size, batch and optimiser for both; ours also with channels_last (CPU) and,
            with --compile, torch.compile
   epoch    a whole epoch with data loading: ours decodes once into a uint8 cache, byol-pytorch
-           reads image files through a DataLoader every epoch
+           and lightly read image files through a DataLoader every epoch (lightly's BYOLTransform
+           augments each image there)
   augment  augmentation alone: our batched per-sample augment_pair against torchvision's
            per-image transforms of the same BYOL pipeline in a DataLoader
   kernels  CUDA only: fused Triton kernels against the PyTorch reference inside a real step,
@@ -14,7 +15,7 @@ Sections (--only picks some; all by default):
 Images are counted as 2 views x batch: each step of either implementation pushes 2 x batch
 images through the online and the target network.
 
-Run (byol-pytorch comes with `pip install -e ".[bench]"`):
+Run (byol-pytorch and lightly come with `pip install -e ".[bench]"`; a missing one is left out):
     python benchmarks/training.py --device cpu --threads 2                      # CPU, resnet18, 64 px, batch 64
     python benchmarks/training.py --device cpu --threads 2 --data-dir ../shared/data/tll-dev --max-pairs 256
     python benchmarks/training.py --device cuda --arch resnet18 --image-size 224 --batch-size 256 --workers 16 \\
@@ -50,8 +51,10 @@ from kernels import backend  # noqa: E402
 
 SECTIONS = ("step", "epoch", "augment", "kernels")
 BYOL_PYTORCH_MISSING = "byol-pytorch is not installed: pip install -e '.[bench]'"
+LIGHTLY_MISSING = "lightly is not installed: pip install -e '.[bench]'"
 THEIR_AUGMENTATION = ("byol-pytorch draws one random parameter set per batch (its default SimCLR-style "
-                      "pipeline); ours draws per-sample parameters for BYOL's full pipeline")
+                      "pipeline) inside its step; lightly augments each image in its DataLoader, outside the step; "
+                      "ours draws per-sample parameters for BYOL's full pipeline inside the step")
 
 
 class UserError(Exception):
@@ -107,6 +110,10 @@ def byol_pytorch_available():
     return importlib.util.find_spec("byol_pytorch") is not None
 
 
+def lightly_available():
+    return importlib.util.find_spec("lightly") is not None
+
+
 def byol_args(cfg, arch=None):
     """byol.py's own settings for TLL-like data at this size: SGD (lr 0.4 x B/256, momentum 0.9,
     weight decay 1e-4), BYOL's augmentation, 4096/256 MLPs, tau 0.996; ImageNet stem like byol-pytorch."""
@@ -130,7 +137,7 @@ def random_images(n, size, device, seed):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
 
 
-# ----------------------------------------------------------------------------- the two training steps
+# ----------------------------------------------------------------------------- the training steps
 
 
 def our_trainer(bargs, device, channels_last=False, compile_model=False):
@@ -178,6 +185,55 @@ def their_trainer(bargs, device):
         learner.update_moving_average()
         return loss
 
+    return step
+
+
+def lightly_trainer(bargs, device):
+    """step(v1, v2): lightly's BYOL as the example in its documentation trains it, on views its
+    DataLoader has already augmented: each view goes through the online and the momentum
+    network separately, then lightly's update_momentum. Same MLPs and optimiser as ours."""
+    import copy
+
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+    class LightlyBYOL(torch.nn.Module):
+        def __init__(self, backbone, feature_dim):
+            super().__init__()
+            self.backbone = backbone
+            self.projection_head = BYOLProjectionHead(feature_dim, bargs.hidden_dim, bargs.proj_dim)
+            self.prediction_head = BYOLPredictionHead(bargs.proj_dim, bargs.hidden_dim, bargs.proj_dim)
+            self.backbone_momentum = copy.deepcopy(self.backbone)
+            self.projection_head_momentum = copy.deepcopy(self.projection_head)
+            deactivate_requires_grad(self.backbone_momentum)
+            deactivate_requires_grad(self.projection_head_momentum)
+
+        def forward(self, x):
+            return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))
+
+        def forward_momentum(self, x):
+            return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
+
+    torch.manual_seed(bargs.seed)
+    resnet = getattr(torchvision.models, bargs.arch)(weights=None)
+    model = LightlyBYOL(torch.nn.Sequential(*list(resnet.children())[:-1]), resnet.fc.in_features).to(device)
+    criterion = NegativeCosineSimilarity()
+    optimizer = byol.build_optimizer(bargs, model)
+
+    def step(v1, v2):
+        update_momentum(model.backbone, model.backbone_momentum, m=bargs.base_tau)
+        update_momentum(model.projection_head, model.projection_head_momentum, m=bargs.base_tau)
+        with autocast(device):
+            p1, z1 = model(v1), model.forward_momentum(v1)
+            p2, z2 = model(v2), model.forward_momentum(v2)
+            loss = 0.5 * (criterion(p1, z2) + criterion(p2, z1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    step.model = model  # for the tests
     return step
 
 
@@ -238,6 +294,16 @@ def step_variants(cfg, device):
             return lambda index: train(x)
 
         variants.append(("byol-pytorch", theirs, ("bf16 autocast; " if on_cuda else "fp32; ") + "one augmentation draw per batch"))
+    if lightly_available():
+        # Views augmented once, beforehand: lightly augments in its DataLoader, outside the step.
+        v1, v2 = byol.augment_pair(x1, x2, byol.step_generator(cfg.seed, 0, device, stream=1), bargs)
+
+        def lightly():
+            train = lightly_trainer(bargs, device)
+            return lambda index: train(v1, v2)
+
+        variants.append(("lightly", lightly, ("bf16 autocast; " if on_cuda else "fp32; ")
+                         + "views augmented beforehand (its DataLoader does it); each view through each network separately"))
     return variants
 
 
@@ -319,21 +385,45 @@ def time_our_epochs(cfg, device, left, right):
     return decode_s, epoch_s
 
 
-def time_their_epochs(cfg, device, left):
-    """Seconds of each epoch over the left images (byol-pytorch makes its two views from one image)."""
-    step = their_trainer(byol_args(cfg), device)
+def time_loader_epochs(cfg, device, dataset, train_batch):
+    """Seconds of each epoch of train_batch(batch) over a DataLoader of dataset, as their users run it."""
     loader = torch.utils.data.DataLoader(
-        ImageFiles(left, cfg.image_size), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-        num_workers=cfg.workers, pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     epoch_s = []
     for _ in range(cfg.epochs):
         sync(device)
         start = time.perf_counter()
-        for x in loader:
-            step(x.to(device, non_blocking=True))
+        for batch in loader:
+            train_batch(batch)
         sync(device)
         epoch_s.append(time.perf_counter() - start)
     return epoch_s
+
+
+def time_their_epochs(cfg, device, left):
+    """byol-pytorch makes its two views from one image: the left ones."""
+    step = their_trainer(byol_args(cfg), device)
+    return time_loader_epochs(cfg, device, ImageFiles(left, cfg.image_size), lambda x: step(x.to(device, non_blocking=True)))
+
+
+class LightlyImageFiles(ImageFiles):
+    """What a lightly user feeds it: every epoch, each image is read and BYOLTransform makes both views."""
+
+    def __init__(self, paths, size, crop_min_scale):
+        from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+
+        self.paths = paths
+        self.transform = BYOLTransform(BYOLView1Transform(input_size=size, min_scale=crop_min_scale),
+                                       BYOLView2Transform(input_size=size, min_scale=crop_min_scale))
+
+
+def time_lightly_epochs(cfg, device, left):
+    """lightly's BYOLTransform makes two views of one image: the left ones."""
+    bargs = byol_args(cfg)
+    step = lightly_trainer(bargs, device)
+    return time_loader_epochs(cfg, device, LightlyImageFiles(left, cfg.image_size, bargs.crop_min_scale),
+                              lambda views: step(*(v.to(device, non_blocking=True) for v in views)))
 
 
 def run_epoch_section(cfg, device):
@@ -355,6 +445,12 @@ def run_epoch_section(cfg, device):
             rows.append({"name": "byol-pytorch", "startup_s": 0.0, "epoch_s": theirs, "images_per_epoch": images,
                          "images_per_s": images / statistics.median(theirs),
                          "note": f"DataLoader ({cfg.workers} workers) reads, resizes and converts {steps * cfg.batch_size} left images every epoch"})
+        if lightly_available():
+            lightly = time_lightly_epochs(cfg, device, left)
+            rows.append({"name": "lightly", "startup_s": 0.0, "epoch_s": lightly, "images_per_epoch": images,
+                         "images_per_s": images / statistics.median(lightly),
+                         "note": f"DataLoader ({cfg.workers} workers) reads {steps * cfg.batch_size} left images and "
+                                 "augments both views of each (BYOLTransform) every epoch"})
     return rows, f"{source}, {len(left)} pairs used, {steps} steps of {cfg.batch_size} per epoch"
 
 
@@ -502,8 +598,9 @@ def run(cfg):
         torch.set_num_threads(cfg.threads)
     results = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}, "setup": describe(cfg, device)}
     print(f"# Training benchmark\n\n{results['setup']}\n")
-    if not byol_pytorch_available():
-        print(BYOL_PYTORCH_MISSING + "\n")
+    for available, missing in ((byol_pytorch_available, BYOL_PYTORCH_MISSING), (lightly_available, LIGHTLY_MISSING)):
+        if not available():
+            print(missing + "\n")
     if "step" in cfg.only:
         rows = run_step_section(cfg, device)
         results["step"] = rows

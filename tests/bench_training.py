@@ -2,8 +2,9 @@
 
 benchmarks/training.py's sections on resnet18, 32 px, batch 32, 1 thread (CPU):
 
-* step: one training step of ours (as byol.py runs it; plus channels_last on CPU) and of
-  byol-pytorch, timed by pytest-benchmark, same backbone, images and optimiser;
+* step: one training step of ours (as byol.py runs it; plus channels_last on CPU), of
+  byol-pytorch and of lightly (when installed), timed by pytest-benchmark, same backbone,
+  images and optimiser;
 * epoch: a whole epoch over 64 synthetic JPEG pairs with data loading;
 * augment: our batched augment_pair against torchvision's per-image transforms;
 * kernels: fused Triton vs reference inside a step (CUDA only).
@@ -61,7 +62,7 @@ def test_training_step(benchmark, bench_table, name):
 
 def test_epoch_with_data_loading(bench_table):
     rows, source = training.run_epoch_section(CFG, DEVICE)
-    assert [r["name"] for r in rows] == ["ours", "byol-pytorch"]
+    assert [r["name"] for r in rows] == ["ours", "byol-pytorch"] + (["lightly"] if training.lightly_available() else [])
     bench_table(f"epoch with data loading ({source})", training.epoch_table(rows))
 
 

@@ -39,14 +39,16 @@ def test_data_dir_without_tll_layout_is_one_line(tmp_path, capsys):
 
 
 def test_tiny_run_of_ours(tmp_path, monkeypatch, capsys):
-    # Without byol-pytorch: only our rows, and the one-line hint instead of a failure.
+    # Without byol-pytorch and lightly: only our rows, and the one-line hints instead of a failure.
     monkeypatch.setattr(training, "byol_pytorch_available", lambda: False)
+    monkeypatch.setattr(training, "lightly_available", lambda: False)
     out = tmp_path / "result.json"
     rc = training.main(["--device", "cpu", "--image-size", "16", "--batch-size", "4", "--repeats", "2", "--warmup", "1",
                         "--threads", "1", "--workers", "0", "--only", "step", "augment", "--json", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
-    assert training.BYOL_PYTORCH_MISSING in printed and "| ours channels_last |" in printed
+    assert training.BYOL_PYTORCH_MISSING in printed and training.LIGHTLY_MISSING in printed
+    assert "| ours channels_last |" in printed
     result = json.loads(out.read_text())
     assert [r["name"] for r in result["step"]] == ["ours", "ours channels_last"]
     assert [r["name"] for r in result["augment"]] == ["ours augment_pair (cpu)", "torchvision per-image (CPU)"]
@@ -66,3 +68,21 @@ def test_our_step_has_byol_settings_and_a_finite_loss():
     step = training.our_trainer(bargs, torch.device("cpu"))
     loss = step(x1, x2, 0)
     assert math.isfinite(loss.item()) and 0 <= loss.item() <= 8  # two terms of 2 - 2cos
+
+
+@pytest.mark.skipif(not training.lightly_available(), reason=training.LIGHTLY_MISSING)
+def test_lightly_step_trains_with_our_settings():
+    cfg = training.parse_args(["--image-size", "16", "--batch-size", "4", "--only", "step"])
+    bargs = training.byol_args(cfg)
+    x1, x2 = (training.random_images(4, 16, torch.device("cpu"), seed) for seed in (0, 1))
+    v1, v2 = training.byol.augment_pair(x1, x2, training.byol.step_generator(0, 0, torch.device("cpu"), stream=1), bargs)
+    step = training.lightly_trainer(bargs, torch.device("cpu"))
+    model = step.model
+    assert model.projection_head.layers[0].out_features == bargs.hidden_dim  # the same MLPs as ours
+    before = [p.detach().clone() for p in model.backbone.parameters()]
+    momentum_before = [p.detach().clone() for p in model.backbone_momentum.parameters()]
+    losses = [step(v1, v2).item() for _ in range(2)]
+    assert all(math.isfinite(x) and -1 <= x <= 1 for x in losses), losses  # lightly's loss is -cos
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.backbone.parameters()))  # SGD stepped
+    # The second step's update_momentum moved the momentum network towards the stepped online one.
+    assert any(not torch.equal(a, b) for a, b in zip(momentum_before, model.backbone_momentum.parameters()))
