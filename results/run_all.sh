@@ -13,6 +13,7 @@
 #     byol.py, simsiam.py, bn_only.py                       for each seed in SEEDS
 #     bn_only.py ablations: --no-bn; --predictor; --stop-grad;
 #                           --bn-placement all               for each seed in ABLATION_SEEDS
+#     simsiam.py --lr 0.05 (4x its default at batch 64)       for each seed in ABLATION_SEEDS
 #     eval.py --baseline random / random-bn / pretrained, on the split of byol's run of each seed
 #   tll (TLL_DIR, with left/ and right/ or left.zip and right.zip; skipped when missing):
 #     byol.py, simsiam.py, bn_only.py with --data tll --data-dir TLL_DIR --image-size 32
@@ -20,7 +21,7 @@
 #     eval.py --baseline random / random-bn / pretrained, as for omniglot
 #   then: python results/summarize.py OUT > results/tables.md  (and results/<data>_curves.png)
 #
-# Run directories: OUT/<data>/<row>-s<seed>, rows byol, simsiam, bn_only, bn_only-no-bn,
+# Run directories: OUT/<data>/<row>-s<seed>, rows byol, simsiam, simsiam-lr0.05, bn_only, bn_only-no-bn,
 # bn_only-predictor, bn_only-stop-grad, bn_only-bn-all,
 # baseline-random, baseline-random-bn, baseline-pretrained. A run whose eval.json exists is skipped (so the
 # script resumes where it stopped), unless FORCE=1; an unfinished training run with a
@@ -125,6 +126,7 @@ if wants omniglot; then
         train omniglot bn_only-predictor "$seed" bn_only --predictor
         train omniglot bn_only-stop-grad "$seed" bn_only --stop-grad
         train omniglot bn_only-bn-all "$seed" bn_only --bn-placement all
+        train omniglot simsiam-lr0.05 "$seed" simsiam --lr 0.05
     done
     for seed in $SEEDS; do
         baseline omniglot random "$seed"
