@@ -14,6 +14,7 @@
 #     bn_only.py ablations: --no-bn; --predictor; --stop-grad;
 #                           --bn-placement all               for each seed in ABLATION_SEEDS
 #     simsiam.py --lr 0.05 (4x its default at batch 64)       for each seed in ABLATION_SEEDS
+#     byol.py, bn_only.py --epochs E_LONG (4x the default)    for each seed in LONG_SEEDS
 #     eval.py --baseline random / random-bn / pretrained, on the split of byol's run of each seed
 #   tll (TLL_DIR, with left/ and right/ or left.zip and right.zip; skipped when missing):
 #     byol.py, simsiam.py, bn_only.py with --data tll --data-dir TLL_DIR --image-size 32
@@ -22,6 +23,7 @@
 #   then: python results/summarize.py OUT > results/tables.md  (and results/<data>_curves.png)
 #
 # Run directories: OUT/<data>/<row>-s<seed>, rows byol, simsiam, simsiam-lr0.05, bn_only, bn_only-no-bn,
+# byol-e<E_LONG>, bn_only-e<E_LONG>,
 # bn_only-predictor, bn_only-stop-grad, bn_only-bn-all,
 # baseline-random, baseline-random-bn, baseline-pretrained. A run whose eval.json exists is skipped (so the
 # script resumes where it stopped), unless FORCE=1; an unfinished training run with a
@@ -31,6 +33,7 @@
 #
 # Variables (environment):
 #   SEEDS="0 1 2"  ABLATION_SEEDS="$SEEDS"  DATASETS="omniglot tll"  OUT=results/runs
+#   LONG_SEEDS="0"  E_LONG=16
 #   TLL_DIR=../shared/data/tll-dev  E_TLL=5  THREADS=$(nproc)  FORCE=0  PYTHON=python
 #   TRAIN_ARGS=""  extra flags for every training run (e.g. "--device cuda"; they become
 #                  part of the saved args, so keep them to ones that do not change results)
@@ -43,6 +46,8 @@ DATASETS="${DATASETS:-omniglot tll}"
 TLL_DIR="${TLL_DIR:-../shared/data/tll-dev}"
 OUT="${OUT:-results/runs}"
 E_TLL="${E_TLL:-5}"
+LONG_SEEDS="${LONG_SEEDS:-0}"
+E_LONG="${E_LONG:-16}"
 THREADS="${THREADS:-$(nproc)}"
 FORCE="${FORCE:-0}"
 PYTHON="${PYTHON:-python}"
@@ -113,7 +118,7 @@ baseline() {
 
 wants() { [[ " $DATASETS " == *" $1 "* ]]; }
 
-log "OUT=$OUT SEEDS='$SEEDS' ABLATION_SEEDS='$ABLATION_SEEDS' DATASETS='$DATASETS' THREADS=$THREADS FORCE=$FORCE"
+log "OUT=$OUT SEEDS='$SEEDS' ABLATION_SEEDS='$ABLATION_SEEDS' LONG_SEEDS='$LONG_SEEDS' E_LONG=$E_LONG DATASETS='$DATASETS' THREADS=$THREADS FORCE=$FORCE"
 
 if wants omniglot; then
     for seed in $SEEDS; do
@@ -127,6 +132,11 @@ if wants omniglot; then
         train omniglot bn_only-stop-grad "$seed" bn_only --stop-grad
         train omniglot bn_only-bn-all "$seed" bn_only --bn-placement all
         train omniglot simsiam-lr0.05 "$seed" simsiam --lr 0.05
+    done
+    # Does bn_only's collapsed output reach its encoder's features with longer training?
+    for seed in $LONG_SEEDS; do
+        train omniglot "byol-e$E_LONG" "$seed" byol --epochs "$E_LONG"
+        train omniglot "bn_only-e$E_LONG" "$seed" bn_only --epochs "$E_LONG"
     done
     for seed in $SEEDS; do
         baseline omniglot random "$seed"
