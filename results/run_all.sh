@@ -33,7 +33,7 @@
 #
 # Variables (environment):
 #   SEEDS="0 1 2"  ABLATION_SEEDS="$SEEDS"  DATASETS="omniglot tll"  OUT=results/runs
-#   LONG_SEEDS="0"  E_LONG=16
+#   LONG_SEEDS="0 1"  E_LONG=16
 #   TLL_DIR=../shared/data/tll-dev  E_TLL=5  THREADS=$(nproc)  FORCE=0  PYTHON=python
 #   TRAIN_ARGS=""  extra flags for every training run (e.g. "--device cuda"; they become
 #                  part of the saved args, so keep them to ones that do not change results)
@@ -46,7 +46,7 @@ DATASETS="${DATASETS:-omniglot tll}"
 TLL_DIR="${TLL_DIR:-../shared/data/tll-dev}"
 OUT="${OUT:-results/runs}"
 E_TLL="${E_TLL:-5}"
-LONG_SEEDS="${LONG_SEEDS:-0}"
+LONG_SEEDS="${LONG_SEEDS:-0 1}"
 E_LONG="${E_LONG:-16}"
 THREADS="${THREADS:-$(nproc)}"
 FORCE="${FORCE:-0}"
