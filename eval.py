@@ -180,7 +180,7 @@ def run_args(opts, mod, ckpt):
         raise UserError("--init gives the weights of --baseline pretrained; drop it, or add --baseline pretrained")
     if saved and opts.baseline:
         # random: the run's own untrained network; pretrained: keep the ImageNet first conv
-        args.stem = opts.stem or (saved["stem"] if opts.baseline.startswith("random") else "imagenet")
+        args.stem = opts.stem or (saved["stem"] if opts.baseline in ("random", "random-bn") else "imagenet")
     elif not saved:
         args.arch = opts.arch or "resnet18"
         args.stem = opts.stem or ("imagenet" if opts.baseline == "pretrained" else None)

@@ -326,11 +326,11 @@ def run_step_section(cfg, device):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """What a byol-pytorch user feeds it: every epoch, each image is read from disk, resized and made a tensor."""
+    """What a byol-pytorch or lightly user feeds it: every epoch, each image is read from disk and transformed."""
 
-    def __init__(self, paths, size):
+    def __init__(self, paths, transform):
         self.paths = paths
-        self.transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
+        self.transform = transform
 
     def __len__(self):
         return len(self.paths)
@@ -404,26 +404,20 @@ def time_loader_epochs(cfg, device, dataset, train_batch):
 def time_their_epochs(cfg, device, left):
     """byol-pytorch makes its two views from one image: the left ones."""
     step = their_trainer(byol_args(cfg), device)
-    return time_loader_epochs(cfg, device, ImageFiles(left, cfg.image_size), lambda x: step(x.to(device, non_blocking=True)))
-
-
-class LightlyImageFiles(ImageFiles):
-    """What a lightly user feeds it: every epoch, each image is read and BYOLTransform makes both views."""
-
-    def __init__(self, paths, size, crop_min_scale):
-        from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
-
-        self.paths = paths
-        self.transform = BYOLTransform(BYOLView1Transform(input_size=size, min_scale=crop_min_scale),
-                                       BYOLView2Transform(input_size=size, min_scale=crop_min_scale))
+    resize = T.Compose([T.Resize(cfg.image_size), T.CenterCrop(cfg.image_size), T.ToTensor()])
+    return time_loader_epochs(cfg, device, ImageFiles(left, resize), lambda x: step(x.to(device, non_blocking=True)))
 
 
 def time_lightly_epochs(cfg, device, left):
-    """lightly's BYOLTransform makes two views of one image: the left ones."""
+    """lightly's BYOLTransform makes both views of one image (the left ones) in the DataLoader."""
+    from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+
     bargs = byol_args(cfg)
     step = lightly_trainer(bargs, device)
-    return time_loader_epochs(cfg, device, LightlyImageFiles(left, cfg.image_size, bargs.crop_min_scale),
-                              lambda views: step(*(v.to(device, non_blocking=True) for v in views)))
+    views = BYOLTransform(BYOLView1Transform(input_size=cfg.image_size, min_scale=bargs.crop_min_scale),
+                          BYOLView2Transform(input_size=cfg.image_size, min_scale=bargs.crop_min_scale))
+    return time_loader_epochs(cfg, device, ImageFiles(left, views),
+                              lambda batch: step(*(v.to(device, non_blocking=True) for v in batch)))
 
 
 def run_epoch_section(cfg, device):
@@ -437,20 +431,21 @@ def run_epoch_section(cfg, device):
         steps = len(left) // cfg.batch_size
         images = 2 * cfg.batch_size * steps
         decode_s, ours = time_our_epochs(cfg, device, left, right)
-        rows = [{"name": "ours", "startup_s": decode_s, "epoch_s": ours, "images_per_epoch": images,
-                 "images_per_s": images / statistics.median(ours),
-                 "note": f"decodes {2 * len(left)} images once ({max(1, cfg.workers)} threads), then make_pair_batch + augment_pair"}]
+
+        def row(name, startup_s, epoch_s, note):
+            return {"name": name, "startup_s": startup_s, "epoch_s": epoch_s, "images_per_epoch": images,
+                    "images_per_s": images / statistics.median(epoch_s), "note": note}
+
+        rows = [row("ours", decode_s, ours,
+                    f"decodes {2 * len(left)} images once ({max(1, cfg.workers)} threads), then make_pair_batch + augment_pair")]
         if byol_pytorch_available():
-            theirs = time_their_epochs(cfg, device, left)
-            rows.append({"name": "byol-pytorch", "startup_s": 0.0, "epoch_s": theirs, "images_per_epoch": images,
-                         "images_per_s": images / statistics.median(theirs),
-                         "note": f"DataLoader ({cfg.workers} workers) reads, resizes and converts {steps * cfg.batch_size} left images every epoch"})
+            rows.append(row("byol-pytorch", 0.0, time_their_epochs(cfg, device, left),
+                            f"DataLoader ({cfg.workers} workers) reads, resizes and converts {steps * cfg.batch_size} "
+                            "left images every epoch"))
         if lightly_available():
-            lightly = time_lightly_epochs(cfg, device, left)
-            rows.append({"name": "lightly", "startup_s": 0.0, "epoch_s": lightly, "images_per_epoch": images,
-                         "images_per_s": images / statistics.median(lightly),
-                         "note": f"DataLoader ({cfg.workers} workers) reads {steps * cfg.batch_size} left images and "
-                                 "augments both views of each (BYOLTransform) every epoch"})
+            rows.append(row("lightly", 0.0, time_lightly_epochs(cfg, device, left),
+                            f"DataLoader ({cfg.workers} workers) reads {steps * cfg.batch_size} left images and "
+                            "augments both views of each (BYOLTransform) every epoch"))
     return rows, f"{source}, {len(left)} pairs used, {steps} steps of {cfg.batch_size} per epoch"
 
 

@@ -57,14 +57,11 @@ RUN_ONLY = {"device", "workers", "no_progress", "log_every", "resume", "stop_aft
 # ----------------------------------------------------------------------------- reading
 
 
-def read_jsonl(path):
-    """Per-epoch records; a repeated epoch (a run resumed after its log was written) keeps the last."""
-    by_epoch = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_epoch[record["epoch"]] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
+def read_log(run_dir):
+    """Per-epoch records as eval.py --plot reads them (a repeated epoch keeps the rerun); [] without a log."""
+    if not (run_dir / "log.jsonl").is_file():
+        return []
+    return script_module("eval").read_log(run_dir)[1]
 
 
 def read_checkpoint(path):
@@ -113,7 +110,7 @@ def discover(out_dir):
             run = {"dir": run_dir, "data": data_dir.name, "row": match["row"], "seed": int(match["seed"])}
             run["eval"] = json.loads((run_dir / "eval.json").read_text())
             run["metrics"] = flat_metrics(run["eval"])
-            run["log"] = read_jsonl(run_dir / "log.jsonl") if (run_dir / "log.jsonl").is_file() else []
+            run["log"] = read_log(run_dir)
             if run["log"] and "collapse_std" in run["log"][-1]:
                 # The training script's own end-of-run collapse check, on up to 1024 training images:
                 # eval.py's is on the held-out images, only 54 of them on Omniglot (rank <= 54).
@@ -351,7 +348,11 @@ def main(argv=None):
     if not opts.out.is_dir():
         print(f"summarize.py: error: {opts.out} is not a directory", file=sys.stderr)
         return 2
-    tree = discover(opts.out)
+    try:
+        tree = discover(opts.out)
+    except script_module("eval").UserError as e:  # a damaged log.jsonl
+        print(f"summarize.py: error: {e}", file=sys.stderr)
+        return 2
     if not tree:
         print(f"summarize.py: error: no finished runs (OUT/<data>/<row>-s<seed>/eval.json) under {opts.out}", file=sys.stderr)
         return 2
