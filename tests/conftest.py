@@ -8,12 +8,15 @@
   is defined here because pytest-benchmark alone rejects it as an ambiguous prefix of
   its ``--benchmark-*`` options. Under ``--benchmark`` the interpreter is NOT forced:
   on a CUDA machine the benchmarks must time the compiled kernels.
+* ``KERNELS_TEST_DEVICE=cuda`` runs the kernel tests on a GPU against the compiled
+  kernels, so the interpreter is not forced then either (see tests/triton_backends.py).
 """
 
 import os
 import sys
 
-if "--benchmark" not in sys.argv[1:]:
+KERNELS_TEST_DEVICES = ("cpu", "cuda")
+if "--benchmark" not in sys.argv[1:] and os.environ.get("KERNELS_TEST_DEVICE", "cpu") != "cuda":
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -32,9 +35,18 @@ def pytest_addoption(parser):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    device = os.environ.get("KERNELS_TEST_DEVICE", "cpu")
+    if device not in KERNELS_TEST_DEVICES:
+        raise pytest.UsageError(f"KERNELS_TEST_DEVICE={device}: use cpu (Triton's interpreter, the default) or cuda (the compiled kernels)")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("KERNELS_TEST_DEVICE=cuda, but torch sees no CUDA device: unset it to test in Triton's interpreter")
     if not config.getoption("--benchmark"):
-        # also covers pytest.main([...]) where sys.argv says nothing
-        os.environ["TRITON_INTERPRET"] = "1"
+        if device != "cuda":
+            # also covers pytest.main([...]) where sys.argv says nothing
+            os.environ["TRITON_INTERPRET"] = "1"
     elif getattr(config.option, "benchmark_columns", None) is not None:
         # compact pytest-benchmark table (GB/s follow in our own summary below)
         default = ["min", "max", "mean", "stddev", "median", "iqr", "outliers", "ops", "rounds", "iterations"]

@@ -1,5 +1,6 @@
-"""Property tests: the Triton cosine loss (run by Triton's interpreter on CPU tensors)
-against the PyTorch reference evaluated in fp64 on the same, upcast inputs."""
+"""Property tests: the Triton cosine loss (run by Triton's interpreter on CPU tensors, or
+compiled on a GPU with KERNELS_TEST_DEVICE=cuda) against the PyTorch reference evaluated
+in fp64 on the same, upcast inputs."""
 
 import importlib
 import os
@@ -13,7 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from triton_backends import nvidia_backend_available
+from triton_backends import DEVICE, nvidia_backend_available
 
 import kernels
 from kernels import backend
@@ -55,7 +56,7 @@ def make(shape, dtype, seed, scale=1.0, zero_rows=0.0):
     x = torch.randn(shape, generator=g, dtype=torch.float64) * scale
     if zero_rows:
         x[torch.rand(shape[0], generator=g) < zero_rows] = 0.0
-    return x.to(dtype)
+    return x.to(DEVICE, dtype)
 
 
 def grad_scale(x, y, g):
@@ -102,7 +103,7 @@ def run_single(fn, p, z, need_p, need_z, g):
     z = z.detach().clone().requires_grad_(need_z)
     loss = fn(p, z)
     if need_p or need_z:
-        loss.backward(torch.tensor(g, dtype=loss.dtype))
+        loss.backward(torch.tensor(g, dtype=loss.dtype, device=loss.device))
     return loss.detach(), p.grad, z.grad
 
 
@@ -196,7 +197,7 @@ def run_symmetric(fn, xs, req, alias, g, cast=lambda x: x):
         z1, z2 = p1, p2
     loss = fn(p1, p2, z1, z2)
     if loss.requires_grad:
-        loss.backward(torch.tensor(g, dtype=loss.dtype))
+        loss.backward(torch.tensor(g, dtype=loss.dtype, device=loss.device))
     return loss.detach(), leaves
 
 
@@ -264,8 +265,8 @@ def test_rows_at_the_eps_clamp(dtype):
     D = 40
     p = make((8, D), torch.float64, 13)
     z = make((8, D), torch.float64, 14)
-    p = p / p.norm(dim=1, keepdim=True) * torch.tensor([0.3, 0.5, 0.9, 0.99, 1.01, 2.0, 1.1, 0.5])[:, None] * EPS
-    z[6:] = z[6:] / z[6:].norm(dim=1, keepdim=True) * torch.tensor([0.5, 0.7])[:, None] * EPS
+    p = p / p.norm(dim=1, keepdim=True) * torch.tensor([0.3, 0.5, 0.9, 0.99, 1.01, 2.0, 1.1, 0.5], device=DEVICE)[:, None] * EPS
+    z[6:] = z[6:] / z[6:].norm(dim=1, keepdim=True) * torch.tensor([0.5, 0.7], device=DEVICE)[:, None] * EPS
     z[0] = p[0] * 3e12  # parallel, z unclamped: cos = 0.3, far from 0
     p, z = p.to(dtype), z.to(dtype)
     check_single(p, z)
@@ -360,10 +361,13 @@ def test_force_reference_env_var(monkeypatch):
 
 
 def test_public_functions_dispatch(monkeypatch):
-    p = make((4, 16), torch.float32, 11).requires_grad_()
-    z = make((4, 16), torch.float32, 12)
+    p = make((4, 16), torch.float32, 11).cpu().requires_grad_()
+    z = make((4, 16), torch.float32, 12).cpu()
     assert "Mean" in type(cosine_loss(p, z).grad_fn).__name__  # CPU: reference
-    monkeypatch.setattr(backend, "use_triton", lambda *t: True)  # pretend CUDA
+    if DEVICE.type == "cuda":
+        p, z = p.detach().to(DEVICE).requires_grad_(), z.to(DEVICE)
+    else:
+        monkeypatch.setattr(backend, "use_triton", lambda *t: True)  # pretend CUDA; the interpreter runs the kernel
     assert type(cosine_loss(p, z).grad_fn).__name__.startswith("_CosineLossFn")
     assert type(symmetric_cosine_loss(p, p, z, z).grad_fn).__name__.startswith("_SymmetricCosineLossFn")
 

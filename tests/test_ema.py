@@ -1,5 +1,5 @@
-"""Property tests: the fused Triton EMA (run by Triton's interpreter on CPU tensors)
-against the exact update computed in fp64."""
+"""Property tests: the fused Triton EMA (run by Triton's interpreter on CPU tensors, or
+compiled on a GPU with KERNELS_TEST_DEVICE=cuda) against the exact update computed in fp64."""
 
 import importlib
 import os
@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from triton_backends import nvidia_backend_available
+from triton_backends import DEVICE, nvidia_backend_available
 
 from kernels import backend
 from kernels.ema import BLOCK, ema_update_, ema_update_reference_, ema_update_triton_
@@ -68,8 +68,8 @@ def guarded_views(specs, seed):
         off = sizes.get(dtype, 0) + gap
         layout.append((off, n))
         sizes[dtype] = off + n
-    bufs = {side: {dt: torch.full((n + 9,), SENTINEL[side], dtype=dt) for dt, n in sizes.items()} for side in "to"}
-    guards = {dt: torch.ones(n + 9, dtype=torch.bool) for dt, n in sizes.items()}
+    bufs = {side: {dt: torch.full((n + 9,), SENTINEL[side], dtype=dt, device=DEVICE) for dt, n in sizes.items()} for side in "to"}
+    guards = {dt: torch.ones(n + 9, dtype=torch.bool, device=DEVICE) for dt, n in sizes.items()}
     target, online = [], []
     for (shape, dtype), (off, n) in zip(specs, layout):
         guards[dtype][off:off + n] = False
@@ -140,8 +140,8 @@ def test_one_launch_per_dtype_group(monkeypatch):
     counter = LaunchCounter(ema_mod._ema_kernel)
     monkeypatch.setattr(ema_mod, "_ema_kernel", counter)
     shapes = [(64, 3, 3, 3), (64,), (64,), (10, 64), (10,), (1,), (5000,)] * 3
-    target = [torch.randn(s) for s in shapes]
-    online = [torch.randn(s) for s in shapes]
+    target = [torch.randn(s, device=DEVICE) for s in shapes]
+    online = [torch.randn(s, device=DEVICE) for s in shapes]
     ema_update_triton_(target, online, 0.9)
     assert len(counter.grids) == 1
     n = sum((t.numel() + BLOCK - 1) // BLOCK for t in target)
@@ -153,8 +153,8 @@ def test_one_launch_per_dtype_group(monkeypatch):
 
 
 def test_plan_is_cached_and_reused():
-    target = [torch.randn(7, 3), torch.randn(4099)]
-    online = [torch.randn(7, 3), torch.randn(4099)]
+    target = [torch.randn(7, 3, device=DEVICE), torch.randn(4099, device=DEVICE)]
+    online = [torch.randn(7, 3, device=DEVICE), torch.randn(4099, device=DEVICE)]
     ema_update_triton_(target, online, 0.5)
     key = ema_mod._plan_key(target, online)
     plan = ema_mod._PLANS[key]
@@ -167,14 +167,14 @@ def test_plan_is_cached_and_reused():
             assert_close_ulps(t, x, o, tau, KERNEL_ULPS[t.dtype], "cached plan")
     # other tensors: another plan; the cache stays bounded
     for _ in range(ema_mod._PLAN_CACHE_SIZE + 3):
-        ema_update_triton_([torch.randn(5)], [torch.randn(5)], 0.5)
+        ema_update_triton_([torch.randn(5, device=DEVICE)], [torch.randn(5, device=DEVICE)], 0.5)
     assert len(ema_mod._PLANS) <= ema_mod._PLAN_CACHE_SIZE
 
 
 def test_non_dense_and_fp64_fall_back_inside_one_call():
-    base_t, base_o = torch.randn(6, 10), torch.randn(6, 10)
-    target = [base_t[:, ::2], torch.randn(9, dtype=torch.float64), torch.randn(33)]
-    online = [base_o[:, ::2], torch.randn(9, dtype=torch.float64), torch.randn(33)]
+    base_t, base_o = torch.randn(6, 10, device=DEVICE), torch.randn(6, 10, device=DEVICE)
+    target = [base_t[:, ::2], torch.randn(9, dtype=torch.float64, device=DEVICE), torch.randn(33, device=DEVICE)]
+    online = [base_o[:, ::2], torch.randn(9, dtype=torch.float64, device=DEVICE), torch.randn(33, device=DEVICE)]
     before = base_t.clone()
     old = [t.clone() for t in target]
     ema_update_triton_(target, online, 0.75)
@@ -185,8 +185,8 @@ def test_non_dense_and_fp64_fall_back_inside_one_call():
 
 def test_parameters_with_requires_grad():
     torch.manual_seed(0)
-    online = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(6, 5))
-    target = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(6, 5))
+    online = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(6, 5)).to(DEVICE)
+    target = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(6, 5)).to(DEVICE)
     ref = [p.detach().clone() for p in target.parameters()]
     ema_update_triton_(list(target.parameters()), list(online.parameters()), 0.99)
     ema_update_reference_(ref, [p.detach() for p in online.parameters()], 0.99)
@@ -230,7 +230,10 @@ def test_public_function_dispatch(monkeypatch):
     target, online = [torch.randn(10)], [torch.randn(10)]
     ema_update_(target, online, 0.5)  # CPU: reference
     assert counter.grids == []
-    monkeypatch.setattr(backend, "use_triton", lambda *t: True)  # pretend CUDA
+    if DEVICE.type == "cuda":
+        target, online = [t.to(DEVICE) for t in target], [o.to(DEVICE) for o in online]
+    else:
+        monkeypatch.setattr(backend, "use_triton", lambda *t: True)  # pretend CUDA; the interpreter runs the kernel
     ema_update_(target, online, 0.5)
     assert len(counter.grids) == 1
 
