@@ -6,7 +6,10 @@ Sections (--only picks some; all by default):
            with --compile, torch.compile
   epoch    a whole epoch with data loading: ours decodes once into a uint8 cache, byol-pytorch
            and lightly read image files through a DataLoader every epoch (lightly's BYOLTransform
-           augments each image there)
+           augments each image there). The pipelines take turns epoch by epoch; then one more epoch
+           of each runs under torch.profiler for its busy share: on CUDA the share of the wall time
+           in which the GPU runs kernels or copies (a gap is launch overhead, a host sync or a
+           data-loader stall), on the CPU the share spent inside torch ops
   augment  augmentation alone: our batched per-sample augment_pair against torchvision's
            per-image transforms of the same BYOL pipeline in a DataLoader
   kernels  CUDA only: fused Triton kernels against the PyTorch reference inside a real step,
@@ -41,8 +44,12 @@ import torch
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 
 REPO = Path(__file__).resolve().parents[1]
+# Kineto, behind torch.profiler, logs an error line when it finds no GPU; only the measurement matters here.
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 # This repository's byol.py and kernels/ (not the unrelated PyPI package `kernels`).
 sys.path.insert(0, str(REPO))
 
@@ -359,56 +366,49 @@ def tll_files(root, max_pairs):
     return [left[n][0] for n in names], [right[n][0] for n in names]
 
 
-def time_our_epochs(cfg, device, left, right):
-    """(seconds to decode the cache once, seconds of each epoch)."""
+def our_epochs(cfg, device, left, right):
+    """(seconds to decode the cache once, run_epoch(epoch)): byol.py's own epoch loop."""
     bargs = byol_args(cfg)
     start = time.perf_counter()
     images = byol.decode_all([byol.file_source(p) for p in left + right], cfg.image_size, cfg.workers)
     n = len(left)
     data = byol.pairs_data(images, left + right, list(range(n)), list(range(n, 2 * n)), 0.0, cfg.seed, "natural")
-    if device.type == "cuda":
-        data.images = data.images.pin_memory()
+    byol.cache_on_device(data, device)
     decode_s = time.perf_counter() - start
     step = our_trainer(bargs, device, channels_last=device.type == "cuda")
     steps = n // cfg.batch_size
-    epoch_s = []
-    for epoch in range(cfg.epochs):
+
+    def run_epoch(epoch):
         order = byol.epoch_order(len(data.anchors), cfg.seed, epoch)
-        sync(device)
-        start = time.perf_counter()
         for i in range(steps):
             index = epoch * steps + i
             x1, x2 = byol.make_pair_batch(data, order, i, cfg.batch_size, 0, 1, cfg.seed, index, device)
             step(x1, x2, index)
-        sync(device)
-        epoch_s.append(time.perf_counter() - start)
-    return decode_s, epoch_s
+
+    return decode_s, run_epoch
 
 
-def time_loader_epochs(cfg, device, dataset, train_batch):
-    """Seconds of each epoch of train_batch(batch) over a DataLoader of dataset, as their users run it."""
+def loader_epochs(cfg, device, dataset, train_batch):
+    """run_epoch(epoch): train_batch(batch) over a DataLoader of dataset, as their users run it."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.workers,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
-    epoch_s = []
-    for _ in range(cfg.epochs):
-        sync(device)
-        start = time.perf_counter()
+
+    def run_epoch(epoch):
         for batch in loader:
             train_batch(batch)
-        sync(device)
-        epoch_s.append(time.perf_counter() - start)
-    return epoch_s
+
+    return run_epoch
 
 
-def time_their_epochs(cfg, device, left):
+def their_epochs(cfg, device, left):
     """byol-pytorch makes its two views from one image: the left ones."""
     step = their_trainer(byol_args(cfg), device)
     resize = T.Compose([T.Resize(cfg.image_size), T.CenterCrop(cfg.image_size), T.ToTensor()])
-    return time_loader_epochs(cfg, device, ImageFiles(left, resize), lambda x: step(x.to(device, non_blocking=True)))
+    return loader_epochs(cfg, device, ImageFiles(left, resize), lambda x: step(x.to(device, non_blocking=True)))
 
 
-def time_lightly_epochs(cfg, device, left):
+def lightly_epochs(cfg, device, left):
     """lightly's BYOLTransform makes both views of one image (the left ones) in the DataLoader."""
     from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 
@@ -416,11 +416,36 @@ def time_lightly_epochs(cfg, device, left):
     step = lightly_trainer(bargs, device)
     views = BYOLTransform(BYOLView1Transform(input_size=cfg.image_size, min_scale=bargs.crop_min_scale),
                           BYOLView2Transform(input_size=cfg.image_size, min_scale=bargs.crop_min_scale))
-    return time_loader_epochs(cfg, device, ImageFiles(left, views),
-                              lambda batch: step(*(v.to(device, non_blocking=True) for v in batch)))
+    return loader_epochs(cfg, device, ImageFiles(left, views),
+                         lambda batch: step(*(v.to(device, non_blocking=True) for v in batch)))
+
+
+def busy_share(intervals, wall_us):
+    """Share of wall_us covered by the union of the (start, end) intervals, all in microseconds."""
+    covered, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered / wall_us
+
+
+def profiled_busy_share(fn, device):
+    """Share of fn()'s wall time during which the device works, from torch.profiler: on CUDA the union of the
+    GPU's kernels, copies and memsets (idle gaps are launch overhead, host syncs or data-loader stalls); on
+    the CPU the union of the torch ops of this process (gaps are Python and waiting)."""
+    activity, device_type = ((ProfilerActivity.CUDA, DeviceType.CUDA) if device.type == "cuda"
+                             else (ProfilerActivity.CPU, DeviceType.CPU))
+    with torch.profiler.profile(activities=[activity]) as prof:
+        wall_s = timed_call(fn, device)
+    intervals = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == device_type and not e.is_user_annotation]  # the DataLoader's wait is one
+    return busy_share(intervals, 1e6 * wall_s)
 
 
 def run_epoch_section(cfg, device):
+    """Each pipeline's epochs, taking turns epoch by epoch as the steps do; then one more epoch of each
+    under the profiler for its device-busy share."""
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.data_dir is None:
             pairs = cfg.max_pairs or 8 * cfg.batch_size
@@ -429,23 +454,23 @@ def run_epoch_section(cfg, device):
             root, source = cfg.data_dir, str(cfg.data_dir)
         left, right = tll_files(root, cfg.max_pairs)
         steps = len(left) // cfg.batch_size
-        images = 2 * cfg.batch_size * steps
-        decode_s, ours = time_our_epochs(cfg, device, left, right)
-
-        def row(name, startup_s, epoch_s, note):
-            return {"name": name, "startup_s": startup_s, "epoch_s": epoch_s, "images_per_epoch": images,
-                    "images_per_s": images / statistics.median(epoch_s), "note": note}
-
-        rows = [row("ours", decode_s, ours,
-                    f"decodes {2 * len(left)} images once ({max(1, cfg.workers)} threads), then make_pair_batch + augment_pair")]
+        decode_s, ours = our_epochs(cfg, device, left, right)
+        pipelines = [("ours", decode_s, ours,
+                      f"decodes {2 * len(left)} images once ({max(1, cfg.workers)} threads), then make_pair_batch + augment_pair")]
         if byol_pytorch_available():
-            rows.append(row("byol-pytorch", 0.0, time_their_epochs(cfg, device, left),
-                            f"DataLoader ({cfg.workers} workers) reads, resizes and converts {steps * cfg.batch_size} "
-                            "left images every epoch"))
+            pipelines.append(("byol-pytorch", 0.0, their_epochs(cfg, device, left),
+                              f"DataLoader ({cfg.workers} workers) reads, resizes and converts {steps * cfg.batch_size} "
+                              "left images every epoch"))
         if lightly_available():
-            rows.append(row("lightly", 0.0, time_lightly_epochs(cfg, device, left),
-                            f"DataLoader ({cfg.workers} workers) reads {steps * cfg.batch_size} left images and "
-                            "augments both views of each (BYOLTransform) every epoch"))
+            pipelines.append(("lightly", 0.0, lightly_epochs(cfg, device, left),
+                              f"DataLoader ({cfg.workers} workers) reads {steps * cfg.batch_size} left images and "
+                              "augments both views of each (BYOLTransform) every epoch"))
+        seconds = time_round_robin({name: run_epoch for name, _, run_epoch, _ in pipelines}, 0, cfg.epochs, device)
+        images = 2 * cfg.batch_size * steps
+        rows = [{"name": name, "startup_s": startup_s, "epoch_s": seconds[name], "images_per_epoch": images,
+                 "images_per_s": images / statistics.median(seconds[name]),
+                 "busy": profiled_busy_share(lambda: run_epoch(cfg.epochs), device), "note": note}
+                for name, startup_s, run_epoch, note in pipelines]
     return rows, f"{source}, {len(left)} pairs used, {steps} steps of {cfg.batch_size} per epoch"
 
 
@@ -556,11 +581,13 @@ def step_table(rows, baseline=None):
           f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-", r["note"]] for r in rows])
 
 
-def epoch_table(rows):
+def epoch_table(rows, device):
+    busy = "GPU busy" if device.type == "cuda" else "in torch ops"
     return markdown(
-        ["pipeline", "start-up s", "epoch s (median)", "epochs s", "images/s", "note"],
+        ["pipeline", "start-up s", "epoch s (median)", "epochs s", "images/s", f"{busy} (profiled epoch)", "note"],
         [[r["name"], f"{r['startup_s']:.2f}", f"{statistics.median(r['epoch_s']):.2f}",
-          ", ".join(f"{s:.2f}" for s in r["epoch_s"]), f"{r['images_per_s']:.1f}", r["note"]] for r in rows])
+          ", ".join(f"{s:.2f}" for s in r["epoch_s"]), f"{r['images_per_s']:.1f}", f"{100 * r['busy']:.0f}%", r["note"]]
+         for r in rows])
 
 
 def kernels_table(rows):
@@ -604,7 +631,7 @@ def run(cfg):
     if "epoch" in cfg.only:
         rows, source = run_epoch_section(cfg, device)
         results["epoch"] = rows
-        print(f"## Epoch with data loading\n\n{source}\n\n" + epoch_table(rows) + "\n")
+        print(f"## Epoch with data loading\n\n{source}\n\n" + epoch_table(rows, device) + "\n")
     if "augment" in cfg.only:
         rows = run_augment_section(cfg, device)
         results["augment"] = rows

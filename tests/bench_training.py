@@ -63,7 +63,7 @@ def test_training_step(benchmark, bench_table, name):
 def test_epoch_with_data_loading(bench_table):
     rows, source = training.run_epoch_section(CFG, DEVICE)
     assert [r["name"] for r in rows] == ["ours", "byol-pytorch"] + (["lightly"] if training.lightly_available() else [])
-    bench_table(f"epoch with data loading ({source})", training.epoch_table(rows))
+    bench_table(f"epoch with data loading ({source})", training.epoch_table(rows, DEVICE))
 
 
 def test_augmentation(bench_table):

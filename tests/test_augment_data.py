@@ -402,11 +402,11 @@ SHARED = [
     "UserError", "fill_defaults", "PairData", "decode_image", "decode_all", "file_source", "zip_sources", "open_zip",
     "require_dir", "split_items", "pairs_data", "grouped_data", "load_omniglot", "load_one_shot_runs", "download_tll",
     "list_side", "load_tll", "load_pairs_csv", "load_folder", "load_torchvision", "load_data", "step_generator",
-    "epoch_order", "make_pair_batch", "standardize", "normalize", "uniform", "gray", "augment", "rotate_hue",
-    "gaussian_blur", "augment_pair", "build_encoder", "embed_images", "recall_at_1", "one_shot_accuracy",
-    "knn_accuracy", "collapse_std", "effective_rank", "evaluate", "quality_name", "LARS", "build_optimizer",
-    "warmup_cosine", "save_atomic", "rng_state", "set_rng_state", "pick_device", "Logger", "load_checkpoint", "summary",
-    "main",
+    "epoch_order", "make_pair_batch", "cache_on_device", "constant", "standardize", "normalize", "uniform", "gray", "augment",
+    "rotate_hue", "gaussian_blur", "augment_pair", "build_encoder", "embed_images", "recall_at_1",
+    "one_shot_accuracy", "knn_accuracy", "collapse_std", "effective_rank", "evaluate", "quality_name", "LARS",
+    "build_optimizer", "warmup_cosine", "save_atomic", "rng_state", "set_rng_state", "pick_device", "Logger",
+    "load_checkpoint", "summary", "main",
 ]
 
 

@@ -3,9 +3,12 @@ our step and augmentation (16 px, batch 4, 1 thread) reports sane timings."""
 
 import json
 import math
+import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tiny_data import load_training_benchmark, one_thread  # noqa: F401  (fixture)
 
@@ -57,6 +60,50 @@ def test_tiny_run_of_ours(tmp_path, monkeypatch, capsys):
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("median_ms", "min_ms", "max_ms", "images_per_s"))
         assert row["min_ms"] <= row["median_ms"] <= row["max_ms"]
         assert row["images_per_s"] == pytest.approx(8 / (row["median_ms"] / 1e3))
+
+
+def test_tiny_epoch_section_reports_time_and_busy_share(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "byol_pytorch_available", lambda: False)
+    monkeypatch.setattr(training, "lightly_available", lambda: False)
+    out = tmp_path / "result.json"
+    rc = training.main(["--device", "cpu", "--image-size", "16", "--batch-size", "4", "--max-pairs", "8", "--epochs", "1",
+                        "--threads", "1", "--workers", "0", "--only", "epoch", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "in torch ops (profiled epoch)" in printed and "8 synthetic 200x245 JPEG pairs, 8 pairs used, 2 steps of 4" in printed
+    [row] = json.loads(out.read_text())["epoch"]
+    assert row["name"] == "ours" and row["images_per_epoch"] == 2 * 8 and len(row["epoch_s"]) == 1
+    assert row["images_per_s"] == pytest.approx(16 / row["epoch_s"][0])
+    assert 0.2 < row["busy"] <= 1.0  # a resnet18 step is almost all torch ops
+
+
+def covered_cells(intervals):
+    return {x for start, end in intervals for x in range(start, end)}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 20)).map(lambda t: (t[0], t[0] + t[1])), max_size=12))
+def test_busy_share_is_the_union_of_the_intervals(intervals):
+    # Overlapping and nested intervals count once: against a brute-force count of covered unit cells.
+    assert training.busy_share(intervals, 80) == pytest.approx(len(covered_cells(intervals)) / 80)
+
+
+def test_profiled_busy_share_sees_idle_time():
+    a = torch.randn(256, 256)
+
+    def busy():
+        for _ in range(20):
+            a @ a
+
+    def half_idle():
+        busy()
+        time.sleep(0.5)
+
+    cpu = torch.device("cpu")
+    busy()  # warm-up
+    working, idling = training.profiled_busy_share(busy, cpu), training.profiled_busy_share(half_idle, cpu)
+    assert 0.5 < working <= 1.0
+    assert idling < 0.5 * working, (working, idling)
 
 
 def test_our_step_has_byol_settings_and_a_finite_loss():
