@@ -477,11 +477,14 @@ def make_pair_batch(data, order, step, batch_size, rank, world, seed, global_ste
     other = torch.where(sizes > 1, other + (other >= pos).long(), pos)
     first = data.anchors[idx]
     second = data.groups[idx, other]
-    if data.images.is_cuda:  # CPU indices would be copied over with a wait for the GPU; pinned, the copy is async
+    # Host-to-GPU copies go from pinned memory, async: CPU indices into a GPU tensor are copied with a
+    # stream sync, and a copy from pageable memory blocks the host.
+    if data.images.is_cuda:
         first, second = torch.stack([first, second]).pin_memory().to(data.images.device, non_blocking=True)
-    x1 = data.images[first].to(device, non_blocking=True)
-    x2 = data.images[second].to(device, non_blocking=True)
-    return x1, x2
+    x1, x2 = data.images[first], data.images[second]
+    if torch.device(device).type == "cuda" and not x1.is_cuda:
+        x1, x2 = x1.pin_memory(), x2.pin_memory()
+    return x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
 
 
 def cache_on_device(data, device):

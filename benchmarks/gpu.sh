@@ -9,11 +9,11 @@
 #                                                  # 224 px, resnet50 at 224 px
 #
 # OUT receives a log per command and the JSON files. DATA_DIR is a TLL layout (left/*.jpg, right/*.jpg);
-# without it the epoch section writes synthetic JPEGs. Needs python3 with torch (CUDA), torchvision, triton,
-# pytest, hypothesis and pytest-benchmark; byol-pytorch and lightly (pip install -e ".[bench]") add their rows
-# when installed. Every command runs even if one before it fails; the exit status says whether all passed.
+# without it the epoch section writes 4096 synthetic JPEG pairs. Needs python3 with torch (CUDA), torchvision,
+# triton, numpy, pillow, tqdm, pytest, hypothesis and pytest-benchmark; byol-pytorch and lightly
+# (pip install -e ".[bench]") add their rows when installed. Every command runs even if one before it fails;
+# the exit status says whether all passed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 
 stage=${1:-}
 out=${2:-}
@@ -26,11 +26,14 @@ if [[ -n "$data" && ! -d "$data" ]]; then
     echo "gpu.sh: DATA_DIR $data is not a directory; give a TLL layout (left/*.jpg, right/*.jpg) or leave it out" >&2
     exit 2
 fi
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+[[ -n "$data" ]] && data=$(cd "$data" && pwd)
+cd "$(dirname "$0")/.."
 if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu.sh: torch sees no CUDA device; these measurements need a GPU (on the CPU: python benchmarks/training.py --device cpu)" >&2
     exit 2
 fi
-mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 failed=()
@@ -41,7 +44,7 @@ run() {  # run NAME COMMAND...: COMMAND's output to the terminal and to OUT/NAME
     "$@" 2>&1 | tee -a "$out/$name.log" || failed+=("$name")
 }
 
-python3 - <<'EOF' | tee "$out/versions.txt"
+python3 - <<'EOF' | tee "$out/versions.txt" || failed+=(versions)
 import importlib.metadata, importlib.util, platform, torch
 gpu = torch.cuda.get_device_properties(0)
 print(f"{gpu.name}, {gpu.total_memory / 2**30:.0f} GiB, {gpu.multi_processor_count} SMs; torch built for CUDA {torch.version.cuda}")
@@ -51,11 +54,12 @@ print(f"Python {platform.python_version()}, " + ", ".join(
 EOF
 
 if [[ "$stage" == kernels ]]; then
-    KERNELS_TEST_DEVICE=cuda run kernel-tests python3 -m pytest -q -rs tests/test_cosine_loss.py tests/test_ema.py tests/test_cuda_step.py
+    KERNELS_TEST_DEVICE=cuda run kernel-tests python3 -m pytest -q -rs tests/test_cosine_loss.py tests/test_ema.py
+    KERNELS_TEST_DEVICE=cuda run cuda-step-test python3 -m pytest -q -rs tests/test_cuda_step.py
     run bench-kernels python3 -m pytest --benchmark -q tests/bench_kernels.py --benchmark-json "$out/bench-kernels.json"
 else
-    data_args=()
-    [[ -n "$data" ]] && data_args=(--data-dir "$data")
+    data_args=(--epochs 5 --max-pairs 4096)
+    [[ -n "$data" ]] && data_args+=(--data-dir "$data")
     run training-resnet18-32px python3 benchmarks/training.py --device cuda --arch resnet18 --image-size 32 --batch-size 256 \
         --workers 8 "${data_args[@]}" --json "$out/training-resnet18-32px.json"
     run training-resnet18-224px python3 benchmarks/training.py --device cuda --arch resnet18 --image-size 224 --batch-size 256 \

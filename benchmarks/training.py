@@ -6,10 +6,11 @@ Sections (--only picks some; all by default):
            with --compile, torch.compile
   epoch    a whole epoch with data loading: ours decodes once into a uint8 cache, byol-pytorch
            and lightly read image files through a DataLoader every epoch (lightly's BYOLTransform
-           augments each image there). The pipelines take turns epoch by epoch; then one more epoch
-           of each runs under torch.profiler for its busy share: on CUDA the share of the wall time
-           in which the GPU runs kernels or copies (a gap is launch overhead, a host sync or a
-           data-loader stall), on the CPU the share spent inside torch ops
+           augments each image there). After an untimed warm-up epoch each, the pipelines take
+           turns epoch by epoch; then one more epoch of each runs under torch.profiler for its
+           busy share: on CUDA the share of the wall time in which the GPU runs kernels or copies
+           (a gap is launch overhead, a host sync or a data-loader stall), on the CPU the share
+           spent inside torch ops
   augment  augmentation alone: our batched per-sample augment_pair against torchvision's
            per-image transforms of the same BYOL pipeline in a DataLoader
   kernels  CUDA only: fused Triton kernels against the PyTorch reference inside a real step,
@@ -92,7 +93,7 @@ def parse_args(argv=None):
                    help="epoch section: TLL layout DIR/left/*.jpg, DIR/right/*.jpg (None: synthetic JPEGs in a temp dir)")
     p.add_argument("--max-pairs", type=int, default=None,
                    help="epoch section: use at most this many pairs (None: all of --data-dir; 8 batches of synthetic pairs)")
-    p.add_argument("--epochs", type=int, default=2, help="epoch section: timed epochs of each pipeline")
+    p.add_argument("--epochs", type=int, default=2, help="epoch section: timed epochs of each pipeline (after one warm-up epoch)")
     p.add_argument("--seed", type=int, default=0, help="seeds the synthetic data, the models and the augmentations")
     p.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file (None: print only)")
     cfg = p.parse_args(argv)
@@ -431,7 +432,8 @@ def busy_share(intervals, wall_us):
 
 
 def profiled_busy_share(fn, device):
-    """Share of fn()'s wall time during which the device works, from torch.profiler: on CUDA the union of the
+    """(share of fn()'s wall time during which the device works, that wall time in seconds), from
+    torch.profiler, which slows fn() a little (on CUDA it traces every launch): on CUDA the union of the
     GPU's kernels, copies and memsets (idle gaps are launch overhead, host syncs or data-loader stalls); on
     the CPU the union of the torch ops of this process (gaps are Python and waiting)."""
     activity, device_type = ((ProfilerActivity.CUDA, DeviceType.CUDA) if device.type == "cuda"
@@ -440,12 +442,12 @@ def profiled_busy_share(fn, device):
         wall_s = timed_call(fn, device)
     intervals = [(e.time_range.start, e.time_range.end) for e in prof.events()
                  if e.device_type == device_type and not e.is_user_annotation]  # the DataLoader's wait is one
-    return busy_share(intervals, 1e6 * wall_s)
+    return busy_share(intervals, 1e6 * wall_s), wall_s
 
 
 def run_epoch_section(cfg, device):
-    """Each pipeline's epochs, taking turns epoch by epoch as the steps do; then one more epoch of each
-    under the profiler for its device-busy share."""
+    """Each pipeline's epochs, taking turns epoch by epoch as the steps do, after one untimed warm-up epoch
+    each; then one more epoch of each under the profiler for its device-busy share."""
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.data_dir is None:
             pairs = cfg.max_pairs or 8 * cfg.batch_size
@@ -465,12 +467,14 @@ def run_epoch_section(cfg, device):
             pipelines.append(("lightly", 0.0, lightly_epochs(cfg, device, left),
                               f"DataLoader ({cfg.workers} workers) reads {steps * cfg.batch_size} left images and "
                               "augments both views of each (BYOLTransform) every epoch"))
-        seconds = time_round_robin({name: run_epoch for name, _, run_epoch, _ in pipelines}, 0, cfg.epochs, device)
+        seconds = time_round_robin({name: run_epoch for name, _, run_epoch, _ in pipelines}, 1, cfg.epochs, device)
         images = 2 * cfg.batch_size * steps
-        rows = [{"name": name, "startup_s": startup_s, "epoch_s": seconds[name], "images_per_epoch": images,
-                 "images_per_s": images / statistics.median(seconds[name]),
-                 "busy": profiled_busy_share(lambda: run_epoch(cfg.epochs), device), "note": note}
-                for name, startup_s, run_epoch, note in pipelines]
+        rows = []
+        for name, startup_s, run_epoch, note in pipelines:
+            busy, profiled_s = profiled_busy_share(lambda: run_epoch(1 + cfg.epochs), device)
+            rows.append({"name": name, "startup_s": startup_s, "epoch_s": seconds[name], "images_per_epoch": images,
+                         "images_per_s": images / statistics.median(seconds[name]), "busy": busy,
+                         "profiled_epoch_s": profiled_s, "note": note})
     return rows, f"{source}, {len(left)} pairs used, {steps} steps of {cfg.batch_size} per epoch"
 
 
@@ -586,8 +590,8 @@ def epoch_table(rows, device):
     return markdown(
         ["pipeline", "start-up s", "epoch s (median)", "epochs s", "images/s", f"{busy} (profiled epoch)", "note"],
         [[r["name"], f"{r['startup_s']:.2f}", f"{statistics.median(r['epoch_s']):.2f}",
-          ", ".join(f"{s:.2f}" for s in r["epoch_s"]), f"{r['images_per_s']:.1f}", f"{100 * r['busy']:.0f}%", r["note"]]
-         for r in rows])
+          ", ".join(f"{s:.2f}" for s in r["epoch_s"]), f"{r['images_per_s']:.1f}",
+          f"{100 * r['busy']:.0f}% of {r['profiled_epoch_s']:.2f} s", r["note"]] for r in rows])
 
 
 def kernels_table(rows):
