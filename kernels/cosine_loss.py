@@ -138,20 +138,23 @@ if triton is not None:
             z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             mp_new = tl.maximum(mp, tl.max(tl.abs(p), axis=1))
             mz_new = tl.maximum(mz, tl.max(tl.abs(z), axis=1))
-            rp = mp / mp_new  # <= 1: shrink what was accumulated at the old scale
-            rz = mz / mz_new
-            ps = p * (1.0 / mp_new)[:, None]
-            zs = z * (1.0 / mz_new)[:, None]
+            # Per-row divisions and square roots are IEEE-rounded (div_rn, sqrt_rn), not the GPU's
+            # approximate ones: they cost nothing next to the per-element work, and the compiled
+            # kernel then rounds as the interpreter does, so one tolerance table fits both.
+            rp = tl.div_rn(mp, mp_new)  # <= 1: shrink what was accumulated at the old scale
+            rz = tl.div_rn(mz, mz_new)
+            ps = p * tl.div_rn(1.0, mp_new)[:, None]
+            zs = z * tl.div_rn(1.0, mz_new)[:, None]
             spp = spp * (rp * rp) + tl.sum(ps * ps, axis=1)
             szz = szz * (rz * rz) + tl.sum(zs * zs, axis=1)
             spz = spz * (rp * rz) + tl.sum(ps * zs, axis=1)
             mp = mp_new
             mz = mz_new
 
-        norm_p = mp * tl.sqrt(spp)
-        norm_z = mz * tl.sqrt(szz)
-        inv_np = 1.0 / tl.maximum(norm_p, EPS)
-        inv_nz = 1.0 / tl.maximum(norm_z, EPS)
+        norm_p = mp * tl.sqrt_rn(spp)
+        norm_z = mz * tl.sqrt_rn(szz)
+        inv_np = tl.div_rn(1.0, tl.maximum(norm_p, EPS))
+        inv_nz = tl.div_rn(1.0, tl.maximum(norm_z, EPS))
         # cos = <p, z> / (np nz) = spz * (mp/np) * (mz/nz): never forms the raw dot product
         cos = spz * (mp * inv_np) * (mz * inv_nz)
 
@@ -219,7 +222,7 @@ if triton is not None:
         row0 = tl.program_id(0) * BLOCK_B
         pair = tl.program_id(1)
         # grad_output is read on the device: no .item(), no host sync
-        scale = tl.load(GRAD_OUT).to(tl.float32) * -2.0 / B
+        scale = tl.div_rn(tl.load(GRAD_OUT).to(tl.float32) * -2.0, B * 1.0)  # B * 1.0: also when B is specialised to 1
         # two inlined copies, each with its own constexpr flags, so that a gradient
         # nobody asked for (detached targets) is neither computed nor stored
         if pair == 0:

@@ -392,6 +392,8 @@ _AOT = textwrap.dedent(
                        dict(EPS=cl.EPS, FLT_MIN=cl.FLT_MIN, BLOCK_B=4, BLOCK_D=1024), div16(12)),
                        target=target, options=dict(num_warps=8))
     assert "ld.global.v4" in k.asm["ptx"], "forward loads are not vectorised"
+    exact = lambda ptx: not any(op in ptx for op in ("div.full", "div.approx", "sqrt.approx", "rcp.approx"))
+    assert exact(k.asm["ptx"]), "forward: approximate division or square root (round as the interpreter does)"
     bwd = dict(common, DP0="*{dt}", DZ0="*{dt}", DP1="*{dt}", DZ1="*{dt}", STATS="*fp32",
                GRAD_OUT="*fp32", B="i32", D="i32", NEED_DP0="constexpr", NEED_DZ0="constexpr",
                NEED_DP1="constexpr", NEED_DZ1="constexpr", BLOCK_B="constexpr", BLOCK_D="constexpr")
@@ -399,6 +401,7 @@ _AOT = textwrap.dedent(
                        dict(NEED_DP0=True, NEED_DZ0=False, NEED_DP1=True, NEED_DZ1=True, BLOCK_B=32, BLOCK_D=128),
                        div16(16)), target=target, options=dict(num_warps=8))
     assert "st.global.v4" in k.asm["ptx"], "gradient stores are not vectorised"
+    assert exact(k.asm["ptx"]), "backward: approximate division or square root"
     print("ok")
     """
 )
