@@ -3,7 +3,9 @@
 Sections (--only picks some; all by default):
   step     one training step: augmentation + forward + backward + SGD + EMA, same backbone,
            image size, batch and optimiser for both; ours also with channels_last (CPU) and,
-           with --compile, torch.compile
+           with --compile, torch.compile. The floor row is our model's forward and backward
+           alone: no implementation at these settings can step faster, so byol-pytorch's
+           images/s times the floor's ratio bounds what any speed-up can reach
   epoch    a whole epoch with data loading: ours decodes once into a uint8 cache, byol-pytorch
            and lightly read image files through a DataLoader every epoch (lightly's BYOLTransform
            augments each image there). After an untimed warm-up epoch each, the pipelines take
@@ -60,6 +62,7 @@ from kernels import backend  # noqa: E402
 SECTIONS = ("step", "epoch", "augment", "kernels")
 BYOL_PYTORCH_MISSING = "byol-pytorch is not installed: pip install -e '.[bench]'"
 LIGHTLY_MISSING = "lightly is not installed: pip install -e '.[bench]'"
+FLOOR = "floor: forward + backward only"
 THEIR_AUGMENTATION = ("byol-pytorch draws one random parameter set per batch (its default SimCLR-style "
                       "pipeline) inside its step; lightly augments each image in its DataLoader, outside the step; "
                       "ours draws per-sample parameters for BYOL's full pipeline inside the step")
@@ -302,9 +305,9 @@ def step_variants(cfg, device):
             return lambda index: train(x)
 
         variants.append(("byol-pytorch", theirs, ("bf16 autocast; " if on_cuda else "fp32; ") + "one augmentation draw per batch"))
+    # Views augmented once, beforehand, for the variants whose step does not augment.
+    v1, v2 = byol.augment_pair(x1, x2, byol.step_generator(cfg.seed, 0, device, stream=1), bargs)
     if lightly_available():
-        # Views augmented once, beforehand: lightly augments in its DataLoader, outside the step.
-        v1, v2 = byol.augment_pair(x1, x2, byol.step_generator(cfg.seed, 0, device, stream=1), bargs)
 
         def lightly():
             train = lightly_trainer(bargs, device)
@@ -312,6 +315,22 @@ def step_variants(cfg, device):
 
         variants.append(("lightly", lightly, ("bf16 autocast; " if on_cuda else "fp32; ")
                          + "views augmented beforehand (its DataLoader does it); each view through each network separately"))
+
+    def floor():
+        model = byol.build_model(bargs).to(device)
+        views = [v.contiguous(memory_format=torch.channels_last) if on_cuda else v for v in (v1, v2)]
+        if on_cuda:
+            model = model.to(memory_format=torch.channels_last)
+
+        def step(index):
+            model.zero_grad(set_to_none=True)
+            with autocast(device):
+                loss = model(*views)
+            loss.backward()
+
+        return step
+
+    variants.append((FLOOR, floor, "ours without augmentation, optimiser or EMA: the compute every implementation must do"))
     return variants
 
 

@@ -53,7 +53,7 @@ def test_tiny_run_of_ours(tmp_path, monkeypatch, capsys):
     assert training.BYOL_PYTORCH_MISSING in printed and training.LIGHTLY_MISSING in printed
     assert "| ours channels_last |" in printed
     result = json.loads(out.read_text())
-    assert [r["name"] for r in result["step"]] == ["ours", "ours channels_last"]
+    assert [r["name"] for r in result["step"]] == ["ours", "ours channels_last", training.FLOOR]
     assert [r["name"] for r in result["augment"]] == ["ours augment_pair (cpu)", "torchvision per-image (CPU)"]
     for row in result["step"] + result["augment"]:
         assert row["images_per_call"] == 2 * 4  # both views of every pair
