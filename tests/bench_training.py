@@ -3,8 +3,8 @@
 benchmarks/training.py's sections on resnet18, 32 px, batch 32, 1 thread (CPU):
 
 * step: one training step of ours (as byol.py runs it; plus channels_last on CPU), of
-  byol-pytorch and of lightly (when installed), timed by pytest-benchmark, same backbone,
-  images and optimiser;
+  byol-pytorch and of lightly (when installed), and the floor (our forward + backward
+  alone), timed by pytest-benchmark, same backbone, images and optimiser;
 * epoch: a whole epoch over 64 synthetic JPEG pairs with data loading;
 * augment: our batched augment_pair against torchvision's per-image transforms;
 * kernels: fused Triton vs reference inside a step (CUDA only).
