@@ -3,9 +3,9 @@
 Sections (--only picks some; all by default):
   step     one training step: augmentation + forward + backward + SGD + EMA, same backbone,
            image size, batch and optimiser for both; ours also with channels_last (CPU) and,
-           with --compile, torch.compile. The floor row is our model's forward and backward
-           alone: no implementation at these settings can step faster, so byol-pytorch's
-           images/s times the floor's ratio bounds what any speed-up can reach
+           with --compile, torch.compile. The floor rows are our model's forward and backward
+           alone (no augmentation, optimiser or EMA), contiguous and channels_last on the
+           CPU: no implementation with that memory format and these settings steps faster
   epoch    a whole epoch with data loading: ours decodes once into a uint8 cache, byol-pytorch
            and lightly read image files through a DataLoader every epoch (lightly's BYOLTransform
            augments each image there). After an untimed warm-up epoch each, the pipelines take
@@ -316,21 +316,27 @@ def step_variants(cfg, device):
         variants.append(("lightly", lightly, ("bf16 autocast; " if on_cuda else "fp32; ")
                          + "views augmented beforehand (its DataLoader does it); each view through each network separately"))
 
-    def floor():
-        model = byol.build_model(bargs).to(device)
-        views = [v.contiguous(memory_format=torch.channels_last) if on_cuda else v for v in (v1, v2)]
-        if on_cuda:
-            model = model.to(memory_format=torch.channels_last)
+    def floor(channels_last):
+        def build():
+            torch.manual_seed(bargs.seed)
+            model = byol.build_model(bargs).to(device)
+            views = [v.contiguous(memory_format=torch.channels_last) if channels_last else v for v in (v1, v2)]
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
 
-        def step(index):
-            model.zero_grad(set_to_none=True)
-            with autocast(device):
-                loss = model(*views)
-            loss.backward()
+            def step(index):
+                model.zero_grad(set_to_none=True)
+                with autocast(device):
+                    loss = model(*views)
+                loss.backward()
 
-        return step
+            return step
+        return build
 
-    variants.append((FLOOR, floor, "ours without augmentation, optimiser or EMA: the compute every implementation must do"))
+    variants.append((FLOOR, floor(channels_last=on_cuda),
+                     "ours without augmentation, optimiser or EMA: the compute every implementation does in this memory format"))
+    if not on_cuda:
+        variants.append((FLOOR + ", channels_last", floor(channels_last=True), "the same, model and views channels_last"))
     return variants
 
 

@@ -53,7 +53,7 @@ def test_tiny_run_of_ours(tmp_path, monkeypatch, capsys):
     assert training.BYOL_PYTORCH_MISSING in printed and training.LIGHTLY_MISSING in printed
     assert "| ours channels_last |" in printed
     result = json.loads(out.read_text())
-    assert [r["name"] for r in result["step"]] == ["ours", "ours channels_last", training.FLOOR]
+    assert [r["name"] for r in result["step"]] == ["ours", "ours channels_last", training.FLOOR, training.FLOOR + ", channels_last"]
     assert [r["name"] for r in result["augment"]] == ["ours augment_pair (cpu)", "torchvision per-image (CPU)"]
     for row in result["step"] + result["augment"]:
         assert row["images_per_call"] == 2 * 4  # both views of every pair
@@ -95,9 +95,10 @@ def test_profiled_busy_share_sees_idle_time():
         for _ in range(20):
             a @ a
 
-    def half_idle():
+    def half_idle():  # the idle time last: a share over the span of the events would miss it
         busy()
-        time.sleep(0.5)
+        with torch.profiler.record_function("waiting"):  # an annotation, as the DataLoader's wait is: not work
+            time.sleep(0.5)
 
     cpu = torch.device("cpu")
     busy()  # warm-up
