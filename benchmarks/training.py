@@ -151,12 +151,16 @@ def random_images(n, size, device, seed):
 # ----------------------------------------------------------------------------- the training steps
 
 
-def our_trainer(bargs, device, channels_last=False, compile_model=False):
-    """step(x1, x2, index): byol.py's training step on uint8 pairs (scheduler aside)."""
+def our_model(bargs, device, channels_last):
+    """byol.py's BYOL module, seeded, on device."""
     torch.manual_seed(bargs.seed)
     model = byol.build_model(bargs).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def our_trainer(bargs, device, channels_last=False, compile_model=False):
+    """step(x1, x2, index): byol.py's training step on uint8 pairs (scheduler aside)."""
+    model = our_model(bargs, device, channels_last)
     optimizer = byol.build_optimizer(bargs, model)
     forward = torch.compile(model) if compile_model else model
 
@@ -318,11 +322,8 @@ def step_variants(cfg, device):
 
     def floor(channels_last):
         def build():
-            torch.manual_seed(bargs.seed)
-            model = byol.build_model(bargs).to(device)
+            model = our_model(bargs, device, channels_last)
             views = [v.contiguous(memory_format=torch.channels_last) if channels_last else v for v in (v1, v2)]
-            if channels_last:
-                model = model.to(memory_format=torch.channels_last)
 
             def step(index):
                 model.zero_grad(set_to_none=True)
