@@ -20,7 +20,9 @@ Metrics (cosine similarity throughout; a query is never its own neighbour):
   retrieval        held-out pairs, left->right and right->left: Recall@1/5/10, MRR and
                    median rank. Ties count at random (in expectation), so a collapsed
                    network scores chance level, not 1.
-  one_shot         Omniglot's official 20 runs (data/omniglot/all_runs.zip), 20- and 5-way.
+  one_shot         Omniglot's official 20 runs (data/omniglot/all_runs.zip), 20- and 5-way: the test.
+  val_one_shot     the validation episodes (images_background_small2.zip, alphabets training
+                   never sees): what recipes are tuned on.
   classification   labelled data: weighted kNN (k=20, 200) and a linear probe.
   metric_learning  labelled data: Precision@1, R-Precision, MAP@R (Musgrave et al. 2020).
   collapse         per-dimension std of the l2-normalised embeddings, and effective rank.
@@ -85,7 +87,8 @@ def parse_args(argv=None):
     g.add_argument("--image-size", type=int, default=None, help="baselines only; a checkpoint fixes its own")
     g.add_argument("--workers", type=int, default=4, help="threads that decode images")
     g = p.add_argument_group("baseline model (a checkpoint fixes its own)")
-    g.add_argument("--arch", default=None, choices=["resnet18", "resnet50"], help="default resnet18")
+    g.add_argument("--arch", default=None, choices=["conv4", "resnet18", "resnet50"], help="default: the --data recipe's")
+    g.add_argument("--width", type=int, default=None, help="conv4's channels (default: the --data recipe's)")
     g.add_argument("--stem", default=None, choices=["small", "imagenet"],
                    help="default: as the training scripts (random) / imagenet (pretrained, keeps the pretrained first conv)")
     g.add_argument("--init", type=Path, default=None, help="--baseline pretrained: a local state dict instead of a download")
@@ -146,13 +149,14 @@ def run_args(opts, mod, ckpt):
     """
     saved = ckpt["args"] if ckpt else None
     if saved and not opts.baseline:
-        for flag in ("--arch", "--stem", "--init"):
+        for flag in ("--arch", "--width", "--stem", "--init"):
             if given(opts, flag):
                 raise UserError(f"{flag} comes from the checkpoint ({saved.get(flag[2:])}); drop {flag}")
     if saved and given(opts, "--image-size") and opts.image_size != saved["image_size"]:
         raise UserError(f"--image-size {opts.image_size} does not fit CHECKPOINT {opts.checkpoint}: it was trained at "
                         f"{saved['image_size']} px and its first layers depend on it; drop --image-size")
-    args = mod.parse_args([])  # the script's defaults, so that args it added later are present
+    # The script's defaults for this data (its recipe), so that args it added later are present.
+    args = mod.parse_args(["--data", opts.data or (saved["data"] if saved else "omniglot")])
     if saved:
         vars(args).update(saved)  # the model; for its own data also the data and split
     own_data = saved is not None and opts.data in (None, saved["data"])
@@ -175,14 +179,15 @@ def run_args(opts, mod, ckpt):
         args.data_dir, args.pairs_csv = opts.data_dir, opts.pairs_csv
         args.holdout = 0.2 if opts.holdout is None else opts.holdout
         args.seed = opts.seed if opts.seed is not None else (saved["seed"] if saved else 0)
-        args.image_size = saved["image_size"] if saved else opts.image_size
+        args.image_size = saved["image_size"] if saved else (opts.image_size or args.image_size)
     if opts.init is not None and opts.baseline != "pretrained":
         raise UserError("--init gives the weights of --baseline pretrained; drop it, or add --baseline pretrained")
     if saved and opts.baseline:
         # random: the run's own untrained network; pretrained: keep the ImageNet first conv
         args.stem = opts.stem or (saved["stem"] if opts.baseline in ("random", "random-bn") else "imagenet")
     elif not saved:
-        args.arch = opts.arch or "resnet18"
+        args.arch = opts.arch or ("resnet18" if opts.baseline == "pretrained" else args.arch)  # conv4 has no ImageNet weights
+        args.width = opts.width or args.width
         args.stem = opts.stem or ("imagenet" if opts.baseline == "pretrained" else None)
     if opts.all_pairs:
         if args.data not in ("tll", "pairs"):
@@ -257,10 +262,10 @@ def build_eval_model(opts, mod, ckpt, args):
         raise UserError("--embedding projector needs a trained checkpoint; a baseline has no projector")
     if opts.baseline in ("random", "random-bn"):
         torch.manual_seed(args.seed)  # the same draw as a run's untrained network (its epoch 0)
-        return Baseline(mod.build_encoder(args.arch, args.stem)[0])
+        return Baseline(mod.build_encoder(args.arch, args.stem, width=args.width)[0])
     try:
         pretrained = opts.init is None  # --init: local weights, no download
-        return Baseline(mod.build_encoder(args.arch, args.stem, pretrained, opts.init)[0])
+        return Baseline(mod.build_encoder(args.arch, args.stem, pretrained, opts.init, args.width)[0])
     except user_errors() as e:
         raise UserError(f"--baseline pretrained: {str(e).removeprefix('--pretrained: ')}") from None
 
@@ -465,6 +470,10 @@ def evaluate(opts, mod, model, data, args, device):
         extras.update(left=left, right=right, greater=greater, ties=ties, top=top)
     if runs:
         metrics["one_shot"] = {"runs": len(runs), **{f"{w}way": one_shot_accuracy(runs, w) for w in (20, 5)}}
+    if data.val_runs:  # the validation episodes (images_background_small2), never the test runs
+        val = [(mod.embed_images(model, train, device)[pick], mod.embed_images(model, test, device)[pick], answer)
+               for train, test, answer in data.val_runs]
+        metrics["val_one_shot"] = {"episodes": len(val), **{f"{w}way": one_shot_accuracy(val, w) for w in (20, 5)}}
     if labelled:
         cls = {"protocol": protocol, "reference_images": len(ref), "query_images": len(query)}
         if len(ref) and len(query):
@@ -573,7 +582,7 @@ def similarity_hist(path, positive, random):
     plt.close(fig)
 
 
-QUALITY = ("one_shot", "recall@1", "knn@20")  # the training scripts' per-epoch quality metrics
+QUALITY = ("one_shot", "val_one_shot", "r_precision", "recall@1", "knn@20")  # the training scripts' per-epoch quality metrics
 
 
 def read_log(run_dir):

@@ -80,6 +80,8 @@ def flat_metrics(result):
     m, out = result.get("metrics", {}), {}
     if "one_shot" in m:
         out["one_shot_20"] = m["one_shot"]["20way"]
+    if "val_one_shot" in m:
+        out["val_one_shot_20"] = m["val_one_shot"]["20way"]
     if "retrieval" in m:
         l2r, r2l = m["retrieval"]["left_to_right"], m["retrieval"]["right_to_left"]
         for k in (1, 5, 10):
@@ -232,7 +234,8 @@ def columns_for(rows):
     have = {k for runs in rows.values() for run in runs for k in run["metrics"]}
     cols = []
     if "one_shot_20" in have:
-        cols.append(("one_shot_20", "one-shot 20-way", "{:.4f}"))
+        cols += [("val_one_shot_20", "validation one-shot 20-way", "{:.4f}")] if "val_one_shot_20" in have else []
+        cols.append(("one_shot_20", "test one-shot 20-way", "{:.4f}"))
         cols += [("r@1", "R@1 held-out", "{:.4f}")] if "r@1" in have else []
     elif "r@1" in have:
         cols += [("r@1", "R@1", "{:.4f}"), ("r@5", "R@5", "{:.4f}"), ("r@10", "R@10", "{:.4f}"),

@@ -190,8 +190,8 @@ def make_folder(root, classes=4, per_class=6, seed=1):
 
 
 def make_omniglot(root, characters=5, runs=2):
-    """A miniature of the embedded data/omniglot: a few background characters and the first
-    official one-shot runs, copied from the shipped zips."""
+    """A miniature of the embedded data/omniglot: a few background characters, one validation
+    alphabet's 20 characters by two drawers, and the first official one-shot runs, copied from the shipped zips."""
     root.mkdir(parents=True)
     src = REPO / "data" / "omniglot"
     with zipfile.ZipFile(src / "images_background_small1.zip") as zin:
@@ -200,6 +200,13 @@ def make_omniglot(root, characters=5, runs=2):
         with zipfile.ZipFile(root / "images_background_small1.zip", "w") as zout:
             for n in pngs:
                 if n.rsplit("/", 1)[0] in keep:
+                    zout.writestr(n, zin.read(n))
+    with zipfile.ZipFile(src / "images_background_small2.zip") as zin:
+        pngs = sorted(n for n in zin.namelist() if n.endswith(".png") and "/Japanese_(katakana)/" in n)
+        keep = sorted({n.rsplit("/", 1)[0] for n in pngs})[:20]  # one validation episode's worth of characters
+        with zipfile.ZipFile(root / "images_background_small2.zip", "w") as zout:
+            for n in pngs:
+                if n.rsplit("/", 1)[0] in keep and n.rsplit("_", 1)[1] in ("01.png", "02.png"):
                     zout.writestr(n, zin.read(n))
     with zipfile.ZipFile(src / "all_runs.zip") as zin, zipfile.ZipFile(root / "all_runs.zip", "w") as zout:
         for n in zin.namelist():

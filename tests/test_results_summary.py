@@ -116,7 +116,7 @@ def test_tables_and_curves(tmp_path, capsys):
                                        "40.0 ± 0.0", "–", "2"]
     assert "simsiam" not in rows and "simsiam-s0 has no eval.json" in captured.err
     assert omniglot.index("| baseline-random") < omniglot.index("| byol") < omniglot.index("| bn_only-no-bn")
-    assert "| row | one-shot 20-way | R@1 held-out | train proj collapse_std | train proj eff. rank | proj collapse_std |" in omniglot
+    assert "| row | test one-shot 20-way | R@1 held-out | train proj collapse_std | train proj eff. rank | proj collapse_std |" in omniglot
 
     # Commands rebuilt from the saved args: only the non-default flags, S for the seed.
     assert f"`python byol.py --seed S --out {om}/byol-sS` && `python eval.py {om}/byol-sS/last.pt --out {om}/byol-sS`" in text
