@@ -311,6 +311,12 @@ def open_zip(path):
         raise UserError(f"cannot open {path} ({e}); check the file or download it again") from None
 
 
+def default_data_dir(data):
+    """Where --data looks without --data-dir (all but the embedded omniglot and your own folder or pairs):
+    $POSITIVE_SIMILARITY_DATA/<data> when that variable is set, else data/<data> beside this script."""
+    return Path(os.environ.get("POSITIVE_SIMILARITY_DATA", HERE / "data")) / data
+
+
 def require_dir(path, flag="--data-dir"):
     if path is None:
         raise UserError(f"{flag} is required for this dataset")
@@ -381,7 +387,7 @@ def grouped_data(images, names, labels, holdout, seed, pairs_mode, class_names=N
 
 def load_omniglot(args):
     """Embedded Omniglot: a positive pair is one character drawn by two different people."""
-    root = Path(args.data_dir) if args.data_dir else HERE / "data" / "omniglot"
+    root = Path(args.data_dir) if args.data_dir else HERE / "data" / "omniglot"  # embedded, always there
     zip_path = require_dir(root) / "images_background_small1.zip"
     zf = open_zip(zip_path)
     names = sorted(n for n in zf.namelist() if n.endswith(".png"))
@@ -474,9 +480,13 @@ def list_side(root, side):
 
 def load_tll(args):
     """Totally Looks Like: left/NAME and right/NAME are a positive pair."""
-    root = Path(args.data_dir) if args.data_dir else None
-    if args.download and root is not None:
+    root = Path(args.data_dir) if args.data_dir else default_data_dir("tll")
+    if args.download:
         download_tll(root)
+    if not args.data_dir and not root.is_dir():
+        raise UserError(f"--data tll: no data at {root}, where it is looked for without --data-dir (or under "
+                        "$POSITIVE_SIMILARITY_DATA/tll); put left/ and right/ (or left.zip and right.zip) there, "
+                        "add --download, or pass --data-dir")
     root = require_dir(root)
     left, right = list_side(root, "left"), list_side(root, "right")
     if not left:
@@ -539,7 +549,7 @@ def load_folder(args):
 
 def load_torchvision(args):
     """CIFAR-10 / STL-10: positives are two augmentations of one image (standard SSL)."""
-    root = Path(args.data_dir) if args.data_dir else Path("data")
+    root = Path(args.data_dir) if args.data_dir else default_data_dir(args.data)
     try:
         if args.data == "cifar10":
             train = torchvision.datasets.CIFAR10(root, train=True, download=args.download)

@@ -438,7 +438,7 @@ def test_error_checkpoint_and_data_that_do_not_fit(run, tmp_path, capsys):
 
 def test_error_missing_data(run, tmp_path, capsys):
     one_line_error([run.ckpt, "--data-dir", tmp_path / "nowhere"], capsys, str(tmp_path / "nowhere"), "does not exist")
-    one_line_error(["--baseline", "random", "--data", "tll"], capsys, "--data-dir is required")
+    one_line_error(["--baseline", "random", "--data", "tll"], capsys, "where it is looked for without --data-dir")
     one_line_error(["--baseline", "random", "--data", "omniglot", "--all-pairs"], capsys, "--all-pairs")
     one_line_error([], capsys, "nothing to evaluate")
     one_line_error(["--plot", tmp_path / "no-run"], capsys, "log.jsonl")

@@ -293,3 +293,24 @@ def test_held_out_class_folders_are_judged_on_every_held_out_image(folder_dir):
     assert len(held) == 12  # 2 of 5 classes, 6 images each
     features, _ = byol.embed_images(model, data.images[held], "cpu")
     assert metrics["r_precision"] == pytest.approx(byol.r_precision(features, data.labels[held]))
+
+
+# ----------------------------------------------------------------------------- default data location
+
+
+def test_tll_is_found_in_its_default_place_without_data_dir(tmp_path, monkeypatch):
+    from tiny_data import make_tll
+
+    make_tll(tmp_path / "tll", n=12)
+    monkeypatch.setenv("POSITIVE_SIMILARITY_DATA", str(tmp_path))
+    args = args_for(byol, ["--data", "tll", "--image-size", "16", "--workers", "1"])
+    assert args.data_dir is None
+    data = byol.load_data(args)
+    assert len(data.images) == 24 and all(str(tmp_path / "tll") in n for n in data.names)
+
+
+def test_missing_default_place_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("POSITIVE_SIMILARITY_DATA", str(tmp_path))
+    assert byol.main(["--data", "tll", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(tmp_path / "tll") in err and "--download" in err

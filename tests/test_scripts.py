@@ -109,7 +109,7 @@ def _missing_dir(tmp, tll):
 
 
 def _no_data_dir(tmp, tll):
-    return ["--data", "tll"], ["--data-dir is required"]
+    return ["--data", "tll"], ["no data at", "--download"]
 
 
 def _batch_too_large(tmp, tll):
