@@ -10,6 +10,7 @@ Run:
     python eval.py runs/byol-tll-s0/last.pt --data-dir ~/data/tll    # the data moved: same split
     python eval.py runs/byol-tll-s0/last.pt --embedding projector
     python eval.py runs/byol-omniglot-s0/last.pt --data tll --data-dir ~/data/tll --all-pairs
+    python eval.py runs/byol-folder-s0/last.pt --baseline pixels     # raw pixels, same split
     python eval.py runs/byol-folder-s0/last.pt --baseline random     # untrained network, same split
     python eval.py runs/byol-folder-s0/last.pt --baseline random-bn  # the same, BN statistics fitted to the training images
     python eval.py --baseline random --data tll --data-dir ~/data/tll --seed 0 --holdout 0.2
@@ -66,8 +67,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", nargs="?", type=Path, default=None,
                    help="last.pt written by byol.py, simsiam.py or bn_only.py")
-    p.add_argument("--baseline", choices=["random", "random-bn", "pretrained"], default=None,
-                   help="no trained weights: an untrained network; the same with its batch-norm statistics "
+    p.add_argument("--baseline", choices=["pixels", "random", "random-bn", "pretrained"], default=None,
+                   help="no trained weights: the raw pixels (at the image size); an untrained network; the same with its batch-norm statistics "
                         "re-estimated on the training images (what any training run gets for free); or "
                         "torchvision's ImageNet weights (data and split from the checkpoint if one is given, "
                         "else from the data flags)")
@@ -260,6 +261,8 @@ def build_eval_model(opts, mod, ckpt, args):
         return model
     if opts.embedding == "projector":
         raise UserError("--embedding projector needs a trained checkpoint; a baseline has no projector")
+    if opts.baseline == "pixels":
+        return Baseline(nn.Flatten())  # the normalised pixels themselves: what any learned similarity must beat
     if opts.baseline in ("random", "random-bn"):
         torch.manual_seed(args.seed)  # the same draw as a run's untrained network (its epoch 0)
         return Baseline(mod.build_encoder(args.arch, args.stem, width=args.width)[0])
@@ -667,7 +670,7 @@ def flatten(tree, prefix=""):
 def print_table(result):
     src, data = result["source"], result["data"]
     if src["baseline"]:
-        who = f"{src['baseline']} baseline ({src['arch']}, {src['stem']} stem)"
+        who = f"{src['baseline']} baseline" + ("" if src["baseline"] == "pixels" else f" ({src['arch']}, {src['stem']} stem)")
         who += f" with the data of {src['checkpoint']}" if "checkpoint" in src else ""
     else:
         who = f"{src['method']} checkpoint {src['checkpoint']} (epoch {src['epoch']})"

@@ -314,3 +314,25 @@ def test_missing_default_place_says_where_it_looked(tmp_path, monkeypatch, capsy
     assert byol.main(["--data", "tll", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and str(tmp_path / "tll") in err and "--download" in err
+
+
+# ----------------------------------------------------------------------------- the raw-pixel baseline
+
+
+def test_pixel_baseline_finds_identical_pairs_and_misses_random_ones(tmp_path, capsys):
+    import shutil as sh
+
+    from test_eval import evaluate
+    from tiny_data import make_tll
+
+    random_pairs = make_tll(tmp_path / "random", n=10)  # right is drawn independently of left
+    same_pairs = make_tll(tmp_path / "same", n=10)
+    sh.rmtree(same_pairs / "right")
+    sh.copytree(same_pairs / "left", same_pairs / "right")
+    recall = {}
+    for name, root in (("random", random_pairs), ("same", same_pairs)):
+        result, printed = evaluate(["--baseline", "pixels", "--data", "tll", "--data-dir", root, "--all-pairs",
+                                    "--image-size", "16", "--out", tmp_path / f"eval-{name}", "--no-pictures"], capsys)
+        assert "pixels baseline" in printed
+        recall[name] = result["metrics"]["retrieval"]["left_to_right"]["recall@1"]
+    assert recall["same"] == 1.0 and recall["random"] < 0.5
