@@ -28,9 +28,11 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from kernels import force_reference, symmetric_cosine_loss
@@ -129,6 +131,7 @@ def parse_args(argv=None):
     g.add_argument("--reference-kernels", action="store_true", help="use the PyTorch reference ops instead of the Triton kernels (A/B runs)")
     g.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<method>-<data>-s<seed>)")
     g.add_argument("--resume", type=Path, default=None, help="continue exactly from a checkpoint written by this script")
+    g.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds (by default that is refused)")
     g.add_argument("--stop-after-epochs", type=int, default=None, help="stop after this many epochs of this invocation (time-limited jobs)")
     g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates (each costs one host sync)")
     g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
@@ -151,15 +154,24 @@ def fill_defaults(args):
     if args.out is None:
         args.out = Path("runs") / f"{METHOD}-{args.data}-s{args.seed}"
     for flag, value, low in [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
-                             ("--image-size", args.image_size, 8), ("--log-every", args.log_every, 1)]:
+                             ("--image-size", args.image_size, 8), ("--log-every", args.log_every, 1),
+                             ("--eval-every", args.eval_every, 1), ("--workers", args.workers, 1),
+                             ("--stop-after-epochs", 1 if args.stop_after_epochs is None else args.stop_after_epochs, 1), ("--width", args.width, 1)]:
         if value < low:
             raise UserError(f"{flag} {value} is too small; use {low} or more")
+    if args.image_size > 1024:
+        raise UserError(f"--image-size {args.image_size} is too large: the image cache holds every image at that size "
+                        f"({3 * args.image_size ** 2 / 2 ** 20:.0f} MiB each); use 1024 or less")
+    for flag, value in [("--lr", args.lr), ("--weight-decay", args.weight_decay), ("--warmup-epochs", args.warmup_epochs)]:
+        if not (math.isfinite(value) and value >= 0) or (flag == "--lr" and value == 0):
+            raise UserError(f"{flag} {value} must be a finite number" + (" above 0" if flag == "--lr" else " of 0 or more"))
+    check_method_args(args)
     if not 0.0 <= args.holdout < 1.0:
         raise UserError(f"--holdout {args.holdout} must lie in [0, 1)")
     for flag, value, low, high in [("--crop-min-scale", args.crop_min_scale, 0.01, 1.0), ("--flip-prob", args.flip_prob, 0.0, 1.0),
                                    ("--solarize-prob", args.solarize_prob, 0.0, 1.0), ("--jitter-strength", args.jitter_strength, 0.0, 10.0),
                                    ("--rotation", args.rotation, 0.0, 180.0), ("--shear", args.shear, 0.0, 60.0),
-                                   ("--stroke", args.stroke, 0.0, 1.0), ("--width", args.width, 1, 4096)]:
+                                   ("--stroke", args.stroke, 0.0, 1.0)]:
         if not low <= value <= high:  # also false for NaN
             raise UserError(f"{flag} {value} must lie in [{low}, {high}]")
     return args
@@ -226,6 +238,12 @@ def build_model(args):
     return SimSiam(encoder, feature_dim, args.proj_dim, args.pred_dim)
 
 
+def check_method_args(args):
+    for flag, value in [("--proj-dim", args.proj_dim), ("--pred-dim", args.pred_dim)]:
+        if value < 1:
+            raise UserError(f"{flag} {value} is too small; use 1 or more")
+
+
 def build_method_optimizer(args, model):
     return build_optimizer(args, model, model.predictor.parameters() if args.fix_pred_lr else ())
 
@@ -245,6 +263,8 @@ def after_step(model, args, step, total_steps):
 
 TLL_DRIVE_IDS = {"left": "1jvkbTr_giSP3Ru8OwGNCg6B4PvVbcO34", "right": "1EzBZUb_mh_Dp_FKD0P4XiYYSd0QBH5zW"}
 TLL_PAGE = "https://sites.google.com/view/totally-looks-like-dataset"
+Image.init()
+IMAGE_EXTENSIONS = tuple(sorted(e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))  # all Pillow reads
 
 
 @dataclass
@@ -270,11 +290,22 @@ class PairData:
     split: dict = field(default_factory=dict)  # names of held-out items, saved with the run
 
 
+def to_rgb(img):
+    """RGB as a viewer shows it: EXIF orientation applied, 16-bit scaled to 8, transparency on white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        peak = 65535 if img.mode.startswith("I;16") else max(1, img.getextrema()[1])
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) * (255 / peak)).clip(0, 255).round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("RGB")
+
+
 def decode_image(read_bytes, name, size):
     """Decode, resize the shorter side to `size` and centre-crop: uint8 [3, size, size]."""
     try:
         with Image.open(io.BytesIO(read_bytes())) as img:
-            img = img.convert("RGB")
+            img = to_rgb(img)
             w, h = img.size
             scale = size / min(w, h)
             img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
@@ -282,7 +313,8 @@ def decode_image(read_bytes, name, size):
             left, top = (w - size) // 2, (h - size) // 2
             img = img.crop((left, top, left + size, top + size))
             return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError) as e:
+        # RuntimeError: an encrypted zip member; BadZipFile: a bad CRC; zlib.error: corrupt deflate data.
         raise UserError(f"cannot read image {name} ({e.__class__.__name__}: {e}); replace or remove that file") from None
 
 
@@ -468,7 +500,7 @@ def download_tll(root):
 def list_side(root, side):
     """Image names of one TLL side, from root/side/ or root/side.zip."""
     folder, archive = root / side, root / f"{side}.zip"
-    exts = (".jpg", ".jpeg", ".png")
+    exts = IMAGE_EXTENSIONS
     if folder.is_dir():
         return {p.name: file_source(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in exts}
     if archive.is_file():
@@ -511,10 +543,13 @@ def load_pairs_csv(args):
         raise UserError("--data pairs needs --pairs-csv FILE")
     if not Path(path).is_file():
         raise UserError(f"--pairs-csv {path} does not exist; check the path")
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of a path
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:
+        raise UserError(f"--pairs-csv {path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
     resolve = lambda s: Path(s.strip()) if Path(s.strip()).is_absolute() else Path(path).parent / s.strip()
-    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    exts = IMAGE_EXTENSIONS
     # A header names no image: none of its first two cells is a file or looks like an image name.
     if rows and not any(resolve(c).is_file() or c.strip().lower().endswith(exts) for c in rows[0][:2]):
         rows = rows[1:]  # a header row
@@ -537,7 +572,7 @@ def load_pairs_csv(args):
 def load_folder(args):
     """Class subfolders: a positive pair is two images of one class."""
     root = require_dir(args.data_dir)
-    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    exts = IMAGE_EXTENSIONS
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     files = [(p, c) for c in classes for p in sorted((root / c).rglob("*")) if p.suffix.lower() in exts]
     if not files:
@@ -1006,6 +1041,8 @@ def set_rng_state(state):
 def pick_device(name, local_rank):
     if name == "auto":
         name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise UserError(f"--device {name} is not supported; use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA but torch sees no CUDA device; use --device cpu")
     try:
@@ -1018,12 +1055,35 @@ class Diverged(Exception):
     pass
 
 
-class Logger:
-    """JSONL + TensorBoard on rank 0."""
+def prepare_run_dir(out, resuming, overwrite):
+    """Before any data loads: the run directory can be written, and a new run never takes another's place."""
+    if not resuming and ((out / "last.pt").exists() or (out / "log.jsonl").exists()):
+        if not overwrite:
+            raise UserError(f"--out {out} already holds a run; continue it with --resume {out / 'last.pt'}, "
+                            "or add --overwrite to replace it")
+        for name in ("last.pt", "log.jsonl", "split.json"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "tb", ignore_errors=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {out} cannot be written to ({e.strerror or e}); pass a folder you can write to") from None
 
-    def __init__(self, out, enabled):
+
+class Logger:
+    """JSONL + TensorBoard on rank 0. A resumed run first drops the records after its checkpoint's
+    epoch (written by an invocation killed before it could save), so that each epoch appears once."""
+
+    def __init__(self, out, enabled, after_epoch=0):
         self.enabled = enabled
         self.writer = None
+        if enabled and (out / "log.jsonl").exists():
+            lines = (out / "log.jsonl").read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= after_epoch]
+            (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -1056,7 +1116,8 @@ def train(args):
         keep = {k: getattr(args, k) for k in ("resume", "stop_after_epochs", "device", "no_progress", "workers")}
         # The recipe's defaults first: a checkpoint from before a flag existed still resumes.
         args = argparse.Namespace(**{**vars(parse_args(["--data", ckpt["args"]["data"]])), **ckpt["args"], **keep})
-        args.out = Path(args.out)
+        args.out = Path(args.resume).resolve().parent  # a resumed run writes where its checkpoint lives
+        args.overwrite = False
     args = fill_defaults(args)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -1072,6 +1133,9 @@ def train(args):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
+    is_main = rank == 0
+    if is_main:
+        prepare_run_dir(args.out, resuming=ckpt is not None, overwrite=args.overwrite)
 
     data = load_data(args)
     steps_per_epoch = len(data.anchors) // args.batch_size
@@ -1102,11 +1166,9 @@ def train(args):
     step_fn = torch.compile(net) if args.compile else net
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    is_main = rank == 0
     if is_main:
-        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "split.json").write_text(json.dumps(data.split, indent=1))
-    logger = Logger(args.out, is_main)
+    logger = Logger(args.out, is_main, after_epoch=start_epoch)
     if ckpt is None:
         untrained = evaluate(model, data, device)
         history.append({"epoch": 0, **untrained})
@@ -1154,10 +1216,15 @@ def train(args):
                 print(f"warning: the representation looks collapsed: collapse_std={record['collapse_std']:.2e} "
                       f"(about {record['healthy_std']:.3f} when healthy), effective_rank={record['effective_rank']:.1f}"
                       + (f", {name}={record[name]:.3f}" if name else ""), file=sys.stderr)
-            save_atomic({"method": METHOD, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "epoch": epoch + 1, "step": global_step + 1, "rng": rng_state(), "split": data.split, "history": history},
-                        args.out / "last.pt")
+            try:
+                save_atomic({"method": METHOD, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "epoch": epoch + 1, "step": global_step + 1, "rng": rng_state(), "split": data.split, "history": history},
+                            args.out / "last.pt")
+            except OSError as e:
+                kept = f"the checkpoint of epoch {epoch} is kept" if epoch > start_epoch or ckpt is not None else "no checkpoint was written yet"
+                raise UserError(f"could not write {args.out / 'last.pt'} ({e.strerror or e}); {kept}: free space, then "
+                                f"--resume {args.out / 'last.pt'}") from None
     if world > 1:
         dist.destroy_process_group()
     return model, history, args
@@ -1181,18 +1248,27 @@ def summary(history):
     first, last = history[0], history[-1]
     name = quality_name(first)
     if name is None or name not in last:
-        return ""
+        return ("warning: no held-out quality metric: the held-out split has no pairs, runs or labelled images "
+                "to score; raise --holdout")
     return f"{name}: {last[name]:.3f} trained vs {first[name]:.3f} untrained"
 
 
 def main(argv=None):
+    args = parse_args(argv)
     try:
-        _, history, args = train(parse_args(argv))
+        _, history, args = train(args)
     except UserError as e:
         print(f"{METHOD}.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = Path(args.resume).parent if args.resume else args.out or Path("runs") / f"{METHOD}-{args.data}-s{args.seed}"
+        print(f"{METHOD}.py: interrupted; continue from the last checkpoint with: python {METHOD}.py --resume {out / 'last.pt'}",
+              file=sys.stderr)
+        return 130
     except Diverged as e:
-        print(f"{METHOD}.py: error: {e}; stopped, the last good checkpoint is kept in the run directory", file=sys.stderr)
+        out = Path(args.resume).parent if args.resume else args.out or Path("runs") / f"{METHOD}-{args.data}-s{args.seed}"
+        kept = f"the last good checkpoint is kept in {out}" if (out / "last.pt").exists() else "no checkpoint was written"
+        print(f"{METHOD}.py: error: {e}; stopped, {kept}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run directory: {args.out}")

@@ -1,0 +1,196 @@
+"""Nothing lost, nothing silent: run directories, resume, images as users have them, and bad
+values that must end in one line before any data loads (issue #14)."""
+
+import csv
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bn_only
+import byol
+import simsiam
+from tiny_data import make_tll, one_thread, tiny_flags  # noqa: F401  (one_thread is a fixture)
+
+MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only}
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def one_line(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert str(needle) in err, (needle, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def tll(tmp_path_factory):
+    return make_tll(tmp_path_factory.mktemp("tll"), n=20)
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def test_a_new_run_never_replaces_another(tll, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert byol.main(tiny_flags("byol", tll, out)) == 0
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert byol.main(tiny_flags("byol", tll, out, extra=["--seed", "5"])) == 2
+    one_line(capsys, f"--out {out} already holds a run", "--resume", "--overwrite")
+    assert (out / "last.pt").read_bytes() == before
+    assert byol.main(tiny_flags("byol", tll, out, extra=["--seed", "5", "--overwrite"])) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1]  # the old run's records are gone, not mixed in
+    assert torch.load(out / "last.pt", weights_only=False)["args"]["seed"] == 5
+
+
+def test_a_resumed_run_writes_where_its_checkpoint_lives(tll, tmp_path, monkeypatch):
+    out = tmp_path / "elsewhere" / "run"
+    assert byol.main(tiny_flags("byol", tll, out, epochs=2, extra=["--stop-after-epochs", "1"])) == 0
+    other = tmp_path / "other-cwd"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    assert byol.main(["--resume", str(out / "last.pt"), "--no-progress"]) == 0
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 2
+    assert not (other / "runs").exists()
+
+
+def test_the_log_holds_each_epoch_once_after_a_kill_before_the_save(tll, tmp_path):
+    out = tmp_path / "run"
+    assert byol.main(tiny_flags("byol", tll, out, epochs=2, extra=["--stop-after-epochs", "1"])) == 0
+    with open(out / "log.jsonl", "a") as f:  # epoch 2 logged, then killed before its checkpoint
+        f.write(json.dumps({"epoch": 2, "loss": 9.0}) + "\n")
+    assert byol.main(["--resume", str(out / "last.pt"), "--no-progress"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_out_that_is_a_file_is_one_line_before_data_loads(name, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    # --data-dir does not exist either: the output is checked first, before any data loads.
+    assert MODULES[name].main(["--data", "tll", "--data-dir", str(tmp_path / "missing"), "--out", str(blocker / "run")]) == 2
+    one_line(capsys, "cannot be written to", blocker / "run")
+
+
+def test_ctrl_c_is_one_line_with_the_resume_command(monkeypatch, capsys, tmp_path):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(byol, "train", interrupted)
+    assert byol.main(["--out", str(tmp_path / "run")]) == 130
+    one_line(capsys, "interrupted", f"--resume {tmp_path / 'run' / 'last.pt'}")
+
+
+# ----------------------------------------------------------------------------- flags checked up front
+
+
+BAD_FLAGS = [
+    ("byol", ["--lr", "-1"], "--lr"), ("byol", ["--lr", "nan"], "--lr"), ("byol", ["--weight-decay", "-1"], "--weight-decay"),
+    ("byol", ["--base-tau", "1.5"], "--base-tau"), ("byol", ["--hidden-dim", "0"], "--hidden-dim"),
+    ("byol", ["--proj-dim", "0"], "--proj-dim"), ("simsiam", ["--pred-dim", "0"], "--pred-dim"),
+    ("bn_only", ["--hidden-dim", "0"], "--hidden-dim"), ("byol", ["--device", "meta"], "--device meta"),
+    ("byol", ["--device", "mps"], "--device mps"), ("byol", ["--eval-every", "0"], "--eval-every"),
+    ("byol", ["--stop-after-epochs", "0"], "--stop-after-epochs"), ("byol", ["--image-size", "100000"], "--image-size 100000"),
+    ("byol", ["--warmup-epochs", "-2"], "--warmup-epochs"), ("byol", ["--workers", "0"], "--workers"),
+]
+
+
+@pytest.mark.parametrize("name,argv,needle", BAD_FLAGS, ids=[" ".join(a) for _, a, _ in BAD_FLAGS])
+def test_bad_values_are_one_line_before_anything_runs(name, argv, needle, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert MODULES[name].main([*argv, "--data", "tll", "--data-dir", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    one_line(capsys, needle)
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- images as users have them
+
+
+def decode(img, fmt="PNG"):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return byol.decode_image(buf.getvalue, "test-image", 8)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    x = decode(Image.fromarray(ramp)).float()  # Pillow stores a uint16 array as mode I;16
+    assert x.min() < 20 and x.max() > 235 and 100 < x.mean() < 155  # a full ramp, mid-grey on average
+    assert (x >= 255).float().mean() < 0.1
+
+
+def test_transparent_background_is_white():
+    img = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    img.paste((200, 0, 0, 255), (6, 6, 10, 10))
+    x = decode(img)
+    assert x[:, 0, 0].tolist() == [255, 255, 255]
+    assert x[0, 4, 4] > 150 and x[1, 4, 4] < 80  # the opaque red square stays red
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (16, 8), "white")
+    img.paste((0, 0, 0), (0, 0, 8, 8))  # left half black
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to display: the black half goes to the top
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    x = byol.decode_image(buf.getvalue, "rotated.jpg", 8).float().mean(0)
+    assert x[:4].mean() < 60 and x[4:].mean() > 190
+
+
+@pytest.mark.parametrize("fmt,ext", [("PPM", ".pgm"), ("GIF", ".gif"), ("TIFF", ".tif")])
+def test_folder_reads_every_format_pillow_reads(tmp_path, fmt, ext):
+    for c in range(2):
+        (tmp_path / f"class{c}").mkdir()
+        for k in range(3):
+            Image.fromarray(np.full((12, 12), 40 * c + 10 * k, dtype=np.uint8)).save(tmp_path / f"class{c}" / f"{k}{ext}", format=fmt)
+    args = byol.fill_defaults(byol.parse_args(["--data", "folder", "--data-dir", str(tmp_path), "--image-size", "8",
+                                               "--workers", "1", "--holdout", "0"]))
+    assert len(byol.load_data(args).images) == 6
+
+
+# ----------------------------------------------------------------------------- files that name themselves
+
+
+def write_pairs(root, rows, encoding, bom=False):
+    path = root / "pairs.csv"
+    with open(path, "w", newline="", encoding=encoding) as f:
+        if bom:
+            f.write("\ufeff")
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def test_csv_with_a_byte_order_mark_and_no_header(tll, tmp_path):
+    rows = [[str(tll / "left" / f"p{i:03d}.jpg"), str(tll / "right" / f"p{i:03d}.jpg")] for i in range(12)]
+    path = write_pairs(tmp_path, rows, "utf-8", bom=True)
+    args = byol.fill_defaults(byol.parse_args(["--data", "pairs", "--pairs-csv", str(path), "--image-size", "8", "--workers", "1"]))
+    data = byol.load_data(args)
+    assert len(data.images) == 24 and not any("\ufeff" in n for n in data.names)
+
+
+def test_csv_not_in_utf8_is_one_line(tmp_path, capsys):
+    path = write_pairs(tmp_path, [["café_left.jpg", "café_right.jpg"]], "latin-1")
+    assert byol.main(["--data", "pairs", "--pairs-csv", str(path), "--out", str(tmp_path / "run")]) == 2
+    one_line(capsys, path, "not UTF-8")
+
+
+def test_zip_member_with_a_bad_crc_is_one_line_naming_it(tmp_path, capsys):
+    root = tmp_path / "tll"
+    make_tll(root, n=12, layout="zip")
+    raw = bytearray((root / "left.zip").read_bytes())
+    with zipfile.ZipFile(root / "left.zip") as z:
+        info = z.getinfo("left/p003.jpg")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start + 40] ^= 0xFF  # flip a byte of the stored JPEG: the CRC no longer matches
+    (root / "left.zip").write_bytes(bytes(raw))
+    assert byol.main(["--data", "tll", "--data-dir", str(root), "--out", str(tmp_path / "run"), "--workers", "1"]) == 2
+    one_line(capsys, "left.zip:left/p003.jpg", "replace or remove")
