@@ -9,50 +9,45 @@
 #
 # What it runs (each training run followed by `python eval.py RUN_DIR/last.pt --out RUN_DIR`,
 # which writes RUN_DIR/eval.json, and `python eval.py --plot RUN_DIR`, which draws RUN_DIR/curves.png):
-#   omniglot (embedded data, the scripts' default epochs):
+#   omniglot (embedded data, each script's recipe: what `python byol.py` runs with no argument):
 #     byol.py, simsiam.py, bn_only.py                       for each seed in SEEDS
 #     bn_only.py ablations: --no-bn; --predictor; --stop-grad;
 #                           --bn-placement all               for each seed in ABLATION_SEEDS
-#     simsiam.py --lr 0.05 (4x its default at batch 64)       for each seed in ABLATION_SEEDS
-#     byol.py, bn_only.py --epochs E_LONG (4x the default)    for each seed in LONG_SEEDS
-#     eval.py --baseline random / random-bn / pretrained, on the split of byol's run of each seed
+#     byol.py --epochs E_LONG (the documented longer recipe) for each seed in LONG_SEEDS
+#     eval.py --baseline pixels / random / random-bn, on the split of byol's run of each seed
 #   tll (TLL_DIR, with left/ and right/ or left.zip and right.zip; skipped when missing):
-#     byol.py, simsiam.py, bn_only.py with --data tll --data-dir TLL_DIR --image-size 32
-#                           --stem imagenet --epochs E_TLL   for each seed in SEEDS
-#     eval.py --baseline random / random-bn / pretrained, as for omniglot
+#     byol.py, simsiam.py, bn_only.py with --data tll --data-dir TLL_DIR --epochs E_TLL
+#                                                            for each seed in TLL_SEEDS
+#     eval.py --baseline pixels / random / random-bn, as for omniglot
 #   then: python results/summarize.py OUT > results/tables.md  (and results/<data>_curves.png)
 #
-# Run directories: OUT/<data>/<row>-s<seed>, rows byol, simsiam, simsiam-lr0.05, bn_only, bn_only-no-bn,
-# byol-e<E_LONG>, bn_only-e<E_LONG>,
-# bn_only-predictor, bn_only-stop-grad, bn_only-bn-all,
-# baseline-random, baseline-random-bn, baseline-pretrained. A run whose eval.json exists is skipped (so the
+# Run directories: OUT/<data>/<row>-s<seed>, rows byol, simsiam, bn_only, bn_only-no-bn,
+# bn_only-predictor, bn_only-stop-grad, bn_only-bn-all, byol-e<E_LONG>,
+# baseline-pixels, baseline-random, baseline-random-bn. A run whose eval.json exists is skipped (so the
 # script resumes where it stopped), unless FORCE=1; an unfinished training run with a
 # last.pt is continued with --resume (bit-identical on CPU), one without is restarted.
-# --baseline pretrained needs torchvision's ImageNet weights: offline it fails with a note
-# and the script goes on (PRETRAINED_INIT=resnet18.pth passes a local state dict instead).
 #
 # Variables (environment):
-#   SEEDS="0 1 2"  ABLATION_SEEDS="$SEEDS"  DATASETS="omniglot tll"  OUT=results/runs
-#   LONG_SEEDS="0 1"  E_LONG=16
-#   TLL_DIR=../shared/data/tll-dev  E_TLL=5  THREADS=$(nproc)  FORCE=0  PYTHON=python
+#   SEEDS="0 1 2"  ABLATION_SEEDS="0"  DATASETS="omniglot tll"  OUT=results/runs
+#   LONG_SEEDS="0"  E_LONG=80  TLL_SEEDS="0"
+#   TLL_DIR=../shared/data/tll-dev  E_TLL=30  THREADS=$(nproc)  FORCE=0  PYTHON=python
 #   TRAIN_ARGS=""  extra flags for every training run (e.g. "--device cuda"; they become
 #                  part of the saved args, so keep them to ones that do not change results)
-#   PRETRAINED_INIT=""  local ImageNet resnet18 state dict for --baseline pretrained
 set -euo pipefail
 
 SEEDS="${SEEDS:-0 1 2}"
-ABLATION_SEEDS="${ABLATION_SEEDS:-$SEEDS}"
+ABLATION_SEEDS="${ABLATION_SEEDS:-0}"
 DATASETS="${DATASETS:-omniglot tll}"
 TLL_DIR="${TLL_DIR:-../shared/data/tll-dev}"
 OUT="${OUT:-results/runs}"
-E_TLL="${E_TLL:-5}"
-LONG_SEEDS="${LONG_SEEDS:-0 1}"
-E_LONG="${E_LONG:-16}"
+E_TLL="${E_TLL:-30}"
+TLL_SEEDS="${TLL_SEEDS:-0}"
+LONG_SEEDS="${LONG_SEEDS:-0}"
+E_LONG="${E_LONG:-80}"
 THREADS="${THREADS:-$(nproc)}"
 FORCE="${FORCE:-0}"
 PYTHON="${PYTHON:-python}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"
-PRETRAINED_INIT="${PRETRAINED_INIT:-}"
 
 cd "$(dirname "$0")/.."  # the repository root: the scripts, and the paths above, are relative to it
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
@@ -98,19 +93,10 @@ baseline() {
         log "skip $dir: it takes its data and split from $ckpt, which does not exist"
         return 0
     fi
-    local extra=()
-    [[ "$kind" == pretrained && -n "$PRETRAINED_INIT" ]] && extra=(--init "$PRETRAINED_INIT")
     rm -rf "$dir"
     mkdir -p "$dir"
-    log "baseline $dir: $PYTHON eval.py $ckpt --baseline $kind ${extra[*]+${extra[*]}} --out $dir"
-    if ! "$PYTHON" eval.py "$ckpt" --baseline "$kind" ${extra[@]+"${extra[@]}"} --out "$dir" --workers "$THREADS" \
-            2>&1 | tee "$dir/eval.log"; then
-        if [[ "$kind" == pretrained ]]; then
-            log "note: --baseline pretrained failed (offline? no ImageNet weights; set PRETRAINED_INIT=path/to/resnet18.pth);" \
-                "no baseline-pretrained row for $data seed $seed, going on"
-            rm -rf "$dir"
-            return 0
-        fi
+    log "baseline $dir: $PYTHON eval.py $ckpt --baseline $kind --out $dir"
+    if ! "$PYTHON" eval.py "$ckpt" --baseline "$kind" --out "$dir" --workers "$THREADS" 2>&1 | tee "$dir/eval.log"; then
         log "error: $dir failed"
         return 1
     fi
@@ -118,7 +104,7 @@ baseline() {
 
 wants() { [[ " $DATASETS " == *" $1 "* ]]; }
 
-log "OUT=$OUT SEEDS='$SEEDS' ABLATION_SEEDS='$ABLATION_SEEDS' LONG_SEEDS='$LONG_SEEDS' E_LONG=$E_LONG DATASETS='$DATASETS' THREADS=$THREADS FORCE=$FORCE"
+log "OUT=$OUT SEEDS='$SEEDS' ABLATION_SEEDS='$ABLATION_SEEDS' LONG_SEEDS='$LONG_SEEDS' E_LONG=$E_LONG TLL_SEEDS='$TLL_SEEDS' E_TLL=$E_TLL DATASETS='$DATASETS' THREADS=$THREADS FORCE=$FORCE"
 
 if wants omniglot; then
     for seed in $SEEDS; do
@@ -131,32 +117,28 @@ if wants omniglot; then
         train omniglot bn_only-predictor "$seed" bn_only --predictor
         train omniglot bn_only-stop-grad "$seed" bn_only --stop-grad
         train omniglot bn_only-bn-all "$seed" bn_only --bn-placement all
-        train omniglot simsiam-lr0.05 "$seed" simsiam --lr 0.05
     done
-    # Does bn_only's collapsed output reach its encoder's features with longer training?
     for seed in $LONG_SEEDS; do
         train omniglot "byol-e$E_LONG" "$seed" byol --epochs "$E_LONG"
-        train omniglot "bn_only-e$E_LONG" "$seed" bn_only --epochs "$E_LONG"
     done
     for seed in $SEEDS; do
+        baseline omniglot pixels "$seed"
         baseline omniglot random "$seed"
         baseline omniglot random-bn "$seed"
-        baseline omniglot pretrained "$seed"
     done
 fi
 
 if wants tll; then
     if [[ -d "$TLL_DIR/left" || -f "$TLL_DIR/left.zip" ]]; then
-        for seed in $SEEDS; do
+        for seed in $TLL_SEEDS; do
             for script in byol simsiam bn_only; do
-                train tll "$script" "$seed" "$script" --data tll --data-dir "$TLL_DIR" \
-                    --image-size 32 --stem imagenet --epochs "$E_TLL"
+                train tll "$script" "$seed" "$script" --data tll --data-dir "$TLL_DIR" --epochs "$E_TLL"
             done
         done
-        for seed in $SEEDS; do
+        for seed in $TLL_SEEDS; do
+            baseline tll pixels "$seed"
             baseline tll random "$seed"
             baseline tll random-bn "$seed"
-            baseline tll pretrained "$seed"
         done
     else
         log "SKIPPING the TLL rows: TLL_DIR=$TLL_DIR has neither left/ nor left.zip (set TLL_DIR to the TLL-dev data)"
