@@ -336,3 +336,24 @@ def test_pixel_baseline_finds_identical_pairs_and_misses_random_ones(tmp_path, c
         assert "pixels baseline" in printed
         recall[name] = result["metrics"]["retrieval"]["left_to_right"]["recall@1"]
     assert recall["same"] == 1.0 and recall["random"] < 0.5
+
+
+# ----------------------------------------------------------------------------- checkpoints from before the recipes
+
+
+def test_a_checkpoint_older_than_a_flag_resumes_with_its_plain_default(tmp_path, monkeypatch):
+    from tiny_data import make_tll, tiny_flags
+
+    out = tmp_path / "run"
+    argv = tiny_flags("byol", make_tll(tmp_path / "tll", n=12), out, epochs=2, extra=["--stop-after-epochs", "1", "--width", "8"])
+    assert byol.main(argv) == 0
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    for flag in ("rotation", "shear", "stroke"):  # flags that checkpoints of 2026-11-23 did not have
+        del ckpt["args"][flag]
+    torch.save(ckpt, out / "last.pt")
+    # Were the recipe's values taken, a run that trained without these augmentations would resume with them.
+    monkeypatch.setitem(byol.RECIPES, "tll", dict(byol.RECIPES["tll"], rotation=7.0, shear=3.0, stroke=0.5))
+    assert byol.main(["--resume", str(out / "last.pt"), "--no-progress"]) == 0
+    resumed = torch.load(out / "last.pt", weights_only=False)
+    assert resumed["epoch"] == 2
+    assert (resumed["args"]["rotation"], resumed["args"]["shear"], resumed["args"]["stroke"]) == (0.0, 0.0, 0.0)
