@@ -266,7 +266,7 @@ def diverged_run(tmp_path_factory):
         return real_aug(x1, x2, gen, args)
 
     argv = ["--data", "folder", "--data-dir", str(root), "--image-size", "16", "--stem", "imagenet", "--hidden-dim", "32",
-            "--proj-dim", "16", "--batch-size", "8", "--epochs", "3", "--workers", "1", "--no-progress", "--out", str(out)]
+            "--proj-dim", "16", "--batch-size", "8", "--epochs", "3", "--eval-every", "1", "--workers", "1", "--no-progress", "--out", str(out)]
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         for name, fn in [("symmetric_cosine_loss", loss), ("evaluate", evaluate), ("make_pair_batch", make_pair_batch),

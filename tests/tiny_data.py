@@ -91,7 +91,7 @@ def tiny_flags(method, data_dir, out, epochs=1, batch_size=8, extra=()):
     """The smallest sensible training run of `method` on a TLL directory."""
     dims = ["--proj-dim", "16", "--pred-dim", "8"] if method == "simsiam" else ["--hidden-dim", "32", "--proj-dim", "16"]
     return ["--data", "tll", "--data-dir", str(data_dir), "--image-size", "16", "--stem", "imagenet", *dims,
-            "--batch-size", str(batch_size), "--epochs", str(epochs), "--workers", "1", "--no-progress",
+            "--batch-size", str(batch_size), "--epochs", str(epochs), "--eval-every", "1", "--workers", "1", "--no-progress",
             "--out", str(out), *extra]
 
 
