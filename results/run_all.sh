@@ -11,8 +11,8 @@
 # which writes RUN_DIR/eval.json, and `python eval.py --plot RUN_DIR`, which draws RUN_DIR/curves.png):
 #   omniglot (embedded data, each script's recipe: what `python byol.py` runs with no argument):
 #     byol.py, simsiam.py, bn_only.py                       for each seed in SEEDS
-#     bn_only.py ablations: --no-bn; --predictor; --stop-grad;
-#                           --bn-placement all               for each seed in ABLATION_SEEDS
+#     bn_only.py ablations (ABLATIONS): --no-bn; --bn-placement all; --predictor;
+#                           --stop-grad                      for each seed in ABLATION_SEEDS
 #     byol.py --epochs E_LONG (the documented longer recipe) for each seed in LONG_SEEDS
 #     eval.py --baseline pixels / random / random-bn, on the split of byol's run of each seed
 #   tll (TLL_DIR, with left/ and right/ or left.zip and right.zip; skipped when missing):
@@ -28,7 +28,8 @@
 # last.pt is continued with --resume (bit-identical on CPU), one without is restarted.
 #
 # Variables (environment):
-#   SEEDS="0 1 2"  ABLATION_SEEDS="0"  DATASETS="omniglot tll"  OUT=results/runs
+#   SEEDS="0 1 2"  ABLATION_SEEDS="0"  ABLATIONS="no-bn bn-all predictor stop-grad"  DATASETS="omniglot tll"
+#   OUT=results/runs  (a variable set to " " runs none of its rows)
 #   LONG_SEEDS="0"  E_LONG=80  TLL_SEEDS="0"
 #   TLL_DIR=../shared/data/tll-dev  E_TLL=30  THREADS=$(nproc)  FORCE=0  PYTHON=python
 #   TRAIN_ARGS=""  extra flags for every training run (e.g. "--device cuda"; they become
@@ -37,6 +38,7 @@ set -euo pipefail
 
 SEEDS="${SEEDS:-0 1 2}"
 ABLATION_SEEDS="${ABLATION_SEEDS:-0}"
+ABLATIONS="${ABLATIONS:-no-bn bn-all predictor stop-grad}"
 DATASETS="${DATASETS:-omniglot tll}"
 TLL_DIR="${TLL_DIR:-../shared/data/tll-dev}"
 OUT="${OUT:-results/runs}"
@@ -113,10 +115,15 @@ if wants omniglot; then
         done
     done
     for seed in $ABLATION_SEEDS; do
-        train omniglot bn_only-no-bn "$seed" bn_only --no-bn
-        train omniglot bn_only-predictor "$seed" bn_only --predictor
-        train omniglot bn_only-stop-grad "$seed" bn_only --stop-grad
-        train omniglot bn_only-bn-all "$seed" bn_only --bn-placement all
+        for ablation in $ABLATIONS; do
+            case $ablation in
+                no-bn) train omniglot bn_only-no-bn "$seed" bn_only --no-bn ;;
+                bn-all) train omniglot bn_only-bn-all "$seed" bn_only --bn-placement all ;;
+                predictor) train omniglot bn_only-predictor "$seed" bn_only --predictor ;;
+                stop-grad) train omniglot bn_only-stop-grad "$seed" bn_only --stop-grad ;;
+                *) log "error: unknown ablation $ablation (no-bn, bn-all, predictor, stop-grad)"; exit 2 ;;
+            esac
+        done
     done
     for seed in $LONG_SEEDS; do
         train omniglot "byol-e$E_LONG" "$seed" byol --epochs "$E_LONG"
