@@ -57,7 +57,7 @@ BASE_LR = {"lars": 0.2, "sgd": 0.05, "adamw": 4e-3}
 # the test runs): conv4 and AdamW learn in minutes on a CPU where resnet18 and SGD barely moved (RESULTS.md).
 CONV4 = dict(arch="conv4", width=64, batch_size=128, optimizer="adamw", eval_every=5)
 RECIPES = {
-    "omniglot": dict(CONV4, image_size=28, epochs=40, holdout=0.0, crop_min_scale=0.6, jitter_strength=0.0,
+    "omniglot": dict(CONV4, image_size=28, epochs=35, holdout=0.0, crop_min_scale=0.6, jitter_strength=0.0,
                      flip_prob=0.0, solarize_prob=0.0, rotation=5.0, shear=5.0, stroke=0.3),
     "tll": dict(CONV4, image_size=64, epochs=100),
     "pairs": dict(CONV4, image_size=64, epochs=100),
