@@ -692,8 +692,8 @@ def run(opts):
         return
     if opts.checkpoint is None and opts.baseline is None:
         raise UserError("nothing to evaluate: pass a CHECKPOINT, --baseline random|random-bn|pretrained, or --plot RUN_DIR")
-    if opts.memory_mb <= 0:
-        raise UserError(f"--memory-mb {opts.memory_mb} must be positive")
+    if not (math.isfinite(opts.memory_mb) and opts.memory_mb > 0):
+        raise UserError(f"--memory-mb {opts.memory_mb} must be a finite number above 0")
     if opts.max_images is not None and opts.max_images < 1:
         raise UserError(f"--max-images {opts.max_images} must be 1 or more")
     if opts.checkpoint is not None:
@@ -701,6 +701,13 @@ def run(opts):
     else:
         mod, ckpt = import_method("byol", "eval.py"), None  # the scripts share their data and model code
     args, own_data = run_args(opts, mod, ckpt)
+    out = opts.out if opts.out is not None else default_out(opts, args, own_data)
+    try:  # before any data loads: an unwritable --out fails fast
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_bytes(b"")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise UserError(f"--out {out} cannot be written to ({e.strerror or e}); pass a folder you can write to") from None
     device = mod.pick_device(opts.device, 0)
     model = build_eval_model(opts, mod, ckpt, args).to(device)  # before the data: a bad file fails fast
     data = load_eval_data(opts, mod, ckpt, args, own_data)
@@ -732,8 +739,6 @@ def run(opts):
         "metrics": metrics,
         "seconds": timing,
     }
-    out = opts.out if opts.out is not None else default_out(opts, args, own_data)
-    out.mkdir(parents=True, exist_ok=True)
     pictures = []
     if not opts.no_pictures and "left" in extras:
         try:
@@ -758,6 +763,9 @@ def main(argv=None):
     except user_errors() as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("eval.py: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

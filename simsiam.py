@@ -321,10 +321,25 @@ def decode_image(read_bytes, name, size):
         raise UserError(f"cannot read image {name} ({e.__class__.__name__}: {e}); replace or remove that file") from None
 
 
+def available_memory():
+    """Bytes the system can still give (MemAvailable), or None where /proc/meminfo does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def decode_all(sources, size, workers):
     """sources: list of (name, zero-argument function returning bytes)."""
     if not sources:
         return torch.empty(0, 3, size, size, dtype=torch.uint8)
+    need, free = len(sources) * 3 * size * size, available_memory()
+    if free is not None and need > free // 2:
+        raise UserError(f"the image cache would take {need / 2 ** 30:.1f} GiB ({len(sources)} images at {size} px), more "
+                        f"than half of the {free / 2 ** 30:.1f} GiB available; lower --image-size")
     with ThreadPoolExecutor(max(1, workers)) as pool:
         images = list(pool.map(lambda s: decode_image(s[1], s[0], size), sources))
     return torch.stack(images)
@@ -932,16 +947,17 @@ def evaluate(model, data, device, max_images=2048):
     if data.labels is not None and data.test_images is not None and data.test_images.sum() > 1:
         gen = torch.Generator().manual_seed(0)
         test_idx = data.test_images.nonzero().flatten()
-        test_idx = test_idx[torch.randperm(len(test_idx), generator=gen)[:max_images]]
+        test_idx = held = test_idx[torch.randperm(len(test_idx), generator=gen)[:max_images]]
         train_idx = (~data.test_images & torch.isin(data.labels, data.labels[test_idx])).nonzero().flatten()
         if len(train_idx) == 0:  # whole classes held out: half of their images are the reference
             train_idx, test_idx = test_idx[0::2], test_idx[1::2]
         train_idx = train_idx[torch.randperm(len(train_idx), generator=gen)[:4 * max_images]]
-        ftrain, _ = embed_images(model, data.images[train_idx], device)
-        ftest, _ = embed_images(model, data.images[test_idx], device)
-        metrics["knn@20"] = knn_accuracy(ftrain, data.labels[train_idx].to(device), ftest, data.labels[test_idx].to(device))
+        test_idx = test_idx[torch.isin(data.labels[test_idx], data.labels[train_idx])]  # a class kNN can vote for
+        if len(test_idx):
+            ftrain, _ = embed_images(model, data.images[train_idx], device)
+            ftest, _ = embed_images(model, data.images[test_idx], device)
+            metrics["knn@20"] = knn_accuracy(ftrain, data.labels[train_idx].to(device), ftest, data.labels[test_idx].to(device))
         # Every held-out image queries all the others: with whole classes held out, a few pairs say little.
-        held = torch.cat([train_idx, test_idx]) if data.test_images[train_idx].all() else test_idx
         features, _ = embed_images(model, data.images[held], device)
         precision = r_precision(features, data.labels[held].to(device))
         if precision is not None:

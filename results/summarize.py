@@ -46,12 +46,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RUN_DIR = re.compile(r"^(?P<row>.+)-s(?P<seed>\d+)$")
 # Rows in this order first (run_all.sh's names), any others after them alphabetically.
-ROW_ORDER = ["baseline-random", "baseline-random-bn", "baseline-pretrained", "byol", "simsiam", "simsiam-lr0.05", "bn_only",
+ROW_ORDER = ["baseline-pixels", "baseline-random", "baseline-random-bn", "baseline-pretrained", "byol", "simsiam", "simsiam-lr0.05", "bn_only",
              "bn_only-no-bn", "bn_only-predictor", "bn_only-stop-grad", "bn_only-bn-all"]
 # Saved args left out of the reproduction command: where and how fast, not what.
 # Columns that should not vary over seeds: their distinct values, not mean +- std.
 CONSTANT = {"proj_healthy", "enc_healthy", "epochs"}
-RUN_ONLY = {"device", "workers", "no_progress", "log_every", "resume", "stop_after_epochs"}
+RUN_ONLY = {"device", "workers", "no_progress", "log_every", "resume", "stop_after_epochs", "overwrite"}
 
 
 # ----------------------------------------------------------------------------- reading

@@ -194,3 +194,50 @@ def test_zip_member_with_a_bad_crc_is_one_line_naming_it(tmp_path, capsys):
     (root / "left.zip").write_bytes(bytes(raw))
     assert byol.main(["--data", "tll", "--data-dir", str(root), "--out", str(tmp_path / "run"), "--workers", "1"]) == 2
     one_line(capsys, "left.zip:left/p003.jpg", "replace or remove")
+
+
+# ----------------------------------------------------------------------------- numbers that cannot measure anything
+
+
+def test_one_image_per_class_gives_no_knn_and_a_warning_not_zeros(tmp_path, capsys):
+    from tiny_data import make_folder
+
+    root = make_folder(tmp_path / "data", classes=12, per_class=1, seed=3)
+    out = tmp_path / "run"
+    argv = ["--data", "folder", "--data-dir", str(root), "--image-size", "16", "--width", "8", "--hidden-dim", "16",
+            "--proj-dim", "8", "--batch-size", "4", "--epochs", "1", "--eval-every", "1", "--workers", "1",
+            "--no-progress", "--pairs", "aug", "--out", str(out)]
+    assert byol.main(argv) == 0
+    printed = capsys.readouterr().out
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert not any("knn@20" in r or "r_precision" in r for r in log)
+    assert "warning: no held-out quality metric" in printed
+
+
+def test_an_image_cache_larger_than_memory_is_refused_with_its_size(monkeypatch):
+    monkeypatch.setattr(byol, "available_memory", lambda: 2 * 2**30)
+    sources = [("x", bytes)] * 1000
+    with pytest.raises(byol.UserError, match=r"would take 2\.8 GiB \(1000 images at 1000 px\).*lower --image-size"):
+        byol.decode_all(sources, 1000, 1)
+
+
+def test_eval_checks_its_flags_and_output_before_loading(tmp_path, capsys):
+    import eval as ev
+
+    assert ev.main(["--baseline", "random", "--memory-mb", "nan"]) == 2
+    one_line(capsys, "--memory-mb nan")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert ev.main(["--baseline", "random", "--data", "tll", "--data-dir", str(tmp_path / "missing"), "--out", str(blocker / "x")]) == 2
+    one_line(capsys, "cannot be written to")
+
+
+def test_eval_ctrl_c_is_one_line(monkeypatch, capsys):
+    import eval as ev
+
+    def interrupted(opts):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "run", interrupted)
+    assert ev.main(["--baseline", "random"]) == 130
+    one_line(capsys, "interrupted")
