@@ -19,8 +19,10 @@ Run:
 
 Metrics (cosine similarity throughout; a query is never its own neighbour):
   retrieval        held-out pairs, left->right and right->left: Recall@1/5/10, MRR and
-                   median rank. Ties count at random (in expectation), so a collapsed
-                   network scores chance level, not 1.
+                   median rank (left->right alone is the protocol Jina's Finetuner reports
+                   on TLL), and "asymmetric" Recall@1/3/5, a hit in either direction (the
+                   protocol of the TLL adaptation-function project). Ties count at random
+                   (in expectation), so a collapsed network scores chance level, not 1.
   one_shot         Omniglot's official 20 runs (data/omniglot/all_runs.zip), 20- and 5-way: the test.
   val_one_shot     the validation episodes (images_background_small2.zip, alphabets training
                    never sees): what recipes are tuned on.
@@ -319,6 +321,17 @@ def retrieval_metrics(greater, ties, ks=RECALL_KS):
     return out
 
 
+def asymmetric_recall(lr, rl, ks=(1, 3, 5)):
+    """The TLL project's "asymmetric" Recall@k: a pair counts when it ranks in the top k in either
+    direction. lr, rl: (greater, ties) of left->right and right->left; ties broken at random, the
+    two directions independently, in expectation."""
+    def hit(greater, ties, k):
+        n = (ties + 1).double()
+        return (k - greater.double()).clamp(min=0).minimum(n) / n
+
+    return {f"recall@{k}": (1 - (1 - hit(*lr, k)) * (1 - hit(*rl, k))).mean().item() for k in ks}
+
+
 def one_shot_accuracy(runs, ways, seed=0):
     """runs: [(train embeddings [C,D], test embeddings [T,D], answer [T])]. N-way: each test item
     chooses among its class and ways-1 other classes of the run, drawn with a fixed seed."""
@@ -468,8 +481,10 @@ def evaluate(opts, mod, model, data, args, device):
     if len(pairs):
         left, right = emb(pairs[:, 0], which), emb(pairs[:, 1], which)
         greater, ties, top = match_ranks(left, right, rows_for(len(right)))
+        back = match_ranks(right, left, rows_for(len(left)), top=0)[:2]
         metrics["retrieval"] = {"pairs": len(pairs), "left_to_right": retrieval_metrics(greater, ties),
-                                "right_to_left": retrieval_metrics(*match_ranks(right, left, rows_for(len(left)), top=0)[:2])}
+                                "right_to_left": retrieval_metrics(*back),
+                                "asymmetric": asymmetric_recall((greater, ties), back)}
         extras.update(left=left, right=right, greater=greater, ties=ties, top=top)
     if runs:
         metrics["one_shot"] = {"runs": len(runs), **{f"{w}way": one_shot_accuracy(runs, w) for w in (20, 5)}}

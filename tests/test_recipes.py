@@ -357,3 +357,20 @@ def test_a_checkpoint_older_than_a_flag_resumes_with_its_plain_default(tmp_path,
     resumed = torch.load(out / "last.pt", weights_only=False)
     assert resumed["epoch"] == 2
     assert (resumed["args"]["rotation"], resumed["args"]["shear"], resumed["args"]["stroke"]) == (0.0, 0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- published TLL protocols
+
+
+def test_asymmetric_recall_counts_a_hit_in_either_direction():
+    import eval as ev
+
+    none = torch.zeros(4, dtype=torch.long)
+    lr = (torch.tensor([0, 3, 0, 5]), none)  # pairs 0 and 2 are first left->right
+    rl = (torch.tensor([4, 0, 0, 5]), none)  # pairs 1 and 2 are first right->left
+    out = ev.asymmetric_recall(lr, rl, ks=(1, 4))
+    assert out["recall@1"] == pytest.approx(3 / 4)  # pairs 0, 1, 2
+    assert out["recall@4"] == pytest.approx(3 / 4)  # pair 3 ranks 6th both ways
+    # Ties at random: one tie with the true match ranks it first half the time, in each direction.
+    half = (torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long))
+    assert ev.asymmetric_recall(half, half, ks=(1,))["recall@1"] == pytest.approx(1 - 0.5 * 0.5)
