@@ -268,7 +268,7 @@ def test_checkpoint_on_its_own_split(run, capsys):
     # The very split and weights the run evaluated at its last epoch: the same Recall@1.
     assert m["retrieval"]["left_to_right"]["recall@1"] == pytest.approx(run.history[-1]["recall@1"])
     assert 0 < m["retrieval"]["left_to_right"]["recall@1"] < 1
-    assert m["collapse"]["projector"]["dim"] == 16 and m["collapse"]["encoder"]["dim"] == 512
+    assert m["collapse"]["projector"]["dim"] == 16 and m["collapse"]["encoder"]["dim"] == 64  # the tll recipe: conv4, width 64
     assert m["collapse"]["projector"]["effective_rank"] <= 16
     assert "left_to_right/recall@1" in printed and "median_rank" in printed
     assert (run.dir / "eval.json").is_file()
@@ -288,13 +288,18 @@ def test_random_baseline_is_the_runs_untrained_network_on_the_same_split(run, tm
     assert "projector" not in flags["metrics"]["collapse"]
 
 
+def first(module, kind):
+    """The first submodule of a kind (conv4 and the resnets name their layers differently)."""
+    return next(m for m in module.modules() if isinstance(m, kind))
+
+
 def test_random_bn_baseline_fits_batch_norm_statistics_to_the_training_images(run, capsys, monkeypatch):
     fitted = {}
     recalibrate = ev.recalibrate_batch_norm
 
     def spy(mod, model, images, device, batch_size=256):
         recalibrate(mod, model, images, device, batch_size)
-        fitted["images"], fitted["bn1"] = images, model.encoder.bn1
+        fitted["images"], fitted["bn1"] = images, first(model.encoder, torch.nn.BatchNorm2d)
 
     monkeypatch.setattr(ev, "recalibrate_batch_norm", spy)
     result, _ = evaluate([run.ckpt, "--baseline", "random-bn", "--no-pictures"], capsys)
@@ -306,8 +311,8 @@ def test_random_bn_baseline_fits_batch_norm_statistics_to_the_training_images(ru
     assert len(fitted["images"]) == len(data.anchors) < 256  # one batch: the plain mean and variance
     assert sorted(map(bytes, fitted["images"].numpy())) == sorted(map(bytes, data.images[data.anchors].numpy()))
     torch.manual_seed(args.seed)
-    encoder = mod.build_encoder(args.arch, args.stem)[0].eval()
-    conv1 = encoder.conv1(byol.normalize(fitted["images"])).transpose(0, 1).flatten(1)
+    encoder = mod.build_encoder(args.arch, args.stem, width=args.width)[0].eval()
+    conv1 = first(encoder, torch.nn.Conv2d)(byol.normalize(fitted["images"])).transpose(0, 1).flatten(1)
     assert torch.allclose(fitted["bn1"].running_mean, conv1.mean(1), atol=1e-5)
     assert torch.allclose(fitted["bn1"].running_var, conv1.var(1), rtol=1e-4)
     # ... and they change what the untrained network retrieves.
