@@ -241,3 +241,66 @@ def test_eval_ctrl_c_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(ev, "run", interrupted)
     assert ev.main(["--baseline", "random"]) == 130
     one_line(capsys, "interrupted")
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays(tll, tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    assert byol.main(tiny_flags("byol", tll, out, epochs=2, extra=["--stop-after-epochs", "1"])) == 0
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+
+    def full(obj, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(byol.torch, "save", full)
+    assert byol.main(["--resume", str(out / "last.pt"), "--no-progress"]) == 2
+    err = capsys.readouterr().err  # a collapse warning of the tiny run may come first
+    errors = [line for line in err.splitlines() if line.startswith("byol.py: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    for needle in ("No space left on device", "the checkpoint of epoch 1 is kept", f"--resume {out / 'last.pt'}"):
+        assert needle in errors[0]
+    assert (out / "last.pt").read_bytes() == before and not list(out.glob("*.tmp"))
+
+
+def corrupt_zip(root, how):
+    """A TLL layout whose left.zip has one member deflated and then damaged (how="deflate") or
+    flagged as encrypted (how="encrypted")."""
+    make_tll(root, n=12)
+    with zipfile.ZipFile(root / "left.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted((root / "left").iterdir()):
+            z.write(p, f"left/{p.name}")
+    import shutil as sh
+
+    sh.rmtree(root / "left")
+    raw = bytearray((root / "left.zip").read_bytes())
+    with zipfile.ZipFile(root / "left.zip") as z:
+        info = z.getinfo("left/p003.jpg")
+    if how == "deflate":
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+        raw[start: start + 8] = b"\xff" * 8  # an invalid deflate block header
+    else:
+        raw[info.header_offset + 6] |= 0x01  # general-purpose flag bit 0: encrypted (local header)
+        at = 0
+        while True:  # the member's central directory entry
+            at = raw.find(b"PK\x01\x02", at)
+            name_len = int.from_bytes(raw[at + 28: at + 30], "little")
+            if raw[at + 46: at + 46 + name_len] == b"left/p003.jpg":
+                raw[at + 8] |= 0x01
+                break
+            at += 4
+    (root / "left.zip").write_bytes(bytes(raw))
+    return root
+
+
+@pytest.mark.parametrize("how", ["deflate", "encrypted"])
+def test_a_damaged_or_encrypted_zip_member_is_one_line_naming_it(tmp_path, capsys, how):
+    root = corrupt_zip(tmp_path / "tll", how)
+    assert byol.main(["--data", "tll", "--data-dir", str(root), "--out", str(tmp_path / "run"), "--workers", "1"]) == 2
+    one_line(capsys, "left.zip:left/p003.jpg", "replace or remove")
+
+
+def test_holdout_zero_warns_instead_of_an_empty_summary(tll, tmp_path, capsys):
+    assert byol.main(tiny_flags("byol", tll, tmp_path / "run", extra=["--holdout", "0"])) == 0
+    assert "warning: no held-out quality metric" in capsys.readouterr().out
