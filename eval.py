@@ -511,6 +511,12 @@ def evaluate(opts, mod, model, data, args, device):
         metrics["collapse"] = {"encoder": collapse_stats(mod, emb(every, "encoder"))}
         if opts.baseline is None:
             metrics["collapse"]["projector"] = collapse_stats(mod, emb(every, "projector"))
+    elif data.one_shot_runs:  # Omniglot trains on all of small1: judge collapse on the test runs' 800 images
+        images = torch.cat([torch.cat([train, test]) for train, test, _ in data.one_shot_runs])
+        features, projections = mod.embed_images(model, images, device)
+        metrics["collapse"] = {"encoder": collapse_stats(mod, features)}
+        if opts.baseline is None:
+            metrics["collapse"]["projector"] = collapse_stats(mod, projections)
     timing["metrics_s"] = time.perf_counter() - start
     return metrics, extras, timing
 

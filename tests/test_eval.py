@@ -369,6 +369,11 @@ def test_omniglot_one_shot(tmp_path, capsys):
     assert shot["runs"] == 2
     assert 0 <= shot["20way"] <= shot["5way"] <= 1  # a 5-way choice keeps the true class
     assert result["metrics"]["retrieval"]["pairs"] == 1  # 1 of the 5 characters held out
+    # The recipe trains on all of small1 (--holdout 0): collapse is then judged on the runs' images.
+    result, _ = evaluate(["--baseline", "random", "--data", "omniglot", "--data-dir", omni, "--image-size", "16",
+                          "--holdout", "0", "--out", tmp_path / "out0", "--no-pictures"], capsys)
+    assert "retrieval" not in result["metrics"]
+    assert result["metrics"]["collapse"]["encoder"]["dim"] == 64 and result["metrics"]["val_one_shot"]["episodes"] == 50
 
 
 def test_plot_curves(run, tmp_path, capsys):
