@@ -148,6 +148,13 @@ def parse_args(argv=None, use_recipe=True):
     return p.parse_args(argv)
 
 
+def run_dir(args):
+    """Where a run writes: a resumed run in its checkpoint's folder, else --out, else runs/<method>-<data>-s<seed>."""
+    if args.resume is not None:
+        return Path(args.resume).resolve().parent
+    return Path(args.out) if args.out is not None else Path("runs") / f"{METHOD}-{args.data}-s{args.seed}"
+
+
 def fill_defaults(args):
     """Defaults derived from other settings (the image size, the optimiser), then range checks."""
     if args.stem is None:
@@ -159,7 +166,7 @@ def fill_defaults(args):
     if args.weight_decay is None:
         args.weight_decay = {"lars": 1.5e-6, "sgd": 1e-4, "adamw": 1e-6}[args.optimizer]
     if args.out is None:
-        args.out = Path("runs") / f"{METHOD}-{args.data}-s{args.seed}"
+        args.out = run_dir(args)
     for flag, value, low in [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--image-size", args.image_size, 8), ("--log-every", args.log_every, 1),
                              ("--eval-every", args.eval_every, 1), ("--workers", args.workers, 1),
@@ -1095,6 +1102,11 @@ def prepare_run_dir(out, resuming, overwrite):
         for name in ("last.pt", "log.jsonl", "split.json"):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "tb", ignore_errors=True)
+    require_writable(out)
+
+
+def require_writable(out):
+    """Creates `out` and writes a file in it, so that a bad --out fails before any work, not after."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -1147,7 +1159,7 @@ def train(args):
         keep = {k: getattr(args, k) for k in ("resume", "stop_after_epochs", "device", "no_progress", "workers")}
         # A flag newer than the checkpoint takes its plain default (not the recipe's): that is how the run trained.
         args = argparse.Namespace(**{**vars(parse_args([], use_recipe=False)), **ckpt["args"], **keep})
-        args.out = Path(args.resume).resolve().parent  # a resumed run writes where its checkpoint lives
+        args.out = run_dir(args)
         args.overwrite = False
     args = fill_defaults(args)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -1292,12 +1304,11 @@ def main(argv=None):
         print(f"{METHOD}.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        out = Path(args.resume).parent if args.resume else args.out or Path("runs") / f"{METHOD}-{args.data}-s{args.seed}"
-        print(f"{METHOD}.py: interrupted; continue from the last checkpoint with: python {METHOD}.py --resume {out / 'last.pt'}",
-              file=sys.stderr)
+        print(f"{METHOD}.py: interrupted; continue from the last checkpoint with: python {METHOD}.py --resume "
+              f"{run_dir(args) / 'last.pt'}", file=sys.stderr)
         return 130
     except Diverged as e:
-        out = Path(args.resume).parent if args.resume else args.out or Path("runs") / f"{METHOD}-{args.data}-s{args.seed}"
+        out = run_dir(args)
         kept = f"the last good checkpoint is kept in {out}" if (out / "last.pt").exists() else "no checkpoint was written"
         print(f"{METHOD}.py: error: {e}; stopped, {kept}", file=sys.stderr)
         return 1

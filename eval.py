@@ -471,8 +471,11 @@ def evaluate(opts, mod, model, data, args, device):
 
     start = time.perf_counter()
     emb = Embeddings(mod, model, data.images, needed, device)
-    runs = [(mod.embed_images(model, train, device)[pick], mod.embed_images(model, test, device)[pick], answer)
-            for train, test, answer in data.one_shot_runs]
+    def embed_runs(episodes):
+        return [(mod.embed_images(model, train, device)[pick], mod.embed_images(model, test, device)[pick], answer)
+                for train, test, answer in episodes]
+
+    runs = embed_runs(data.one_shot_runs)
     timing = {"images_embedded": emb.count + sum(len(t) + len(s) for t, s, _ in data.one_shot_runs),
               "embed_s": time.perf_counter() - start}
 
@@ -489,8 +492,7 @@ def evaluate(opts, mod, model, data, args, device):
     if runs:
         metrics["one_shot"] = {"runs": len(runs), **{f"{w}way": one_shot_accuracy(runs, w) for w in (20, 5)}}
     if data.val_runs:  # the validation episodes (images_background_small2), never the test runs
-        val = [(mod.embed_images(model, train, device)[pick], mod.embed_images(model, test, device)[pick], answer)
-               for train, test, answer in data.val_runs]
+        val = embed_runs(data.val_runs)
         metrics["val_one_shot"] = {"episodes": len(val), **{f"{w}way": one_shot_accuracy(val, w) for w in (20, 5)}}
     if labelled:
         cls = {"protocol": protocol, "reference_images": len(ref), "query_images": len(query)}
@@ -723,12 +725,7 @@ def run(opts):
         mod, ckpt = import_method("byol", "eval.py"), None  # the scripts share their data and model code
     args, own_data = run_args(opts, mod, ckpt)
     out = opts.out if opts.out is not None else default_out(opts, args, own_data)
-    try:  # before any data loads: an unwritable --out fails fast
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_bytes(b"")
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise UserError(f"--out {out} cannot be written to ({e.strerror or e}); pass a folder you can write to") from None
+    mod.require_writable(out)  # before any data loads
     device = mod.pick_device(opts.device, 0)
     model = build_eval_model(opts, mod, ckpt, args).to(device)  # before the data: a bad file fails fast
     data = load_eval_data(opts, mod, ckpt, args, own_data)
