@@ -4,13 +4,14 @@
 #   bash benchmarks/gpu.sh kernels OUT             # compiled kernels against the reference (the property
 #                                                  # tests, no interpreter), a training step with no host
 #                                                  # sync (tests/test_cuda_step.py), the kernel benchmarks
+#                                                  # (benchmarks/kernels.py)
 #   bash benchmarks/gpu.sh training OUT [DATA_DIR] # training step, epoch with data loading (GPU busy share),
 #                                                  # augmentation, fused kernels in a step: resnet18 at 32 and
 #                                                  # 224 px, resnet50 at 224 px
 #
 # OUT receives a log per command and the JSON files. DATA_DIR is a TLL layout (left/*.jpg, right/*.jpg);
 # without it the epoch section writes 4096 synthetic JPEG pairs. Needs python3 with torch (CUDA), torchvision,
-# triton, numpy, pillow, tqdm, pytest, hypothesis and pytest-benchmark; byol-pytorch and lightly
+# triton, numpy, pillow, tqdm, pytest and hypothesis; byol-pytorch and lightly
 # (pip install -e ".[bench]") add their rows when installed. Every command runs even if one before it fails;
 # the exit status says whether all passed.
 set -uo pipefail
@@ -56,7 +57,7 @@ EOF
 if [[ "$stage" == kernels ]]; then
     KERNELS_TEST_DEVICE=cuda run kernel-tests python3 -m pytest -q -rs tests/test_cosine_loss.py tests/test_ema.py
     KERNELS_TEST_DEVICE=cuda run cuda-step-test python3 -m pytest -q -rs tests/test_cuda_step.py
-    run bench-kernels python3 -m pytest --benchmark -q tests/bench_kernels.py --benchmark-json "$out/bench-kernels.json"
+    run bench-kernels python3 benchmarks/kernels.py --device cuda --json "$out/bench-kernels.json"
 else
     data_args=(--epochs 5 --max-pairs 4096)
     [[ -n "$data" ]] && data_args+=(--data-dir "$data")

@@ -1,13 +1,13 @@
 """Test configuration.
 
 * The correctness tests run the real Triton kernels on CPU tensors through Triton's
-  interpreter. ``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, so
-  it is set here, before anything imports triton or ``kernels``.
-* ``pytest --benchmark`` runs only the benchmarks (``tests/bench_*.py``, timed with
-  pytest-benchmark); a plain ``pytest`` never runs them. The exact ``--benchmark`` flag
-  is defined here because pytest-benchmark alone rejects it as an ambiguous prefix of
-  its ``--benchmark-*`` options. Under ``--benchmark`` the interpreter is NOT forced:
-  on a CUDA machine the benchmarks must time the compiled kernels.
+  interpreter. ``TRITON_INTERPRET`` is read when ``triton.language`` is imported and when
+  ``@triton.jit`` decorates a kernel, so it is set here, before anything imports them.
+* ``pytest --benchmark`` runs only the benchmarks (``tests/bench_*.py``, thin tests over
+  benchmarks/kernels.py and benchmarks/training.py); a plain ``pytest`` never runs them.
+  The exact ``--benchmark`` flag is defined here (pytest-benchmark, where installed, would
+  take it for an ambiguous prefix of its ``--benchmark-*`` options). With a CUDA device
+  ``--benchmark`` times the compiled kernels, so the interpreter is not forced then.
 * ``KERNELS_TEST_DEVICE=cuda`` runs the kernel tests on a GPU against the compiled
   kernels, so the interpreter is not forced then either (see tests/triton_backends.py).
 """
@@ -16,7 +16,20 @@ import os
 import sys
 
 KERNELS_TEST_DEVICES = ("cpu", "cuda")
-if "--benchmark" not in sys.argv[1:] and os.environ.get("KERNELS_TEST_DEVICE", "cpu") != "cuda":
+
+
+def compiled_kernels(benchmark: bool) -> bool:
+    """Whether this run uses the compiled kernels on a GPU rather than Triton's interpreter."""
+    if os.environ.get("KERNELS_TEST_DEVICE", "cpu") == "cuda":
+        return True
+    if benchmark:
+        import torch  # imports triton, not triton.language: the interpreter can still be set
+
+        return torch.cuda.is_available()
+    return False
+
+
+if not compiled_kernels("--benchmark" in sys.argv[1:]):
     os.environ["TRITON_INTERPRET"] = "1"
 
 # Hermetic: datasets that a user keeps in data/<name> (tll, cifar10, stl10) are never found there by a test.
@@ -46,15 +59,8 @@ def pytest_configure(config):
 
         if not torch.cuda.is_available():
             raise pytest.UsageError("KERNELS_TEST_DEVICE=cuda, but torch sees no CUDA device: unset it to test in Triton's interpreter")
-    if not config.getoption("--benchmark"):
-        if device != "cuda":
-            # also covers pytest.main([...]) where sys.argv says nothing
-            os.environ["TRITON_INTERPRET"] = "1"
-    elif getattr(config.option, "benchmark_columns", None) is not None:
-        # compact pytest-benchmark table (GB/s follow in our own summary below)
-        default = ["min", "max", "mean", "stddev", "median", "iqr", "outliers", "ops", "rounds", "iterations"]
-        if list(config.option.benchmark_columns) == default:
-            config.option.benchmark_columns = ["min", "median", "rounds"]
+    if not compiled_kernels(config.getoption("--benchmark")):
+        os.environ["TRITON_INTERPRET"] = "1"  # also covers pytest.main([...]) where sys.argv says nothing
 
 
 def _is_bench(path) -> bool:
@@ -86,68 +92,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 # --------------------------------------------------------------------------------------
-# Bandwidth table for the benchmarks
+# The benchmarks' tables, printed after the run
 # --------------------------------------------------------------------------------------
-_BENCH_ROWS: list[tuple[str, str, str]] = []  # (case, column, cell)
-
-
-@pytest.fixture
-def bench_record():
-    """``record(case, column, benchmark=None, nbytes=0, skipped=None)``.
-
-    After ``benchmark.pedantic(...)`` call it with the number of bytes the operation
-    must move at least; it stores ``GB/s`` in ``benchmark.extra_info`` and adds a cell
-    to the summary table. For a skipped column pass ``skipped=reason`` before skipping.
-    """
-
-    def record(case, column, benchmark=None, nbytes=0, skipped=None):
-        if skipped is not None:
-            _BENCH_ROWS.append((case, column, "skip"))
-            return
-        median = benchmark.stats.stats.median
-        gbps = nbytes / median / 1e9
-        benchmark.extra_info.update({"bytes": int(nbytes), "GB/s": round(gbps, 3)})
-        _BENCH_ROWS.append((case, column, f"{median * 1e3:9.3f} ms {gbps:7.2f} GB/s"))
-
-    return record
-
-
-_BENCH_TABLES: list[tuple[str, str]] = []  # (title, markdown) from the training benchmark
+_BENCH_TABLES: list[tuple[str, str]] = []  # (title, markdown)
 
 
 @pytest.fixture
 def bench_table():
-    """``add(title, markdown)``: a whole table for the summary (tests/bench_training.py)."""
+    """``add(title, markdown)``: a table for the summary at the end of ``pytest --benchmark``."""
     return lambda title, markdown: _BENCH_TABLES.append((title, markdown))
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not config.getoption("--benchmark"):
-        return
-    tr = terminalreporter
     for title, table in _BENCH_TABLES:
-        tr.write_sep("=", title)
-        tr.write_line(table)
-    if not _BENCH_ROWS:
-        return
-    tr.write_sep("=", "kernel benchmarks: median time and effective bandwidth")
-    # one table per section (first word of the case: "loss", "ema", ...)
-    sections: dict[str, list] = {}
-    for row in _BENCH_ROWS:
-        sections.setdefault(row[0].split()[0], []).append(row)
-    for rows in sections.values():
-        cases, columns, cells = [], [], {}
-        for case, column, cell in rows:
-            cases += [case] if case not in cases else []
-            columns += [column] if column not in columns else []
-            cells[case, column] = cell
-        w0 = max(len(c) for c in cases)
-        w = max(24, *(len(c) for c in columns))
-        tr.write_line("")
-        tr.write_line(f"{'case':<{w0}}  " + "  ".join(f"{c:>{w}}" for c in columns))
-        for case in cases:
-            tr.write_line(f"{case:<{w0}}  " + "  ".join(f"{cells.get((case, c), '-'):>{w}}" for c in columns))
-    tr.write_line("")
-    tr.write_line("GB/s = minimum bytes of the operation (each input read, each output written once) "
-                  "/ median time; 'skip': column skipped, reason in the short summary (-rs).")
+        terminalreporter.write_sep("=", title)
+        terminalreporter.write_line(table)

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiny_data import load_training_benchmark, one_thread  # noqa: F401  (fixture)
+from tiny_data import load_benchmark, one_thread  # noqa: F401  (fixture)
 
-training = load_training_benchmark()
+training = load_benchmark("training")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import byol
-from tiny_data import load_training_benchmark
+from tiny_data import load_benchmark
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_training_step_makes_no_host_sync():
     device = torch.device("cuda")
-    training = load_training_benchmark()
+    training = load_benchmark("training")
     cfg = training.parse_args(["--device", "cuda", "--image-size", "32", "--batch-size", "8"])
     bargs = training.byol_args(cfg)
     n = 16

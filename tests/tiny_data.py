@@ -124,14 +124,14 @@ def batch_indices(module, data, epoch, batch_size, seed=0, world=1, rank=0):
     return torch.cat(firsts), torch.cat(seconds)
 
 
-def load_training_benchmark():
-    """benchmarks/training.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+def load_benchmark(script):
+    """benchmarks/<script>.py as a module (benchmarks/ is a folder of scripts, not a package)."""
     import importlib.util
     import sys
 
-    name = "benchmarks_training"
+    name = f"benchmarks_{script}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "training.py")
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{script}.py")
         sys.modules[name] = module = importlib.util.module_from_spec(spec)  # registered: DataLoader workers may pickle its classes
         spec.loader.exec_module(module)
     return sys.modules[name]
