@@ -16,6 +16,12 @@ Run:
     python eval.py --baseline random --data tll --data-dir ~/data/tll --seed 0 --holdout 0.2
     python eval.py --baseline pretrained --data tll --data-dir ~/data/tll --all-pairs --image-size 224
     python eval.py --plot runs/byol-tll-s0                           # curves.png from log.jsonl
+Use the learned similarity (python eval.py embed --help, search --help, export --help):
+    python eval.py embed runs/byol-omniglot-s0/last.pt ~/photos --out photos.npz   # a folder tree, a .zip or a CSV list
+    python eval.py embed --baseline pixels ~/photos --image-size 64 --out pixels.npz
+    python eval.py search photos.npz --query query.jpg --top-k 5   # prints the top 5, draws photos-search.png
+    python eval.py search photos.npz --index 0 17
+    python eval.py export runs/byol-omniglot-s0/last.pt --out encoder.pt     # + encoder.json: arch, size, mean, std
 
 Metrics (cosine similarity throughout; a query is never its own neighbour):
   retrieval        held-out pairs, left->right and right->left: Recall@1/5/10, MRR and
@@ -35,16 +41,20 @@ Checkpoints are unpickled: evaluate only files you trust.
 """
 
 import argparse
+import csv
 import importlib
 import json
 import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 METHODS = ("byol", "simsiam", "bn_only")  # the scripts whose checkpoints eval.py reads
 HERE = Path(__file__).resolve().parent
@@ -66,7 +76,9 @@ def user_errors():
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Also: python eval.py embed|search|export --help (embed images, search them, "
+                                       "export the encoder).")
     p.add_argument("checkpoint", nargs="?", type=Path, default=None,
                    help="last.pt written by byol.py, simsiam.py or bn_only.py")
     p.add_argument("--baseline", choices=["pixels", "random", "random-bn", "pretrained"], default=None,
@@ -96,8 +108,9 @@ def parse_args(argv=None):
                    help="default: as the training scripts (random) / imagenet (pretrained, keeps the pretrained first conv)")
     g.add_argument("--init", type=Path, default=None, help="--baseline pretrained: a local state dict instead of a download")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--embedding", default="encoder", choices=["encoder", "projector"],
-                   help="which output to compare: backbone features or the projector's")
+    g.add_argument("--embedding", default=None, choices=["encoder", "projector"],
+                   help="which output to compare: backbone features or the projector's (default: the projector's for a "
+                        "--freeze-encoder run, whose encoder never trained; else the encoder's)")
     g.add_argument("--memory-mb", type=float, default=512,
                    help="budget for one block of similarities; larger sets are ranked block by block")
     g.add_argument("--max-images", type=int, default=None, help="labelled data: subsample at most this many train and test images")
@@ -668,15 +681,325 @@ def plot_curves(run_dir, out=None):
     return out / "curves.png"
 
 
+# ----------------------------------------------------------------------------- embed, search, export
+
+
+EMBED_CHUNK = 1024  # images decoded at a time: only one chunk of uint8 images is ever in memory, plus the embeddings
+GRID_PX = 96  # the search grid's picture size
+GRID_ROWS = 16  # queries drawn in the search grid (all of them are printed)
+
+
+def parse_tool_args(argv):
+    """The arguments of `eval.py embed|search|export ...` (argv[0] names the tool)."""
+    tool = argv[0]
+    about = {
+        "embed": "Embed images, preprocessed exactly as evaluation does, into one .npz: embeddings (float32 [N, D], raw: "
+                 "search compares them by cosine), paths and meta (JSON: how to rebuild the model). An unreadable image "
+                 "stops it with one line naming the file.",
+        "search": "Exact cosine search, block by block: the top-k images of each query, printed and drawn. A query that "
+                  "is in the file finds itself first, at a score of 1.",
+        "export": "Write the online encoder's state dict (torchvision's keys for the resnets) and a JSON sidecar with its "
+                  "architecture and preprocessing, to use the encoder without this repository (README: how to load it).",
+    }[tool]
+    p = argparse.ArgumentParser(prog=f"eval.py {tool}", description=about, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if tool == "embed":
+        p.add_argument("checkpoint", nargs="?", type=Path, default=None, help="last.pt of a run (omit it with --baseline)")
+        p.add_argument("images", type=Path,
+                       help="a folder (every image in its tree), a .zip of images, or a CSV whose first column lists image paths")
+        p.add_argument("--out", type=Path, default=None,
+                       help="the .npz to write (default: embeddings-IMAGES.npz next to the checkpoint; "
+                            "a baseline without one: here)")
+        p.add_argument("--layer", choices=["encoder", "projector"], default=None,
+                       help="the online encoder's features or the projector's outputs (default: what evaluation compares, "
+                            "the encoder's; a --freeze-encoder run's projector)")
+        p.add_argument("--baseline", choices=["pixels", "random"], default=None,
+                       help="no trained weights: the normalised pixels, or the untrained network "
+                            "(the run's own with a checkpoint)")
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--workers", type=int, default=4, help="threads that decode images")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        g = p.add_argument_group("baseline model without a checkpoint (default: the omniglot recipe's)")
+        g.add_argument("--arch", default=None, choices=["conv4", "resnet18", "resnet50"])
+        g.add_argument("--width", type=int, default=None, help="conv4's channels")
+        g.add_argument("--stem", default=None, choices=["small", "imagenet"])
+        g.add_argument("--image-size", type=int, default=None)
+        g.add_argument("--seed", type=int, default=None, help="--baseline random: the draw of the untrained weights")
+    elif tool == "search":
+        p.add_argument("embeddings", type=Path, help="the .npz written by python eval.py embed")
+        q = p.add_mutually_exclusive_group(required=True)
+        q.add_argument("--query", type=Path, nargs="+", help="image files, embedded with the model the .npz records")
+        q.add_argument("--index", type=int, nargs="+", help="rows of the .npz as queries")
+        p.add_argument("--checkpoint", type=Path, default=None,
+                       help="embed --query with this checkpoint (default: the recorded one)")
+        p.add_argument("--top-k", type=int, default=5)
+        p.add_argument("--out", type=Path, default=None, help="the grid PNG (default: EMBEDDINGS-search.png next to the .npz)")
+        p.add_argument("--memory-mb", type=float, default=512, help="budget for one block of similarities")
+        p.add_argument("--workers", type=int, default=4, help="threads that decode images")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    else:
+        p.add_argument("checkpoint", type=Path, help="last.pt of a run")
+        p.add_argument("--out", type=Path, default=None, help="default: encoder.pt next to the checkpoint; the sidecar: OUT.json")
+    return p.parse_intermixed_args(argv[1:])  # intermixed: embed CKPT --layer projector IMAGES works too
+
+
+def load_model(checkpoint=None, baseline=None, layer=None, **model_flags):
+    """(script module, checkpoint, args, eval-mode model) for embed, search and export: the checkpoint's model, or a
+    baseline built as evaluation builds it. model_flags (arch, width, stem, image_size, seed): a baseline without a
+    checkpoint, on top of the omniglot recipe; a checkpoint fixes its own."""
+    if checkpoint is None and baseline is None:
+        raise UserError("nothing to embed with: pass a CHECKPOINT, or --baseline pixels|random")
+    if baseline is not None and layer == "projector":
+        raise UserError("--layer projector needs a trained checkpoint; a baseline has no projector")
+    model_flags = {k: v for k, v in model_flags.items() if v is not None}
+    if checkpoint is not None:
+        mod, ckpt = load_checkpoint(checkpoint)
+        if model_flags:
+            flag = "--" + next(iter(model_flags)).replace("_", "-")
+            raise UserError(f"{flag} comes from CHECKPOINT {checkpoint}; drop {flag}")
+        saved = ckpt["args"]
+    else:
+        mod, ckpt, saved = import_method("byol", "eval.py"), None, {}  # the scripts share their model code
+    args = mod.parse_args(["--data", saved.get("data", "omniglot")])  # the recipe's defaults, for args a run lacks
+    vars(args).update(saved, **model_flags)
+    args.pretrained, args.init = False, None  # the checkpoint's weights replace any initialisation
+    args = mod.fill_defaults(args)
+    how = SimpleNamespace(checkpoint=checkpoint, baseline=baseline, embedding=layer, init=None)
+    return mod, ckpt, args, build_eval_model(how, mod, ckpt, args).eval()
+
+
+def csv_paths(mod, path):
+    """The first column of a CSV; relative paths are relative to the CSV, and a header row is skipped."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of a path
+            cells = [r[0].strip() for r in csv.reader(f) if r and r[0].strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"IMAGES {path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    files = [Path(c) if Path(c).is_absolute() else path.parent / c for c in cells]
+    if files and not (files[0].is_file() or cells[0].lower().endswith(mod.IMAGE_EXTENSIONS)):
+        files = files[1:]  # a header: it names no image
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"IMAGES {path} names images that do not exist, e.g. {missing[:3]}; fix the paths")
+    return files
+
+
+def image_sources(mod, images):
+    """(name, read bytes) of every image of a folder tree, a .zip or a CSV list, with absolute names, in a fixed order."""
+    images = images.absolute()  # names that still work from another directory
+    exts = mod.IMAGE_EXTENSIONS
+    if images.is_dir():
+        sources = [mod.file_source(p) for p in sorted(images.rglob("*")) if p.suffix.lower() in exts and p.is_file()]
+    elif images.suffix.lower() == ".zip" and images.is_file():
+        names = sorted(n for n in mod.open_zip(images).namelist() if n.lower().endswith(exts) and not n.startswith("__MACOSX/"))
+        sources = mod.zip_sources(images, names)
+    elif images.suffix.lower() == ".csv" and images.is_file():
+        sources = [mod.file_source(p) for p in csv_paths(mod, images)]
+    elif not images.exists():
+        raise UserError(f"IMAGES {images} does not exist; pass a folder, a .zip or a CSV of image paths")
+    else:
+        raise UserError(f"IMAGES {images} is not a folder, a .zip or a .csv; pass one of those")
+    if not sources:
+        raise UserError(f"IMAGES {images} holds no images (files ending in one of Pillow's {len(exts)} extensions, "
+                        "e.g. .png, .jpg)")
+    return sources
+
+
+def image_source(mod, path, what):
+    """(name, read bytes) of an image file, or of ZIP:MEMBER (how embed names the images of a zip)."""
+    zip_path, sep, member = str(path).partition(".zip:")
+    if sep and not Path(path).exists() and Path(zip_path + ".zip").is_file():
+        zf = mod.open_zip(zip_path + ".zip")
+        try:
+            zf.getinfo(member)
+        except KeyError:
+            raise UserError(f"{what} {path}: {zip_path}.zip holds no {member}") from None
+        return str(path), lambda: zf.read(member)
+    if not Path(path).is_file():
+        raise UserError(f"{what} {path} does not exist; check the path")
+    return mod.file_source(path)
+
+
+def embed_sources(mod, model, sources, layer, image_size, device, batch_size, workers, progress):
+    """Embeddings [N, D] of (name, read bytes) sources on the CPU, through the code evaluation uses (decode_image,
+    embed_images): decoded EMBED_CHUNK at a time, so that only the embeddings accumulate."""
+    pick = 1 if layer == "projector" else 0  # embed_images returns (features, projections)
+    out = []
+    with tqdm(total=len(sources), unit="img", desc=f"embed ({layer})", disable=not progress, leave=False) as bar:
+        for start in range(0, len(sources), EMBED_CHUNK):
+            images = mod.decode_all(sources[start: start + EMBED_CHUNK], image_size, workers)
+            for i in range(0, len(images), batch_size):
+                out.append(mod.embed_images(model, images[i: i + batch_size], device, batch_size)[pick].cpu())
+                bar.update(len(out[-1]))
+    return torch.cat(out)
+
+
+def describe(meta):
+    """Which model made the embeddings, in words."""
+    if meta["baseline"] == "pixels":
+        return f"the pixels baseline ({meta['image_size']} px)"
+    model = f"{meta['arch']} at {meta['image_size']} px"
+    if meta["baseline"] == "random":
+        return f"the untrained {model}" + (f" of {meta['checkpoint']}" if meta["checkpoint"] else f", seed {meta['seed']}")
+    return f"the online {meta['layer']} of {meta['method']} checkpoint {meta['checkpoint']} (epoch {meta['epoch']}; {model})"
+
+
+def run_embed(opts):
+    if opts.batch_size < 1:
+        raise UserError(f"--batch-size {opts.batch_size} must be 1 or more")
+    mod, ckpt, args, model = load_model(opts.checkpoint, opts.baseline, opts.layer, arch=opts.arch, width=opts.width,
+                                        stem=opts.stem, image_size=opts.image_size, seed=opts.seed)
+    layer = opts.layer or default_embedding(opts, args)
+    device = mod.pick_device(opts.device, 0)
+    sources = image_sources(mod, opts.images)
+    name = f"embeddings-{opts.images.stem}" + ("-projector" if layer == "projector" else "")
+    name += f"-baseline-{opts.baseline}" if opts.baseline else ""
+    out = opts.out or (opts.checkpoint.parent if opts.checkpoint else Path(".")) / f"{name}.npz"
+    mod.require_writable(out.parent)  # before the work
+    start = time.perf_counter()
+    embeddings = embed_sources(mod, model.to(device), sources, layer, args.image_size, device, opts.batch_size,
+                               opts.workers, not opts.no_progress)
+    meta = {"written_by": "eval.py embed", "images": str(opts.images.absolute()), "layer": layer,
+            "checkpoint": str(opts.checkpoint.absolute()) if opts.checkpoint else None, "baseline": opts.baseline,
+            "method": ckpt["method"] if ckpt else None, "epoch": ckpt.get("epoch") if ckpt else None,
+            "arch": args.arch, "width": args.width, "stem": args.stem, "image_size": args.image_size, "seed": args.seed}
+    with open(out, "wb") as f:  # a file object: numpy would add .npz to any other name
+        np.savez(f, embeddings=embeddings.numpy(), paths=np.array([n for n, _ in sources]), meta=np.array(json.dumps(meta)))
+    print(f"embedded {len(sources)} images of {opts.images} with {describe(meta)}: {embeddings.shape[1]} dimensions, "
+          f"in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {out}")
+
+
+def read_embeddings(path):
+    """(embeddings [N, D], paths, meta) of a file written by eval.py embed."""
+    if not path.is_file():
+        raise UserError(f"EMBEDDINGS {path} does not exist; write it with python eval.py embed")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(f["meta"].item())
+            embeddings, paths = torch.from_numpy(f["embeddings"]), f["paths"].tolist()
+    except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: a .npy, one bare array
+        raise UserError(f"EMBEDDINGS {path} is not a file of python eval.py embed ({e.__class__.__name__}); "
+                        "write one with it") from None
+    if not (isinstance(meta, dict) and meta.get("written_by") == "eval.py embed" and embeddings.ndim == 2
+            and len(paths) == len(embeddings)):
+        raise UserError(f"EMBEDDINGS {path} is not a file of python eval.py embed; write one with it")
+    return embeddings, paths, meta
+
+
+@torch.no_grad()
+def top_k(queries, gallery, k, memory_mb):
+    """Exact cosine top-k of every query over the gallery: (scores, indices), both [Q, k]. The gallery is compared
+    a block of rows at a time, its best k kept along, so only a [Q, block] matrix is ever held."""
+    q = F.normalize(queries.float(), dim=1)
+    scores, indices = torch.empty(len(q), 0), torch.empty(len(q), 0, dtype=torch.long)
+    rows = chunk_rows(len(q), memory_mb)
+    for start in range(0, len(gallery), rows):
+        sim = q @ F.normalize(gallery[start: start + rows].float(), dim=1).T
+        scores = torch.cat([scores, sim], 1)
+        indices = torch.cat([indices, torch.arange(start, start + sim.shape[1]).expand(len(q), -1)], 1)
+        scores, best = scores.topk(min(k, scores.shape[1]), dim=1)
+        indices = indices.gather(1, best)
+    return scores, indices
+
+
+def search_grid(path, plt, mod, query_sources, paths, scores, indices, what):
+    """Each row: a query and its top-k, with their cosine scores."""
+    rows, cols = min(len(query_sources), GRID_ROWS), 1 + indices.shape[1]
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows), squeeze=False)
+    for row, query, hits, sims in zip(axes, query_sources, indices.tolist(), scores.tolist()):
+        cells = [(query, "query")] + [(image_source(mod, paths[j], what), f"{k + 1}: {s:.3f}")
+                                      for k, (j, s) in enumerate(zip(hits, sims))]
+        for ax, ((name, read_bytes), title) in zip(row, cells):
+            ax.imshow(mod.decode_image(read_bytes, name, GRID_PX).permute(1, 2, 0).numpy())
+            ax.set_title(title, fontsize=7)
+            outline(ax, "lightgray", 0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_search(opts):
+    if opts.top_k < 1:
+        raise UserError(f"--top-k {opts.top_k} must be 1 or more")
+    if not (math.isfinite(opts.memory_mb) and opts.memory_mb > 0):
+        raise UserError(f"--memory-mb {opts.memory_mb} must be a finite number above 0")
+    embeddings, paths, meta = read_embeddings(opts.embeddings)
+    listed = f"an image that {opts.embeddings} lists,"
+    out = opts.out or opts.embeddings.with_name(f"{opts.embeddings.stem}-search.png")
+    if opts.index is not None:
+        mod = import_method(meta["method"] or "byol", f"EMBEDDINGS {opts.embeddings}")  # its decode_image, for the grid
+        bad = [i for i in opts.index if not 0 <= i < len(paths)]
+        if bad:
+            raise UserError(f"--index {bad[0]} is out of range: {opts.embeddings} holds rows 0 to {len(paths) - 1}")
+        queries, query_sources = embeddings[opts.index], [image_source(mod, paths[i], listed) for i in opts.index]
+    else:
+        checkpoint = opts.checkpoint or (Path(meta["checkpoint"]) if meta["checkpoint"] else None)
+        if opts.checkpoint is None and checkpoint is not None and not checkpoint.is_file():
+            raise UserError(f"{opts.embeddings} was embedded with CHECKPOINT {checkpoint}, which does not exist here; "
+                            "pass its new location with --checkpoint")
+        model_flags = {} if checkpoint else {k: meta[k] for k in ("arch", "width", "stem", "image_size", "seed")}
+        mod, _, args, model = load_model(checkpoint, meta["baseline"], meta["layer"], **model_flags)
+        device = mod.pick_device(opts.device, 0)
+        query_sources = [image_source(mod, q, "--query") for q in opts.query]
+        queries = embed_sources(mod, model.to(device), query_sources, meta["layer"], args.image_size, device, 256,
+                                opts.workers, progress=False)
+        if queries.shape[1] != embeddings.shape[1]:
+            raise UserError(f"--checkpoint {checkpoint} embeds in {queries.shape[1]} dimensions, {opts.embeddings} in "
+                            f"{embeddings.shape[1]}; pass the checkpoint the file was embedded with")
+    mod.require_writable(out.parent)
+    scores, indices = top_k(queries, embeddings, opts.top_k, opts.memory_mb)
+    print(f"cosine similarity in {opts.embeddings} ({len(paths)} images), embedded with {describe(meta)}")
+    for (name, _), hits, sims in zip(query_sources, indices.tolist(), scores.tolist()):
+        print(f"query {name}")
+        for k, (j, s) in enumerate(zip(hits, sims)):
+            print(f"  {k + 1:>3}  {s:.4f}  {paths[j]}")
+    try:
+        plt = pyplot()
+    except UserError as e:  # no matplotlib: the printed results still count
+        print(f"note: {e}; skipped the grid", file=sys.stderr)
+        return
+    search_grid(out, plt, mod, query_sources, paths, scores, indices, listed)
+    print(f"wrote {out}")
+
+
+def run_export(opts):
+    mod, ckpt, args, model = load_model(opts.checkpoint)
+    if args.freeze_encoder:
+        raise UserError(f"CHECKPOINT {opts.checkpoint} is a --freeze-encoder run: its encoder is the --init or --pretrained "
+                        "one it started from, and what it learned is its projector; use python eval.py embed --layer projector")
+    out = opts.out or opts.checkpoint.parent / "encoder.pt"
+    mod.require_writable(out.parent)
+    encoder = model.encoder
+    with torch.no_grad():
+        feature_dim = encoder(torch.zeros(1, 3, args.image_size, args.image_size)).shape[1]
+    torch.save(encoder.state_dict(), out)
+    conv4 = args.arch == "conv4"
+    sidecar = {"checkpoint": str(opts.checkpoint.absolute()), "method": ckpt["method"], "epoch": ckpt.get("epoch"),
+               "arch": args.arch, "width": args.width if conv4 else None, "stem": None if conv4 else args.stem,
+               "image_size": args.image_size, "feature_dim": feature_dim,
+               "preprocess": "RGB; resize the shorter side to image_size (bilinear), centre crop; /255; (x - mean) / std",
+               "mean": list(mod.IMAGENET_MEAN), "std": list(mod.IMAGENET_STD)}
+    out.with_suffix(".json").write_text(json.dumps(sidecar, indent=1) + "\n")
+    shape = f"conv4, width {args.width}" if conv4 else f"{args.arch}, {args.stem} stem"
+    print(f"wrote the online encoder of {opts.checkpoint} ({shape}, {args.image_size} px, {feature_dim} features): "
+          f"{out} and {out.with_suffix('.json')}")
+
+
 # ----------------------------------------------------------------------------- main
 
 
+def default_embedding(opts, args):
+    """What the run learned: a --freeze-encoder run's projector outputs (its encoder never trained), else the encoder's."""
+    return "projector" if args.freeze_encoder and opts.baseline is None else "encoder"
+
+
 def default_out(opts, args, own_data):
-    """Next to the checkpoint; other data, baselines and projector outputs get their own subfolder."""
+    """Next to the checkpoint; other data, baselines and the other embedding get their own subfolder."""
     parts = [f"baseline-{opts.baseline}"] if opts.baseline else []
     parts += [] if own_data else [args.data]
     parts += ["all-pairs"] if opts.all_pairs else []
-    parts += ["projector"] if opts.embedding == "projector" else []
+    parts += [opts.embedding] if opts.embedding != default_embedding(opts, args) else []
     if opts.checkpoint is None:
         return Path("runs") / f"{'-'.join(parts)}-s{args.seed}"
     return opts.checkpoint.parent / f"eval-{'-'.join(parts)}" if parts else opts.checkpoint.parent
@@ -697,7 +1020,7 @@ def print_table(result):
         who += f" with the data of {src['checkpoint']}" if "checkpoint" in src else ""
     else:
         who = f"{src['method']} checkpoint {src['checkpoint']} (epoch {src['epoch']})"
-    print(f"{who}; {result['embedding']} embedding")
+    print(f"{who}; {result['embedding']} embedding" + (" (frozen encoder, trained head)" if src.get("frozen_encoder") else ""))
     print(f"data: {data['data']}, {data['split']}, {data['image_size']} px")
     rows = [(k, v) for k, v in flatten(result["metrics"])]
     width = max((len(k) for k, _ in rows), default=0)
@@ -724,6 +1047,7 @@ def run(opts):
     else:
         mod, ckpt = import_method("byol", "eval.py"), None  # the scripts share their data and model code
     args, own_data = run_args(opts, mod, ckpt)
+    opts.embedding = opts.embedding or default_embedding(opts, args)
     out = opts.out if opts.out is not None else default_out(opts, args, own_data)
     mod.require_writable(out)  # before any data loads
     device = mod.pick_device(opts.device, 0)
@@ -747,7 +1071,8 @@ def run(opts):
         split = f"held-out split (seed {args.seed}, holdout {args.holdout})"
     source = {"baseline": opts.baseline, "arch": args.arch, "stem": args.stem}
     if ckpt is not None:
-        source.update(checkpoint=str(opts.checkpoint), method=ckpt["method"], epoch=ckpt.get("epoch"))
+        source.update(checkpoint=str(opts.checkpoint), method=ckpt["method"], epoch=ckpt.get("epoch"),
+                      frozen_encoder=args.freeze_encoder and opts.baseline is None)
     result = {
         "source": source,
         "data": {"data": args.data, "data_dir": None if args.data_dir is None else str(args.data_dir),
@@ -775,9 +1100,12 @@ def run(opts):
 
 
 def main(argv=None):
-    opts = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    tools = {"embed": run_embed, "search": run_search, "export": run_export}
+    tool = tools.get(argv[0]) if argv else None
+    opts = parse_tool_args(argv) if tool else parse_args(argv)
     try:
-        run(opts)
+        (tool or run)(opts)
     except user_errors() as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ Use the method without this CLI:
 import argparse
 import csv
 import functools
+import hashlib
 import io
 import json
 import math
@@ -34,7 +35,7 @@ import time
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,11 @@ def parse_args(argv=None, use_recipe=True):
                         "Default: small for images of 64 px or less without --pretrained, else imagenet")
     g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
     g.add_argument("--init", type=Path, default=None, help="start the encoder from a local state dict")
+    g.add_argument("--freeze-encoder", action="store_true",
+                   help="keep the encoder (--pretrained or --init) fixed and train only the head, on its features of each "
+                        "un-augmented image, computed once and cached in the run directory; evaluation ranks the projector outputs")
+    g.add_argument("--pca-dim", type=int, default=0,
+                   help="--freeze-encoder: PCA-whiten the features to this many dimensions, fitted on the training images (0: off)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
     g.add_argument("--batch-size", type=int, default=64, help="global batch of positive pairs")
@@ -176,6 +182,7 @@ def fill_defaults(args):
         if not (math.isfinite(value) and value >= 0) or (flag == "--lr" and value == 0):
             raise UserError(f"{flag} {value} must be a finite number" + (" above 0" if flag == "--lr" else " of 0 or more"))
     check_method_args(args)
+    check_frozen_encoder_args(args)
     if not 0.0 <= args.holdout < 1.0:
         raise UserError(f"--holdout {args.holdout} must lie in [0, 1)")
     for flag, value, low, high in [("--crop-min-scale", args.crop_min_scale, 0.01, 1.0), ("--flip-prob", args.flip_prob, 0.0, 1.0),
@@ -239,13 +246,14 @@ class SimSiam(nn.Module):
         return symmetric_cosine_loss(p1, p2, z1, z2) / 4 - 1
 
     def embed(self, x):
-        """Features used for similarity search: the encoder's output."""
-        return self.encoder(x)
+        """Features used for similarity search: the encoder's output, or with a frozen encoder
+        (--freeze-encoder), which learns nothing, the projector's."""
+        h = self.encoder(x)
+        return self.projector(h) if isinstance(self.encoder, FrozenEncoder) else h
 
 
 def build_model(args):
-    encoder, feature_dim = build_encoder(args.arch, args.stem, args.pretrained, args.init, args.width)
-    return SimSiam(encoder, feature_dim, args.proj_dim, args.pred_dim)
+    return SimSiam(*build_run_encoder(args), args.proj_dim, args.pred_dim)
 
 
 def check_method_args(args):
@@ -298,6 +306,7 @@ class PairData:
     one_shot_runs: list = field(default_factory=list)  # Omniglot: [(train uint8 [20,3,S,S], test uint8, answer [20])]
     val_runs: list = field(default_factory=list)  # Omniglot: validation episodes, same layout, never the test alphabets
     split: dict = field(default_factory=dict)  # names of held-out items, saved with the run
+    features: torch.Tensor = None  # --freeze-encoder: the frozen encoder's features of `images` ([N, D] float)
 
 
 def to_rgb(img):
@@ -856,6 +865,14 @@ def build_encoder(arch="resnet18", stem="imagenet", pretrained=False, init=None,
         try:
             state = torch.load(init, map_location="cpu", weights_only=True)
             state = {k.removeprefix("module.").removeprefix("encoder."): v for k, v in state.items() if not k.startswith("fc.")}
+        except Exception as e:
+            raise UserError(f"--init {init} is not a state dict for {arch} ({e.__class__.__name__}); check the file") from None
+        conv1 = state.get("conv1.weight")
+        if arch != "conv4" and conv1 is not None and conv1.shape != net.conv1.weight.shape:
+            given, built = conv1.shape[-1], net.conv1.weight.shape[-1]
+            raise UserError(f"--init {init} starts with a {given}x{given} conv, the {stem} stem with a {built}x{built} one; "
+                            f"pass --stem {'imagenet' if stem == 'small' else 'small'}")
+        try:
             missing, _ = net.load_state_dict(state, strict=False)
         except Exception as e:
             raise UserError(f"--init {init} is not a state dict for {arch} ({e.__class__.__name__}); check the file") from None
@@ -864,18 +881,131 @@ def build_encoder(arch="resnet18", stem="imagenet", pretrained=False, init=None,
     return net, feature_dim
 
 
+# ----------------------------------------------------------------------------- frozen encoder (--freeze-encoder)
+
+
+class FrozenEncoder(nn.Module):
+    """An encoder whose weights never change, then the optional PCA whitening (--pca-dim).
+
+    Images [B,3,S,S] go through both; features [B,D] (the training step's cached ones) through the
+    whitening only. The whitening is a buffer: checkpoints carry it, so evaluation applies the same one.
+    """
+
+    def __init__(self, net, feature_dim, pca_dim=0):
+        super().__init__()
+        self.net = net.requires_grad_(False).eval()
+        self.pca_dim = pca_dim
+        if pca_dim:
+            self.register_buffer("pca_mean", torch.zeros(feature_dim))
+            self.register_buffer("pca_whiten", torch.zeros(feature_dim, pca_dim))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.net.eval()  # BN keeps the statistics the weights came with
+        return self
+
+    def forward(self, x):
+        h = x if x.ndim == 2 else self.net(x)
+        return (h - self.pca_mean) @ self.pca_whiten if self.pca_dim else h
+
+    @torch.no_grad()
+    def fit_pca(self, features):
+        """Projection onto the top pca_dim principal components of `features`, scaled to unit variance."""
+        x = features.double()
+        mean = x.mean(0)
+        variance, axes = torch.linalg.eigh((x - mean).T @ (x - mean) / (len(x) - 1))  # ascending
+        variance, axes = variance.flip(0)[: self.pca_dim], axes.flip(1)[:, : self.pca_dim]
+        # A floor relative to the largest: a direction with (almost) no variance is not blown up into noise.
+        self.pca_mean.copy_(mean)
+        self.pca_whiten.copy_(axes / variance.clamp(min=1e-6 * variance[0].item()).sqrt())
+
+
+def build_run_encoder(args):
+    """The run's encoder and its output width: build_encoder's, frozen and whitened with --freeze-encoder."""
+    encoder, feature_dim = build_encoder(args.arch, args.stem, args.pretrained, args.init, args.width)
+    if args.freeze_encoder:
+        return FrozenEncoder(encoder, feature_dim, args.pca_dim), args.pca_dim or feature_dim
+    return encoder, feature_dim
+
+
+def check_frozen_encoder_args(args):
+    if args.pca_dim < 0:
+        raise UserError(f"--pca-dim {args.pca_dim} must be 0 (off) or more")
+    if args.pca_dim and not args.freeze_encoder:
+        raise UserError(f"--pca-dim {args.pca_dim} whitens the features of a frozen encoder; add --freeze-encoder or drop --pca-dim")
+    feature_dim = args.width if args.arch == "conv4" else {"resnet18": 512, "resnet50": 2048}[args.arch]
+    if args.pca_dim > feature_dim:
+        raise UserError(f"--pca-dim {args.pca_dim} is more than the {feature_dim} features of {args.arch}; use {feature_dim} or less")
+
+
+def check_frozen_training(args, is_main):
+    """What training with --freeze-encoder needs (evaluation does not), before any data loads."""
+    if args.pairs == "aug" or args.data in ("cifar10", "stl10"):
+        what = "--pairs aug" if args.pairs == "aug" else f"--data {args.data} (no natural pairs)"
+        raise UserError(f"--freeze-encoder trains on the features of un-augmented images: with {what} each image would be "
+                        "its own positive; use natural pairs (--data tll, pairs, folder or omniglot)")
+    if is_main and not (args.pretrained or args.init):
+        print("warning: --freeze-encoder without --pretrained or --init: the head trains on the features of a random encoder",
+              file=sys.stderr)
+
+
+def features_key(net, images):
+    """A hash of everything the features depend on: every weight and BN statistic of the encoder (with
+    their names and shapes: the architecture), and the images themselves (their size, order and content)."""
+    h = hashlib.sha256()
+    for name, tensor in [*net.state_dict().items(), ("images", images)]:
+        h.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def frozen_features(encoder, data, args, device, is_main, fit_pca, batch_size=256):
+    """The frozen encoder's features of every image (eval mode, no augmentation): read from RUN_DIR/features.pt
+    when the same weights made it from the same images, else computed and saved there. A new run then fits
+    the whitening on the training images' features alone (a resumed one has it in its checkpoint)."""
+    train_images = torch.cat([data.anchors, data.groups[data.groups >= 0]]).unique()
+    if args.pca_dim >= len(train_images):  # n images centred span n - 1 dimensions
+        raise UserError(f"--pca-dim {args.pca_dim}: the {len(train_images)} training images span at most "
+                        f"{len(train_images) - 1} dimensions; use --pca-dim {len(train_images) - 1} or less")
+    path, key = args.out / "features.pt", features_key(encoder.net, data.images)
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # none yet, or unreadable: computed again
+        cache = None
+    if cache is not None and cache.get("key") == key:
+        features = cache["features"]
+        if is_main:
+            print(f"reusing cached features: {path} ({len(features)} images)")
+    else:
+        start = time.perf_counter()
+        features = torch.cat([encoder.net(normalize(data.images[i: i + batch_size].to(device))).float().cpu()
+                              for i in range(0, len(data.images), batch_size)])
+        seconds = time.perf_counter() - start
+        if is_main:
+            try:
+                save_atomic({"key": key, "features": features}, path)
+            except OSError as e:
+                raise UserError(f"could not write {path} ({e.strerror or e}); free space, then run again") from None
+            why = "made by other weights or from other images" if cache is not None else "none yet"
+            print(f"cached the frozen encoder's features of {len(features)} images in {seconds:.1f} s (previous cache: {why}): {path}")
+    if fit_pca and args.pca_dim:
+        encoder.fit_pca(features[train_images].to(device))
+    return features.to(device)
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
 def embed_images(model, images, device, batch_size=256):
-    """(encoder features, projector outputs) of uint8 images, in eval mode."""
+    """(encoder features, projector outputs) of uint8 images, or of their cached features (--freeze-encoder), in eval mode."""
     was_training = model.training
     model.eval()
     feats, projs = [], []
     for i in range(0, len(images), batch_size):
-        x = normalize(images[i: i + batch_size].to(device))
-        h = model.encoder(x)
+        x = images[i: i + batch_size].to(device)
+        h = model.encoder(normalize(x) if x.dtype == torch.uint8 else x)
         feats.append(h.float())
         projs.append(model.projector(h).float())
     model.train(was_training)
@@ -888,12 +1018,13 @@ def recall_at_1(left, right):
     return (sim.argmax(1) == torch.arange(len(left), device=sim.device)).float().mean().item()
 
 
-def one_shot_accuracy(model, runs, device):
-    """Mean accuracy over the official 20-way one-shot runs (nearest neighbour, cosine)."""
+def one_shot_accuracy(model, runs, device, pick=0):
+    """Mean accuracy over the official 20-way one-shot runs (nearest neighbour, cosine), ranking the encoder
+    features (pick 0) or the projector outputs (pick 1)."""
     correct = total = 0
     for train, test, answer in runs:
-        ftrain, _ = embed_images(model, train, device)
-        ftest, _ = embed_images(model, test, device)
+        ftrain = embed_images(model, train, device)[pick]
+        ftest = embed_images(model, test, device)[pick]
         pred = (F.normalize(ftest, dim=1) @ F.normalize(ftrain, dim=1).T).argmax(1).cpu()
         correct += (pred == answer).sum().item()
         total += len(answer)
@@ -940,17 +1071,23 @@ def effective_rank(z):
     return math.exp(-(p * (p + 1e-12).log()).sum().item())
 
 
-def evaluate(model, data, device, max_images=2048):
-    """Quality and collapse metrics on held-out data."""
+def evaluate(model, data, device, max_images=2048, embedding="encoder"):
+    """Quality metrics on held-out data, ranking `embedding` (encoder features or projector outputs), and
+    collapse metrics. Where the images have cached features (--freeze-encoder), those stand in for them."""
+    pick = ("encoder", "projector").index(embedding)  # embed_images returns (encoder features, projector outputs)
+    inputs = data.images if data.features is None else data.features
+
+    def embed(idx):
+        return embed_images(model, inputs[idx], device)[pick]
+
     metrics = {}
     if len(data.test_pairs):
-        left, _ = embed_images(model, data.images[data.test_pairs[:, 0]], device)
-        right, _ = embed_images(model, data.images[data.test_pairs[:, 1]], device)
+        left, right = embed(data.test_pairs[:, 0]), embed(data.test_pairs[:, 1])
         metrics["recall@1"] = recall_at_1(left, right)
     if data.one_shot_runs:
-        metrics["one_shot"] = one_shot_accuracy(model, data.one_shot_runs, device)
+        metrics["one_shot"] = one_shot_accuracy(model, data.one_shot_runs, device, pick)
     if data.val_runs:
-        metrics["val_one_shot"] = one_shot_accuracy(model, data.val_runs, device)
+        metrics["val_one_shot"] = one_shot_accuracy(model, data.val_runs, device, pick)
     if data.labels is not None and data.test_images is not None and data.test_images.sum() > 1:
         gen = torch.Generator().manual_seed(0)
         test_idx = data.test_images.nonzero().flatten()
@@ -961,17 +1098,15 @@ def evaluate(model, data, device, max_images=2048):
         train_idx = train_idx[torch.randperm(len(train_idx), generator=gen)[:4 * max_images]]
         test_idx = test_idx[torch.isin(data.labels[test_idx], data.labels[train_idx])]  # a class kNN can vote for
         if len(test_idx):
-            ftrain, _ = embed_images(model, data.images[train_idx], device)
-            ftest, _ = embed_images(model, data.images[test_idx], device)
+            ftrain, ftest = embed(train_idx), embed(test_idx)
             metrics["knn@20"] = knn_accuracy(ftrain, data.labels[train_idx].to(device), ftest, data.labels[test_idx].to(device))
         # Every held-out image queries all the others: with whole classes held out, a few pairs say little.
-        features, _ = embed_images(model, data.images[held], device)
-        precision = r_precision(features, data.labels[held].to(device))
+        precision = r_precision(embed(held), data.labels[held].to(device))
         if precision is not None:
             metrics["r_precision"] = precision
     # Collapse is judged on the projector outputs of images the network trains on.
     sample = data.anchors[torch.randperm(len(data.anchors), generator=torch.Generator().manual_seed(1))[:max_images // 2]]
-    _, proj = embed_images(model, data.images[sample], device)
+    _, proj = embed_images(model, inputs[sample], device)
     metrics["collapse_std"] = collapse_std(proj)
     metrics["healthy_std"] = 1 / math.sqrt(proj.shape[1])
     metrics["effective_rank"] = effective_rank(proj)
@@ -1165,6 +1300,8 @@ def train(args):
     random.seed(args.seed)
     np.random.seed(args.seed)
     is_main = rank == 0
+    if args.freeze_encoder:
+        check_frozen_training(args, is_main)
     if is_main:
         prepare_run_dir(args.out, resuming=ckpt is not None, overwrite=args.overwrite)
 
@@ -1193,6 +1330,14 @@ def train(args):
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         history, start_epoch = ckpt["history"], ckpt["epoch"]
+    # --freeze-encoder: the encoder's features once per image; the head then trains on them, and evaluation ranks
+    # the projector outputs (the encoder never learns: the head does).
+    if args.freeze_encoder:
+        data.features = frozen_features(model.encoder, data, args, device, is_main, fit_pca=ckpt is None)
+        if is_main:
+            print("ranking projector outputs (frozen encoder, trained head)")
+    batch_source = replace(data, images=data.features) if args.freeze_encoder else data
+    ranked = "projector" if args.freeze_encoder else "encoder"
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     step_fn = torch.compile(net) if args.compile else net
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -1201,7 +1346,10 @@ def train(args):
         (args.out / "split.json").write_text(json.dumps(data.split, indent=1))
     logger = Logger(args.out, is_main, after_epoch=start_epoch)
     if ckpt is None:
-        untrained = evaluate(model, data, device)
+        untrained = evaluate(model, data, device, embedding=ranked)
+        name = quality_name(untrained)
+        if args.freeze_encoder and name:  # the frozen features themselves: what the trained head must beat
+            untrained[f"frozen_encoder_{name}"] = evaluate(model, data, device, embedding="encoder")[name]
         history.append({"epoch": 0, **untrained})
         logger.log(history[-1])
         if is_main:
@@ -1215,9 +1363,12 @@ def train(args):
         start = time.perf_counter()
         for step in range(steps_per_epoch):
             global_step = epoch * steps_per_epoch + step
-            x1, x2 = make_pair_batch(data, order, step, args.batch_size, rank, world, args.seed, global_step, device)
-            v1, v2 = augment_pair(x1, x2, step_generator(args.seed, global_step, device, stream=1 + rank), args)
-            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+            x1, x2 = make_pair_batch(batch_source, order, step, args.batch_size, rank, world, args.seed, global_step, device)
+            if args.freeze_encoder:  # x1, x2 are the pair's cached features: straight into the head, no augmentation
+                v1, v2 = x1, x2
+            else:
+                v1, v2 = augment_pair(x1, x2, step_generator(args.seed, global_step, device, stream=1 + rank), args)
+                v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
             with autocast:
                 loss = step_fn(v1, v2)
             optimizer.zero_grad(set_to_none=True)
@@ -1237,7 +1388,7 @@ def train(args):
         record = {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": scheduler.get_last_lr()[0], **method_log,
                   "images_per_s": 2 * steps_per_epoch * args.batch_size / seconds}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            record.update(evaluate(model, data, device))
+            record.update(evaluate(model, data, device, embedding=ranked))
         history.append(record)
         logger.log(record)
         if is_main:
@@ -1281,7 +1432,9 @@ def summary(history):
     if name is None or name not in last:
         return ("warning: no held-out quality metric: the held-out split has no pairs, runs or labelled images "
                 "to score; raise --holdout")
-    return f"{name}: {last[name]:.3f} trained vs {first[name]:.3f} untrained"
+    frozen = first.get(f"frozen_encoder_{name}")  # --freeze-encoder
+    return f"{name}: {last[name]:.3f} trained vs {first[name]:.3f} untrained" + (
+        "" if frozen is None else f" (projector outputs; the frozen features it trains on: {frozen:.3f})")
 
 
 def main(argv=None):
