@@ -96,12 +96,18 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--data", default="omniglot", choices=DATASETS,
                    help="dataset, which picks the recipe (RECIPES); omniglot is embedded under data/ and needs no download")
     g.add_argument("--data-dir", type=Path, default=None,
-                   help="dataset location (tll: left/ and right/ or left.zip and right.zip; folder: class subfolders)")
+                   help="dataset location (tll: left/ and right/ or left.zip and right.zip; folder: class subfolders, "
+                        "or unlabelled images: see --labels)")
+    g.add_argument("--labels", default="auto", choices=["auto", "folders", "none"],
+                   help="--data folder: folders: each subfolder of --data-dir is a class (images directly in it are left "
+                        "out); none: every image of the tree is unlabelled, positives are two augmentations of one image "
+                        "(--pairs aug) and held-out images are judged by aug_copy_recall@1; auto: none when --data-dir "
+                        "itself holds images, else folders")
     g.add_argument("--pairs-csv", type=Path, default=None, help="--data pairs: CSV of (left, right) image paths")
     g.add_argument("--pairs", default="natural", choices=["natural", "aug"],
                    help="natural: positives are the dataset's own pairs; aug: two augmentations of one image")
     g.add_argument("--download", action="store_true", help="download tll/cifar10/stl10 into --data-dir")
-    g.add_argument("--holdout", type=float, default=0.2, help="fraction of pairs (or classes) held out for evaluation")
+    g.add_argument("--holdout", type=float, default=0.2, help="fraction of pairs (or classes, or unlabelled images) held out for evaluation")
     g.add_argument("--image-size", type=int, default=64, help="training resolution")
     g.add_argument("--workers", type=int, default=4, help="threads that decode images once at start-up")
     g = p.add_argument_group("augmentation")
@@ -189,6 +195,11 @@ def fill_defaults(args):
     check_frozen_encoder_args(args)
     if not 0.0 <= args.holdout < 1.0:
         raise UserError(f"--holdout {args.holdout} must lie in [0, 1)")
+    if args.data == "folder" and args.labels == "auto" and args.data_dir is not None and Path(args.data_dir).is_dir():
+        loose = any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in Path(args.data_dir).iterdir())
+        args.labels = "none" if loose else "folders"  # resolved here, so that the checkpoint records which
+    if args.data == "folder" and args.labels == "none":
+        args.pairs = "aug"  # no class to draw a second image from
     for flag, value, low, high in [("--crop-min-scale", args.crop_min_scale, 0.01, 1.0), ("--flip-prob", args.flip_prob, 0.0, 1.0),
                                    ("--solarize-prob", args.solarize_prob, 0.0, 1.0), ("--jitter-strength", args.jitter_strength, 0.0, 10.0),
                                    ("--rotation", args.rotation, 0.0, 180.0), ("--shear", args.shear, 0.0, 60.0),
@@ -321,6 +332,8 @@ class PairData:
     val_runs: list = field(default_factory=list)  # Omniglot: validation episodes, same layout, never the test alphabets
     split: dict = field(default_factory=dict)  # names of held-out items, saved with the run
     features: torch.Tensor = None  # --freeze-encoder: the frozen encoder's features of `images` ([N, D] float)
+    copies: torch.Tensor = None  # unlabelled folders: uint8 augmented copies of held-out images, for aug_copy_recall@1
+    copy_of: torch.Tensor = None  # [K] the image index each copy was made from
 
 
 def to_rgb(img):
@@ -617,14 +630,42 @@ def load_pairs_csv(args):
     return pairs_data(images, files, left, right, args.holdout, args.seed, args.pairs)
 
 
+def unlabelled_data(images, names, args, max_copied=2048):
+    """Data without classes or pairs: a positive is two augmentations of one image. Held-out images (at most
+    max_copied, a seeded draw) get two augmented copies each, to be found again among the held-out originals."""
+    train, test = split_items(len(images), args.holdout, args.seed)
+    anchors = torch.tensor(train, dtype=torch.long)
+    is_test = torch.zeros(len(images), dtype=torch.bool)
+    is_test[test] = True
+    copied = torch.tensor(test, dtype=torch.long)
+    copied = copied[torch.randperm(len(copied), generator=torch.Generator().manual_seed(args.seed))[:max_copied]].sort().values
+    copies, copy_of = augmented_copies(images, copied, args)
+    return PairData(
+        images=images, names=names, anchors=anchors, groups=anchors[:, None], group_sizes=torch.ones(len(anchors), dtype=torch.long),
+        anchor_pos=torch.zeros(len(anchors), dtype=torch.long), test_pairs=torch.empty(0, 2, dtype=torch.long),
+        test_images=is_test, copies=copies, copy_of=copy_of, split={"test_images": [names[i] for i in test]},
+    )
+
+
 def load_folder(args):
-    """Class subfolders: a positive pair is two images of one class."""
+    """Class subfolders: a positive pair is two images of one class. Unlabelled images (--labels none): two
+    augmentations of one image."""
     root = require_dir(args.data_dir)
     exts = IMAGE_EXTENSIONS
+    if args.labels == "none":
+        files = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in exts and p.is_file()]
+        if not files:
+            raise UserError(f"--data-dir {root} holds no images; the dataset is empty")
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"--data folder: {len(files)} unlabelled images in {root} (--labels none): positives are two augmentations "
+                  "of one image (--pairs aug); held-out images are judged by aug_copy_recall@1")
+        images = decode_all([file_source(p) for p in files], args.image_size, args.workers)
+        return unlabelled_data(images, [str(p) for p in files], args)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     files = [(p, c) for c in classes for p in sorted((root / c).rglob("*")) if p.suffix.lower() in exts]
     if not files:
-        raise UserError(f"--data-dir {root} holds no images in class subfolders; the dataset is empty")
+        raise UserError(f"--data-dir {root} holds no images in class subfolders (--labels folders; --labels none takes every "
+                        "image of the tree); the dataset is empty")
     images = decode_all([file_source(p) for p, _ in files], args.image_size, args.workers)
     labels = [classes.index(c) for _, c in files]
     return grouped_data(images, [str(p) for p, _ in files], labels, args.holdout, args.seed, args.pairs, classes)
@@ -839,6 +880,21 @@ def augment_pair(x1, x2, gen, args):
     return v1, v2
 
 
+def augmented_copies(images, indices, args, chunk=64):
+    """Two augmented copies of each of images[indices] (the run's own two views, augment_pair) as uint8 images,
+    and the image index each was made from. Drawn on the CPU with a fixed seed per chunk of the fixed size: every
+    evaluation, on any device, and eval.py see the same copies."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    copies, copy_of = [images[:0]], [indices[:0]]
+    for start in range(0, len(indices), chunk):
+        idx = indices[start: start + chunk]
+        x = images[idx]
+        for view in augment_pair(x, x, torch.Generator().manual_seed(start), args):
+            copies.append((view * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8))  # back to an image
+            copy_of.append(idx)
+    return torch.cat(copies), torch.cat(copy_of)
+
+
 # ----------------------------------------------------------------------------- encoders
 
 
@@ -955,9 +1011,10 @@ def check_frozen_encoder_args(args):
 def check_frozen_training(args, is_main):
     """What training with --freeze-encoder needs (evaluation does not), before any data loads."""
     if args.pairs == "aug" or args.data in ("cifar10", "stl10"):
-        what = "--pairs aug" if args.pairs == "aug" else f"--data {args.data} (no natural pairs)"
+        what = ("unlabelled images (--labels none: --pairs aug)" if args.data == "folder" and args.labels == "none"
+                else "--pairs aug" if args.pairs == "aug" else f"--data {args.data} (no natural pairs)")
         raise UserError(f"--freeze-encoder trains on the features of un-augmented images: with {what} each image would be "
-                        "its own positive; use natural pairs (--data tll, pairs, folder or omniglot)")
+                        "its own positive; use natural pairs (--data tll, pairs, omniglot, or folder with class subfolders)")
     if is_main and not (args.pretrained or args.init):
         print("warning: --freeze-encoder without --pretrained or --init: the head trains on the features of a random encoder",
               file=sys.stderr)
@@ -1030,6 +1087,15 @@ def recall_at_1(left, right):
     """Fraction of left embeddings whose nearest right embedding (cosine) is their pair."""
     sim = F.normalize(left, dim=1) @ F.normalize(right, dim=1).T
     return (sim.argmax(1) == torch.arange(len(left), device=sim.device)).float().mean().item()
+
+
+def copy_recall_at_1(copies, originals, owner):
+    """Retrieval of augmented copies of held-out images: the fraction of copies whose nearest original (cosine) is
+    originals[owner], the one it was made from. Ties count at random, in expectation: a collapsed network scores 1/N."""
+    sim = F.normalize(copies.float(), dim=1) @ F.normalize(originals.float(), dim=1).T
+    own = sim.gather(1, owner.to(sim.device)[:, None])
+    greater, ties = (sim > own).sum(1), (sim == own).sum(1) - 1
+    return ((greater == 0).float() / (ties + 1)).mean().item()
 
 
 def one_shot_accuracy(model, runs, device, pick=0):
@@ -1118,6 +1184,10 @@ def evaluate(model, data, device, max_images=2048, embedding="encoder"):
         precision = r_precision(embed(held), data.labels[held].to(device))
         if precision is not None:
             metrics["r_precision"] = precision
+    if data.copies is not None and len(data.copies):  # unlabelled: each copy looks for its original among the held-out ones
+        originals, owner = data.copy_of.unique(return_inverse=True)
+        copies = embed_images(model, data.copies, device)[pick]
+        metrics["aug_copy_recall@1"] = copy_recall_at_1(copies, embed(originals), owner)
     # Collapse is judged on the projector outputs of images the network trains on.
     sample = data.anchors[torch.randperm(len(data.anchors), generator=torch.Generator().manual_seed(1))[:max_images // 2]]
     _, proj = embed_images(model, inputs[sample], device)
@@ -1128,7 +1198,7 @@ def evaluate(model, data, device, max_images=2048, embedding="encoder"):
 
 
 def quality_name(metrics):
-    return next((k for k in ("one_shot", "r_precision", "recall@1", "knn@20") if k in metrics), None)
+    return next((k for k in ("one_shot", "r_precision", "recall@1", "knn@20", "aug_copy_recall@1") if k in metrics), None)
 
 
 # ----------------------------------------------------------------------------- training

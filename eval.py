@@ -34,6 +34,9 @@ Metrics (cosine similarity throughout; a query is never its own neighbour):
                    never sees): what recipes are tuned on.
   classification   labelled data: weighted kNN (k=20, 200) and a linear probe.
   metric_learning  labelled data: Precision@1, R-Precision, MAP@R (Musgrave et al. 2020).
+  aug_copy_retrieval  unlabelled folders: retrieval of augmented copies of held-out images, aug_copy_recall@1
+                   (as in the training log): each of two fixed augmented copies of a held-out image looks for
+                   its original among all the held-out originals.
   collapse         per-dimension std of the l2-normalised embeddings, and effective rank.
 Outputs: a table on stdout, eval.json, retrieval_grid.png and similarity_hist.png, next
 to the checkpoint (other data or a baseline: in a subfolder of the run) or in --out.
@@ -94,6 +97,9 @@ def parse_args(argv=None):
                    help="evaluate on this dataset instead (default without a checkpoint: omniglot)")
     g.add_argument("--data-dir", type=Path, default=None, help="dataset location, as for the training scripts")
     g.add_argument("--pairs-csv", type=Path, default=None, help="--data pairs: CSV of (left, right) image paths")
+    g.add_argument("--labels", default=None, choices=["auto", "folders", "none"],
+                   help="--data folder on other data: class subfolders or unlabelled images, as for the training scripts "
+                        "(default auto); the run's own data keeps the run's")
     g.add_argument("--download", action="store_true", help="download tll/cifar10/stl10 into --data-dir")
     g.add_argument("--holdout", type=float, default=None, help="held-out fraction for other data (default 0.2)")
     g.add_argument("--seed", type=int, default=None, help="split seed for other data (default: the run's, else 0)")
@@ -177,6 +183,9 @@ def run_args(opts, mod, ckpt):
         vars(args).update(saved)  # the model; for its own data also the data and split
     own_data = saved is not None and opts.data in (None, saved["data"])
     if own_data:
+        if opts.labels is not None:
+            raise UserError(f"--labels comes from CHECKPOINT {opts.checkpoint} for its own data ({args.labels}); drop --labels, "
+                            "or pass --data to evaluate on other data")
         for flag in ("--holdout", "--seed"):
             value = getattr(opts, flag[2:])
             if value is not None and value != saved[flag[2:]]:
@@ -192,7 +201,7 @@ def run_args(opts, mod, ckpt):
                                 f"not exist here; pass {flag} with its new location")
     else:
         args.data = opts.data or "omniglot"
-        args.data_dir, args.pairs_csv = opts.data_dir, opts.pairs_csv
+        args.data_dir, args.pairs_csv, args.labels = opts.data_dir, opts.pairs_csv, opts.labels or "auto"
         args.holdout = 0.2 if opts.holdout is None else opts.holdout
         args.seed = opts.seed if opts.seed is not None else (saved["seed"] if saved else 0)
         args.image_size = saved["image_size"] if saved else (opts.image_size or args.image_size)
@@ -480,16 +489,20 @@ def evaluate(opts, mod, model, data, args, device):
         ref, query, protocol = classification_split(data, args.seed, opts.max_images)
         # Ranking metrics on the held-out images: the query images, or all of the held-out classes.
         held_out = query if protocol.startswith("training") else torch.cat([ref, query]).sort().values
-    needed = [i for i in ([pairs.flatten()] + ([ref, query] if labelled else [])) if len(i)]
+    copied = data.copies is not None and len(data.copies) > 0  # unlabelled folders
+    if copied:
+        originals, owner = data.copy_of.unique(return_inverse=True)
+    needed = [i for i in ([pairs.flatten()] + ([ref, query] if labelled else []) + ([originals] if copied else [])) if len(i)]
 
     start = time.perf_counter()
     emb = Embeddings(mod, model, data.images, needed, device)
+    copies = mod.embed_images(model, data.copies, device)[pick] if copied else None
     def embed_runs(episodes):
         return [(mod.embed_images(model, train, device)[pick], mod.embed_images(model, test, device)[pick], answer)
                 for train, test, answer in episodes]
 
     runs = embed_runs(data.one_shot_runs)
-    timing = {"images_embedded": emb.count + sum(len(t) + len(s) for t, s, _ in data.one_shot_runs),
+    timing = {"images_embedded": emb.count + (len(copies) if copied else 0) + sum(len(t) + len(s) for t, s, _ in data.one_shot_runs),
               "embed_s": time.perf_counter() - start}
 
     start = time.perf_counter()
@@ -520,6 +533,11 @@ def evaluate(opts, mod, model, data, args, device):
             dml = metric_learning_metrics(emb(held_out, which), data.labels[held_out], rows_for(len(held_out)))
             if dml:
                 metrics["metric_learning"] = dml
+    if copied:  # the training log's aug_copy_recall@1, computed by the script's own function on the same images
+        metrics["aug_copy_retrieval"] = {
+            "protocol": "two augmented copies of each held-out image (the run's own views, fixed seed) -> the held-out originals",
+            "originals": len(originals), "copies": len(copies),
+            "aug_copy_recall@1": mod.copy_recall_at_1(copies, emb(originals, which), owner)}
     if needed:
         # Collapse is judged on every evaluated image, for both outputs of a trained model.
         every = torch.cat(needed).unique()
@@ -621,7 +639,7 @@ def similarity_hist(path, positive, random):
     plt.close(fig)
 
 
-QUALITY = ("one_shot", "val_one_shot", "r_precision", "recall@1", "knn@20")  # the training scripts' per-epoch quality metrics
+QUALITY = ("one_shot", "val_one_shot", "r_precision", "recall@1", "knn@20", "aug_copy_recall@1")  # the training scripts' per-epoch quality metrics
 
 
 def read_log(run_dir):
