@@ -31,15 +31,19 @@ def synced(source_text, target_text, target_name):
     """target_text with each shared block replaced by the source's."""
     source, target = blocks(source_text, SOURCE), blocks(target_text, target_name)
     if set(source) != set(target):
-        raise SystemExit(f"sync_shared.py: error: {target_name} has shared blocks {sorted(target)}, {SOURCE} has "
-                         f"{sorted(source)}; add or remove the markers so that they match")
+        raise SystemExit(
+            f"sync_shared.py: error: {target_name} has shared blocks {sorted(target)}, {SOURCE} has "
+            f"{sorted(source)}; add or remove the markers so that they match"
+        )
     return BLOCK.sub(lambda m: source[m.group(1)].group(0), target_text)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a target's shared blocks differ")
-    p.add_argument("--root", type=Path, default=ROOT, help="the folder holding the three scripts (default: this repository)")
+    p.add_argument(
+        "--root", type=Path, default=ROOT, help="the folder holding the three scripts (default: this repository)"
+    )
     args = p.parse_args(argv)
     source_text = (args.root / SOURCE).read_text()
     stale = []
@@ -51,14 +55,19 @@ def main(argv=None):
             continue
         stale.append(name)
         if args.check:
-            diff = difflib.unified_diff(text.splitlines(True), new.splitlines(True), f"{name} (now)", f"{name} (from {SOURCE})", n=1)
+            diff = difflib.unified_diff(
+                text.splitlines(True), new.splitlines(True), f"{name} (now)", f"{name} (from {SOURCE})", n=1
+            )
             sys.stdout.writelines(list(diff)[:60])
         else:
             path.write_text(new)
             print(f"wrote the shared blocks of {SOURCE} into {name}")
     if args.check and stale:
-        print(f"sync_shared.py: {', '.join(stale)} differ from {SOURCE} in their shared blocks; "
-              f"run python .ci/sync_shared.py (after editing {SOURCE}, not the copies)", file=sys.stderr)
+        print(
+            f"sync_shared.py: {', '.join(stale)} differ from {SOURCE} in their shared blocks; "
+            f"run python .ci/sync_shared.py (after editing {SOURCE}, not the copies)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

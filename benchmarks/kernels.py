@@ -88,8 +88,10 @@ def wall_ms(fn):
 
 def error(got, want):
     """Largest |got - want| over the outputs, in units of eps(dtype) x max |want|."""
-    return max(((g.float() - w.float()).abs().max() / (w.float().abs().max() * torch.finfo(g.dtype).eps)).item()
-               for g, w in zip(got, want))
+    return max(
+        ((g.float() - w.float()).abs().max() / (w.float().abs().max() * torch.finfo(g.dtype).eps)).item()
+        for g, w in zip(got, want)
+    )
 
 
 def measure(op, case, impls, step, outputs, nbytes, dtype, device):
@@ -111,8 +113,18 @@ def measure(op, case, impls, step, outputs, nbytes, dtype, device):
     src = torch.randn(nbytes // 2 // dtype.itemsize, device=device).to(dtype)  # read half the bytes, write half
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src), device)
-    rows.append({"op": op, "case": case, "impl": "copy", "bytes": nbytes, "ms": ms, "gbps": nbytes / ms / 1e6, "err": None,
-                 "note": "one flat tensor, as many bytes"})
+    rows.append(
+        {
+            "op": op,
+            "case": case,
+            "impl": "copy",
+            "bytes": nbytes,
+            "ms": ms,
+            "gbps": nbytes / ms / 1e6,
+            "err": None,
+            "note": "one flat tensor, as many bytes",
+        }
+    )
     return rows
 
 
@@ -141,15 +153,19 @@ def loss_rows(B, D, device, quick):
         loss = fn(p1, p2, z1, z2)
         return (loss, *torch.autograd.grad(loss, (p1, p2)))  # no .grad accumulation: the same traffic each call
 
-    impls = {"triton": triton_skip_reason(device, quick) or symmetric_cosine_loss_triton,
-             "reference": symmetric_cosine_loss_reference}
+    impls = {
+        "triton": triton_skip_reason(device, quick) or symmetric_cosine_loss_triton,
+        "reference": symmetric_cosine_loss_reference,
+    }
     torch._dynamo.reset()  # a fresh static-shape compile per case (no recompile limit)
     compiled = torch.compile(symmetric_cosine_loss_reference, dynamic=False)
     try:
         step(compiled)  # compiles here, not while timed
         impls["torch.compile(reference)"] = compiled
     except Exception as e:  # e.g. no C++ compiler for inductor on the CPU
-        impls["torch.compile(reference)"] = f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        impls["torch.compile(reference)"] = (
+            f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        )
     case = f"B={B} D={D} {str(dtype).removeprefix('torch.')}"
     return measure("loss", case, impls, step, step, loss_bytes(B, D, dtype), dtype, device)
 
@@ -161,7 +177,9 @@ def python_loop(target, online, tau):
 
 def ema_rows(arch, device, quick):
     torch.manual_seed(0)
-    start, online = ([p.detach().to(device) for p in getattr(torchvision.models, arch)().parameters()] for _ in range(2))
+    start, online = (
+        [p.detach().to(device) for p in getattr(torchvision.models, arch)().parameters()] for _ in range(2)
+    )
     target = [x.clone() for x in start]  # the timed steps move it; every check starts from `start`
 
     def step(fn):
@@ -172,10 +190,12 @@ def ema_rows(arch, device, quick):
         fn(t, online, TAU)
         return [torch.cat([x.flatten() for x in t])]
 
-    impls = {"triton": triton_skip_reason(device, quick) or ema_update_triton_,
-             "reference": ema_update_reference_,
-             "_foreach_lerp_": lambda t, o, tau: torch._foreach_lerp_(t, o, 1.0 - tau),
-             "python loop": python_loop}
+    impls = {
+        "triton": triton_skip_reason(device, quick) or ema_update_triton_,
+        "reference": ema_update_reference_,
+        "_foreach_lerp_": lambda t, o, tau: torch._foreach_lerp_(t, o, 1.0 - tau),
+        "python loop": python_loop,
+    }
     numel = sum(p.numel() for p in target)
     case = f"{arch}: {len(target)} tensors, {numel / 1e6:.1f}M fp32"
     return measure("ema", case, impls, step, outputs, ema_bytes(numel, torch.float32), torch.float32, device)
@@ -192,7 +212,11 @@ def run(device, quick=False):
 
 # ---- report ------------------------------------------------------------------------------------
 def describe(device):
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, intra-op threads: {torch.get_num_threads()}"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, intra-op threads: {torch.get_num_threads()}"
+    )
     return f"{where}, torch {torch.__version__}, median times"
 
 
@@ -200,27 +224,44 @@ def report(rows):
     """A markdown table per op; speed-up against the reference and share of the copy's GB/s from the same case."""
     text = []
     for op, title in TITLES.items():
-        lines = [f"### {title}", "", "| case | impl | median ms | GB/s | vs reference | of copy GB/s | err | note |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines = [
+            f"### {title}",
+            "",
+            "| case | impl | median ms | GB/s | vs reference | of copy GB/s | err | note |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in (r for r in rows if r["op"] == op):
             same = {s["impl"]: s for s in rows if s["case"] == r["case"]}
             timed = r["ms"] is not None
-            lines.append(" | ".join([
-                f"| {r['case']}", r["impl"], f"{r['ms']:.3f}" if timed else "-", f"{r['gbps']:.1f}" if timed else "-",
-                f"{same['reference']['ms'] / r['ms']:.2f}x" if timed and r["impl"] != "copy" else "-",
-                f"{r['gbps'] / same['copy']['gbps']:.0%}" if timed else "-",
-                f"{r['err']:.2g}" if r["err"] is not None else "-", f"{r['note']} |"]))
+            lines.append(
+                " | ".join(
+                    [
+                        f"| {r['case']}",
+                        r["impl"],
+                        f"{r['ms']:.3f}" if timed else "-",
+                        f"{r['gbps']:.1f}" if timed else "-",
+                        f"{same['reference']['ms'] / r['ms']:.2f}x" if timed and r["impl"] != "copy" else "-",
+                        f"{r['gbps'] / same['copy']['gbps']:.0%}" if timed else "-",
+                        f"{r['err']:.2g}" if r["err"] is not None else "-",
+                        f"{r['note']} |",
+                    ]
+                )
+            )
         text.append("\n".join(lines))
-    text.append("GB/s: the bytes the op must move (loss: 10 x B x D elements, as the backward re-reads the four "
-                f"inputs; EMA: 3 x the parameters) / median time. err: the largest |output - reference output| in "
-                f"units of eps(dtype) x max |reference output|; above {MAX_ERR} fails the run.")
+    text.append(
+        "GB/s: the bytes the op must move (loss: 10 x B x D elements, as the backward re-reads the four "
+        f"inputs; EMA: 3 x the parameters) / median time. err: the largest |output - reference output| in "
+        f"units of eps(dtype) x max |reference output|; above {MAX_ERR} fails the run."
+    )
     return "\n\n".join(text)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="one small case per op (the Triton column in the interpreter on the CPU)")
+    p.add_argument(
+        "--quick", action="store_true", help="one small case per op (the Triton column in the interpreter on the CPU)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write every row to this JSON file")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -232,7 +273,11 @@ def main(argv=None):
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"setup": describe(device), "max_err": MAX_ERR, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
-    wrong = [f"{r['impl']} at {r['case']} (err {r['err']:.3g})" for r in rows if r["err"] is not None and not r["err"] <= MAX_ERR]
+    wrong = [
+        f"{r['impl']} at {r['case']} (err {r['err']:.3g})"
+        for r in rows
+        if r["err"] is not None and not r["err"] <= MAX_ERR
+    ]
     if wrong:
         print(f"kernels.py: error: outputs differ from the reference's: {', '.join(wrong)}", file=sys.stderr)
         return 1

@@ -54,11 +54,15 @@ def _check_pair(p: torch.Tensor, z: torch.Tensor, names: str = "p, z") -> None:
     if not isinstance(p, torch.Tensor) or not isinstance(z, torch.Tensor):
         raise ValueError(f"cosine loss ({names}): expected tensors, got {type(p).__name__} and {type(z).__name__}")
     if p.dim() != 2 or z.dim() != 2:
-        raise ValueError(f"cosine loss ({names}): expected 2-D [B, D] tensors, got shapes {tuple(p.shape)} and {tuple(z.shape)}")
+        raise ValueError(
+            f"cosine loss ({names}): expected 2-D [B, D] tensors, got shapes {tuple(p.shape)} and {tuple(z.shape)}"
+        )
     if p.shape != z.shape:
         raise ValueError(f"cosine loss ({names}): shapes differ: {tuple(p.shape)} vs {tuple(z.shape)}")
     if p.shape[0] == 0 or p.shape[1] == 0:
-        raise ValueError(f"cosine loss ({names}): empty input of shape {tuple(p.shape)} (the mean over rows is undefined)")
+        raise ValueError(
+            f"cosine loss ({names}): empty input of shape {tuple(p.shape)} (the mean over rows is undefined)"
+        )
     if p.dtype != z.dtype:
         raise ValueError(f"cosine loss ({names}): dtypes differ: {p.dtype} vs {z.dtype}; cast both to one dtype")
     if not p.is_floating_point():
@@ -112,9 +116,21 @@ _N_STATS = 4
 if triton is not None:
 
     @triton.jit
-    def _cos_fwd_rows(p_ptr, z_ptr, stride_p, stride_z, stats_ptr, loss_ptr, B, D, row0,
-                      EPS: tl.constexpr, FLT_MIN: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _cos_fwd_rows(
+        p_ptr,
+        z_ptr,
+        stride_p,
+        stride_z,
+        stats_ptr,
+        loss_ptr,
+        B,
+        D,
+        row0,
+        EPS: tl.constexpr,
+        FLT_MIN: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         rows = row0 + tl.arange(0, BLOCK_B)
         row_mask = rows < B
         rows64 = rows.to(tl.int64)  # row * stride may pass 2**31 elements
@@ -165,25 +181,52 @@ if triton is not None:
         tl.store(loss_ptr + rows, 2.0 - 2.0 * cos, mask=row_mask)
 
     @triton.jit
-    def _cosine_fwd_kernel(P0, Z0, P1, Z1, stride_p0, stride_z0, stride_p1, stride_z1,
-                           STATS, LOSS, B, D,
-                           EPS: tl.constexpr, FLT_MIN: tl.constexpr,
-                           BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _cosine_fwd_kernel(
+        P0,
+        Z0,
+        P1,
+        Z1,
+        stride_p0,
+        stride_z0,
+        stride_p1,
+        stride_z1,
+        STATS,
+        LOSS,
+        B,
+        D,
+        EPS: tl.constexpr,
+        FLT_MIN: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         # grid = (cdiv(B, BLOCK_B), n_pairs); pair 1 exists only for the symmetric loss
         row0 = tl.program_id(0) * BLOCK_B
         pair = tl.program_id(1)
         if pair == 0:
-            _cos_fwd_rows(P0, Z0, stride_p0, stride_z0, STATS, LOSS, B, D, row0,
-                          EPS, FLT_MIN, BLOCK_B, BLOCK_D)
+            _cos_fwd_rows(P0, Z0, stride_p0, stride_z0, STATS, LOSS, B, D, row0, EPS, FLT_MIN, BLOCK_B, BLOCK_D)
         else:
-            _cos_fwd_rows(P1, Z1, stride_p1, stride_z1, STATS + 4 * B, LOSS + B, B, D, row0,
-                          EPS, FLT_MIN, BLOCK_B, BLOCK_D)
+            _cos_fwd_rows(
+                P1, Z1, stride_p1, stride_z1, STATS + 4 * B, LOSS + B, B, D, row0, EPS, FLT_MIN, BLOCK_B, BLOCK_D
+            )
 
     @triton.jit
-    def _cos_bwd_rows(p_ptr, z_ptr, stride_p, stride_z, dp_ptr, dz_ptr, stats_ptr, scale,
-                      B, D, row0,
-                      NEED_DP: tl.constexpr, NEED_DZ: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _cos_bwd_rows(
+        p_ptr,
+        z_ptr,
+        stride_p,
+        stride_z,
+        dp_ptr,
+        dz_ptr,
+        stats_ptr,
+        scale,
+        B,
+        D,
+        row0,
+        NEED_DP: tl.constexpr,
+        NEED_DZ: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         rows = row0 + tl.arange(0, BLOCK_B)
         row_mask = rows < B
         rows64 = rows.to(tl.int64)
@@ -214,11 +257,30 @@ if triton is not None:
                 tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _cosine_bwd_kernel(P0, Z0, P1, Z1, stride_p0, stride_z0, stride_p1, stride_z1,
-                           DP0, DZ0, DP1, DZ1, STATS, GRAD_OUT, B, D,
-                           NEED_DP0: tl.constexpr, NEED_DZ0: tl.constexpr,
-                           NEED_DP1: tl.constexpr, NEED_DZ1: tl.constexpr,
-                           BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _cosine_bwd_kernel(
+        P0,
+        Z0,
+        P1,
+        Z1,
+        stride_p0,
+        stride_z0,
+        stride_p1,
+        stride_z1,
+        DP0,
+        DZ0,
+        DP1,
+        DZ1,
+        STATS,
+        GRAD_OUT,
+        B,
+        D,
+        NEED_DP0: tl.constexpr,
+        NEED_DZ0: tl.constexpr,
+        NEED_DP1: tl.constexpr,
+        NEED_DZ1: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         row0 = tl.program_id(0) * BLOCK_B
         pair = tl.program_id(1)
         # grad_output is read on the device: no .item(), no host sync
@@ -226,11 +288,27 @@ if triton is not None:
         # two inlined copies, each with its own constexpr flags, so that a gradient
         # nobody asked for (detached targets) is neither computed nor stored
         if pair == 0:
-            _cos_bwd_rows(P0, Z0, stride_p0, stride_z0, DP0, DZ0, STATS, scale, B, D, row0,
-                          NEED_DP0, NEED_DZ0, BLOCK_B, BLOCK_D)
+            _cos_bwd_rows(
+                P0, Z0, stride_p0, stride_z0, DP0, DZ0, STATS, scale, B, D, row0, NEED_DP0, NEED_DZ0, BLOCK_B, BLOCK_D
+            )
         else:
-            _cos_bwd_rows(P1, Z1, stride_p1, stride_z1, DP1, DZ1, STATS + 4 * B, scale, B, D, row0,
-                          NEED_DP1, NEED_DZ1, BLOCK_B, BLOCK_D)
+            _cos_bwd_rows(
+                P1,
+                Z1,
+                stride_p1,
+                stride_z1,
+                DP1,
+                DZ1,
+                STATS + 4 * B,
+                scale,
+                B,
+                D,
+                row0,
+                NEED_DP1,
+                NEED_DZ1,
+                BLOCK_B,
+                BLOCK_D,
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -267,10 +345,23 @@ def _fwd(pairs):
     block_b, block_d, num_warps = _tiles(B, D)
     grid = (triton.cdiv(B, block_b), n_pairs)
     _cosine_fwd_kernel[grid](
-        p0, z0, p1, z1,
-        _row_stride(p0), _row_stride(z0), _row_stride(p1), _row_stride(z1),
-        stats, rowloss, B, D,
-        EPS=EPS, FLT_MIN=FLT_MIN, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps,
+        p0,
+        z0,
+        p1,
+        z1,
+        _row_stride(p0),
+        _row_stride(z0),
+        _row_stride(p1),
+        _row_stride(z1),
+        stats,
+        rowloss,
+        B,
+        D,
+        EPS=EPS,
+        FLT_MIN=FLT_MIN,
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     # sum over pairs of the row means; a plain (deterministic, atomic-free) torch sum
     loss = rowloss.sum() / B
@@ -285,8 +376,12 @@ def _bwd(pairs, stats, grad_output, needs):
     n_pairs = len(pairs)
     grads = []
     for (p, z), (need_p, need_z) in zip(pairs, needs):
-        grads.append((torch.empty((B, D), dtype=p.dtype, device=p.device) if need_p else None,
-                      torch.empty((B, D), dtype=z.dtype, device=z.device) if need_z else None))
+        grads.append(
+            (
+                torch.empty((B, D), dtype=p.dtype, device=p.device) if need_p else None,
+                torch.empty((B, D), dtype=z.dtype, device=z.device) if need_z else None,
+            )
+        )
     if n_pairs == 1:
         needs = (needs[0], (False, False))
     # any tensor will do as a placeholder for an unneeded gradient: it is never touched
@@ -297,11 +392,29 @@ def _bwd(pairs, stats, grad_output, needs):
     block_b, block_d, num_warps = _tiles(B, D)
     grid = (triton.cdiv(B, block_b), n_pairs)
     _cosine_bwd_kernel[grid](
-        p0, z0, p1, z1,
-        _row_stride(p0), _row_stride(z0), _row_stride(p1), _row_stride(z1),
-        dp0, dz0, dp1, dz1, stats, grad_output, B, D,
-        NEED_DP0=needs[0][0], NEED_DZ0=needs[0][1], NEED_DP1=needs[1][0], NEED_DZ1=needs[1][1],
-        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps,
+        p0,
+        z0,
+        p1,
+        z1,
+        _row_stride(p0),
+        _row_stride(z0),
+        _row_stride(p1),
+        _row_stride(z1),
+        dp0,
+        dz0,
+        dp1,
+        dz1,
+        stats,
+        grad_output,
+        B,
+        D,
+        NEED_DP0=needs[0][0],
+        NEED_DZ0=needs[0][1],
+        NEED_DP1=needs[1][0],
+        NEED_DZ1=needs[1][1],
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     return grads
 

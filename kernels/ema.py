@@ -69,11 +69,15 @@ def _check_lists(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor])
         if not isinstance(t, torch.Tensor) or not isinstance(o, torch.Tensor):
             raise ValueError(f"ema_update_: item {i} is not a pair of tensors")
         if t.shape != o.shape:
-            raise ValueError(f"ema_update_: item {i}: shapes differ: target {tuple(t.shape)} vs online {tuple(o.shape)}")
+            raise ValueError(
+                f"ema_update_: item {i}: shapes differ: target {tuple(t.shape)} vs online {tuple(o.shape)}"
+            )
         if t.dtype != o.dtype:
             raise ValueError(f"ema_update_: item {i}: dtypes differ: target {t.dtype} vs online {o.dtype}")
         if not t.is_floating_point():
-            raise ValueError(f"ema_update_: item {i}: cannot average {t.dtype} tensors (pass parameters, not integer buffers)")
+            raise ValueError(
+                f"ema_update_: item {i}: cannot average {t.dtype} tensors (pass parameters, not integer buffers)"
+            )
         if t.device != o.device:
             raise ValueError(f"ema_update_: item {i}: devices differ: target {t.device} vs online {o.device}")
 
@@ -96,8 +100,9 @@ def ema_update_reference_(target: Sequence[torch.Tensor], online: Sequence[torch
 if triton is not None:
 
     @triton.jit
-    def _ema_kernel(PTRS, CHUNKS, n_tensors, tau, one_minus_tau,
-                    DT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    def _ema_kernel(
+        PTRS, CHUNKS, n_tensors, tau, one_minus_tau, DT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr
+    ):
         chunk = tl.program_id(0).to(tl.int64)
         idx = tl.load(CHUNKS + chunk * 3)
         start = tl.load(CHUNKS + chunk * 3 + 1)
@@ -180,12 +185,16 @@ def _build_plan(target: list, online: list) -> _Plan:
         count = np.minimum(BLOCK, numel[owner] - start)
         chunks = np.stack([owner, start, count], axis=1)  # [n_chunks, 3]
         aligned = bool((ptrs % 16 == 0).all())
-        groups.append(_Group(
-            dtype,
-            torch.from_numpy(ptrs.reshape(-1)).to(device),
-            torch.from_numpy(np.ascontiguousarray(chunks).reshape(-1)).to(device),
-            len(idxs), int(owner.size), aligned,
-        ))
+        groups.append(
+            _Group(
+                dtype,
+                torch.from_numpy(ptrs.reshape(-1)).to(device),
+                torch.from_numpy(np.ascontiguousarray(chunks).reshape(-1)).to(device),
+                len(idxs),
+                int(owner.size),
+                aligned,
+            )
+        )
     return _Plan(groups, rest)
 
 
@@ -195,9 +204,12 @@ def _plan_key(target: list, online: list) -> tuple:
     # describe the same memory, so a hit needs no new validation)
     ptr, numel = torch.Tensor.data_ptr, torch.Tensor.numel
     return (
-        tuple(map(ptr, target)), tuple(map(ptr, online)),
-        tuple(map(numel, target)), tuple(map(numel, online)),
-        tuple(t.dtype for t in target), tuple(o.dtype for o in online),
+        tuple(map(ptr, target)),
+        tuple(map(ptr, online)),
+        tuple(map(numel, target)),
+        tuple(map(numel, online)),
+        tuple(t.dtype for t in target),
+        tuple(o.dtype for o in online),
         target[0].device,
     )
 
@@ -229,8 +241,15 @@ def ema_update_triton_(target: Sequence[torch.Tensor], online: Sequence[torch.Te
     plan = _get_plan(target, online)
     for g in plan.groups:
         _ema_kernel[(g.n_chunks,)](
-            g.ptrs, g.chunks, g.n_tensors, tau, 1.0 - tau,
-            DT=_TL_DTYPES[g.dtype], ALIGNED=g.aligned, BLOCK=BLOCK, num_warps=4,
+            g.ptrs,
+            g.chunks,
+            g.n_tensors,
+            tau,
+            1.0 - tau,
+            DT=_TL_DTYPES[g.dtype],
+            ALIGNED=g.aligned,
+            BLOCK=BLOCK,
+            num_warps=4,
         )
     if plan.rest:
         ema_update_reference_([target[i] for i in plan.rest], [online[i] for i in plan.rest], tau)

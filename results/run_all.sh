@@ -19,6 +19,11 @@
 #     byol.py, simsiam.py, bn_only.py with --data tll --data-dir TLL_DIR --epochs E_TLL
 #                                                            for each seed in TLL_SEEDS
 #     eval.py --baseline pixels / random / random-bn, as for omniglot
+#   generic (the generic recipes on data laid out the way users have it, at a CPU budget):
+#     byol.py --data folder on images_background_small2.zip written out as one folder per character
+#       (OUT/generic/small2-folders; 156 classes, 20% of them held out) --epochs E_GENERIC
+#     byol.py --data pairs on a CSV of TLL_DIR's left/right pairs (OUT/generic/tll-pairs.csv) --epochs E_GENERIC
+#     each against its untrained network (epoch 0 of its log) and eval.py --baseline pixels on its split
 #   then: python results/summarize.py OUT > results/tables.md  (and results/<data>_curves.png)
 #
 # Run directories: OUT/<data>/<row>-s<seed>, rows byol, simsiam, bn_only, bn_only-no-bn,
@@ -31,7 +36,7 @@
 #   SEEDS="0 1 2"  ABLATION_SEEDS="0"  ABLATIONS="no-bn bn-all predictor stop-grad"  DATASETS="omniglot tll"
 #   OUT=results/runs  (a variable set to " " runs none of its rows)
 #   LONG_SEEDS="0"  E_LONG=80  TLL_SEEDS="0"
-#   TLL_DIR=../shared/data/tll-dev  E_TLL=30  THREADS=$(nproc)  FORCE=0  PYTHON=python
+#   TLL_DIR=../shared/data/tll-dev  E_TLL=30  E_GENERIC=5  THREADS=$(nproc)  FORCE=0  PYTHON=python
 #   TRAIN_ARGS=""  extra flags for every training run (e.g. "--device cuda"; they become
 #                  part of the saved args, so keep them to ones that do not change results)
 set -euo pipefail
@@ -39,10 +44,11 @@ set -euo pipefail
 SEEDS="${SEEDS:-0 1 2}"
 ABLATION_SEEDS="${ABLATION_SEEDS:-0}"
 ABLATIONS="${ABLATIONS:-no-bn bn-all predictor stop-grad}"
-DATASETS="${DATASETS:-omniglot tll}"
+DATASETS="${DATASETS:-omniglot tll generic}"
 TLL_DIR="${TLL_DIR:-../shared/data/tll-dev}"
 OUT="${OUT:-results/runs}"
 E_TLL="${E_TLL:-30}"
+E_GENERIC="${E_GENERIC:-5}"
 TLL_SEEDS="${TLL_SEEDS:-0}"
 LONG_SEEDS="${LONG_SEEDS:-0}"
 E_LONG="${E_LONG:-80}"
@@ -86,10 +92,11 @@ train() {
     "$PYTHON" eval.py --plot "$dir" || log "note: no curves.png for $dir (matplotlib missing?)"
 }
 
-# baseline DATA KIND SEED: eval.py --baseline KIND on the data and split of byol's run of SEED.
+# baseline DATA KIND SEED [ROW]: eval.py --baseline KIND on the data and split of the run ROW (byol) of SEED.
 baseline() {
-    local data=$1 kind=$2 seed=$3
-    local dir="$OUT/$data/baseline-$kind-s$seed" ckpt="$OUT/$data/byol-s$seed/last.pt"
+    local data=$1 kind=$2 seed=$3 row=${4:-byol}
+    local dir="$OUT/$data/baseline-$kind-$row-s$seed" ckpt="$OUT/$data/$row-s$seed/last.pt"
+    [[ "$row" == byol ]] && dir="$OUT/$data/baseline-$kind-s$seed"
     done_already "$dir" && return 0
     if [[ ! -f "$ckpt" ]]; then
         log "skip $dir: it takes its data and split from $ckpt, which does not exist"
@@ -149,6 +156,41 @@ if wants tll; then
         done
     else
         log "SKIPPING the TLL rows: TLL_DIR=$TLL_DIR has neither left/ nor left.zip (set TLL_DIR to the TLL-dev data)"
+    fi
+fi
+
+if wants generic; then
+    folders="$OUT/generic/small2-folders"
+    if [[ ! -d "$folders" ]]; then
+        log "write data/omniglot/images_background_small2.zip as class folders into $folders"
+        "$PYTHON" - "$folders" <<'PY'
+import sys, zipfile
+from pathlib import Path
+out = Path(sys.argv[1])
+with zipfile.ZipFile("data/omniglot/images_background_small2.zip") as zf:
+    for name in zf.namelist():
+        if name.endswith(".png"):  # images_background_small2/<alphabet>/<character>/<drawing>.png
+            _, alphabet, character, drawing = name.split("/")
+            (out / f"{alphabet}_{character}").mkdir(parents=True, exist_ok=True)
+            (out / f"{alphabet}_{character}" / drawing).write_bytes(zf.read(name))
+PY
+    fi
+    train generic folder-byol 0 byol --data folder --data-dir "$folders" --epochs "$E_GENERIC" --eval-every 1
+    baseline generic pixels 0 folder-byol
+    if [[ -d "$TLL_DIR/left" ]]; then
+        csv="$OUT/generic/tll-pairs.csv"
+        "$PYTHON" - "$TLL_DIR" "$csv" <<'PY'
+import csv, sys
+from pathlib import Path
+root, out = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
+rows = [[root / "left" / p.name, root / "right" / p.name] for p in sorted((root / "left").iterdir()) if (root / "right" / p.name).exists()]
+with out.open("w", newline="") as f:
+    csv.writer(f).writerows(rows)
+PY
+        train generic pairs-byol 0 byol --data pairs --pairs-csv "$csv" --epochs "$E_GENERIC" --eval-every 1
+        baseline generic pixels 0 pairs-byol
+    else
+        log "SKIPPING the generic pairs row: TLL_DIR=$TLL_DIR has no left/ folder"
     fi
 fi
 

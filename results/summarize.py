@@ -46,8 +46,20 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RUN_DIR = re.compile(r"^(?P<row>.+)-s(?P<seed>\d+)$")
 # Rows in this order first (run_all.sh's names), any others after them alphabetically.
-ROW_ORDER = ["baseline-pixels", "baseline-random", "baseline-random-bn", "baseline-pretrained", "byol", "simsiam", "simsiam-lr0.05", "bn_only",
-             "bn_only-no-bn", "bn_only-predictor", "bn_only-stop-grad", "bn_only-bn-all"]
+ROW_ORDER = [
+    "baseline-pixels",
+    "baseline-random",
+    "baseline-random-bn",
+    "baseline-pretrained",
+    "byol",
+    "simsiam",
+    "simsiam-lr0.05",
+    "bn_only",
+    "bn_only-no-bn",
+    "bn_only-predictor",
+    "bn_only-stop-grad",
+    "bn_only-bn-all",
+]
 # Saved args left out of the reproduction command: where and how fast, not what.
 # Columns that should not vary over seeds: their distinct values, not mean +- std.
 CONSTANT = {"proj_healthy", "enc_healthy", "epochs"}
@@ -93,7 +105,11 @@ def flat_metrics(result):
     for which, short in (("projector", "proj"), ("encoder", "enc")):
         c = m.get("collapse", {}).get(which)
         if c:
-            out[f"{short}_std"], out[f"{short}_healthy"], out[f"{short}_rank"] = c["std_mean"], c["healthy_std"], c["effective_rank"]
+            out[f"{short}_std"], out[f"{short}_healthy"], out[f"{short}_rank"] = (
+                c["std_mean"],
+                c["healthy_std"],
+                c["effective_rank"],
+            )
     return out
 
 
@@ -118,7 +134,9 @@ def discover(out_dir):
                 # eval.py's is on the held-out images, only 54 of them on Omniglot (rank <= 54).
                 run["metrics"]["log_std"] = run["log"][-1]["collapse_std"]
                 run["metrics"]["log_rank"] = run["log"][-1]["effective_rank"]
-            run["method"], run["args"] = read_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else (None, None)
+            run["method"], run["args"] = (
+                read_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else (None, None)
+            )
             check(run)
             tree.setdefault(run["data"], {}).setdefault(run["row"], []).append(run)
     for rows in tree.values():
@@ -135,7 +153,10 @@ def check(run):
     if data.get("seed") not in (None, run["seed"]):
         print(f"warning: {where}: eval.json says seed {data.get('seed')}, the directory {run['seed']}", file=sys.stderr)
     if run["args"] and run["args"].get("seed") not in (None, run["seed"]):
-        print(f"warning: {where}: last.pt says seed {run['args'].get('seed')}, the directory {run['seed']}", file=sys.stderr)
+        print(
+            f"warning: {where}: last.pt says seed {run['args'].get('seed')}, the directory {run['seed']}",
+            file=sys.stderr,
+        )
 
 
 def row_key(row):
@@ -203,7 +224,15 @@ def commands(runs):
             lines = [shlex.join(cmd)]
         elif run["args"] is not None:
             out = seed_pattern(run["args"].get("out", run["dir"]), seed)
-            train = ["python", f"{run['method']}.py", *train_command(run["method"], run["args"]), "--seed", "S", "--out", out]
+            train = [
+                "python",
+                f"{run['method']}.py",
+                *train_command(run["method"], run["args"]),
+                "--seed",
+                "S",
+                "--out",
+                out,
+            ]
             lines = [shlex.join(train), shlex.join(["python", "eval.py", f"{out}/last.pt", "--out", out])]
         else:
             lines = [f"(no last.pt in {run['dir']}: command unknown)"]
@@ -238,12 +267,22 @@ def columns_for(rows):
         cols.append(("one_shot_20", "test one-shot 20-way", "{:.4f}"))
         cols += [("r@1", "R@1 held-out", "{:.4f}")] if "r@1" in have else []
     elif "r@1" in have:
-        cols += [("r@1", "R@1", "{:.4f}"), ("r@5", "R@5", "{:.4f}"), ("r@10", "R@10", "{:.4f}"),
-                 ("r@1_l2r", "R@1 l→r", "{:.4f}"), ("r@1_r2l", "R@1 r→l", "{:.4f}")]
-    cols += [("log_std", "train proj collapse_std", "{:.2e}"), ("log_rank", "train proj eff. rank", "{:.1f}"),
-             ("proj_std", "proj collapse_std", "{:.2e}"), ("proj_healthy", "proj healthy", "{:.3g}"),
-             ("proj_rank", "proj eff. rank", "{:.1f}"), ("enc_std", "enc collapse_std", "{:.2e}"),
-             ("enc_rank", "enc eff. rank", "{:.1f}")]
+        cols += [
+            ("r@1", "R@1", "{:.4f}"),
+            ("r@5", "R@5", "{:.4f}"),
+            ("r@10", "R@10", "{:.4f}"),
+            ("r@1_l2r", "R@1 l→r", "{:.4f}"),
+            ("r@1_r2l", "R@1 r→l", "{:.4f}"),
+        ]
+    cols += [
+        ("log_std", "train proj collapse_std", "{:.2e}"),
+        ("log_rank", "train proj eff. rank", "{:.1f}"),
+        ("proj_std", "proj collapse_std", "{:.2e}"),
+        ("proj_healthy", "proj healthy", "{:.3g}"),
+        ("proj_rank", "proj eff. rank", "{:.1f}"),
+        ("enc_std", "enc collapse_std", "{:.2e}"),
+        ("enc_rank", "enc eff. rank", "{:.1f}"),
+    ]
     cols.append(("epochs", "epochs", "{:d}"))
     return [c for c in cols if c[0] in have]
 
@@ -251,17 +290,27 @@ def columns_for(rows):
 def table(data, rows):
     cols = columns_for(rows)
     lines = [f"## {data}", ""]
-    splits = sorted({f"{r['eval']['data'].get('split', '?')}, {r['eval']['data'].get('image_size', '?')} px"
-                     for runs in rows.values() for r in runs if r["eval"].get("data")})
+    splits = sorted(
+        {
+            f"{r['eval']['data'].get('split', '?')}, {r['eval']['data'].get('image_size', '?')} px"
+            for runs in rows.values()
+            for r in runs
+            if r["eval"].get("data")
+        }
+    )
     splits = sorted({re.sub(r"\(seed \d+, ", "(seed S, ", s) for s in splits})
     lines += [f"Evaluated by eval.py on {'; '.join(splits)}. Mean ± sample std over seeds (n).", ""]
     lines.append("| row | " + " | ".join(c[1] for c in cols) + " | n |")
     lines.append("| --- |" + " ---: |" * (len(cols) + 1))
     for row in sorted(rows, key=row_key):
         runs = rows[row]
-        cells = [fmt([r["metrics"].get(key) for r in runs], digits) if key not in CONSTANT
-                 else "/".join(digits.format(v) for v in sorted({r["metrics"][key] for r in runs if key in r["metrics"]})) or "–"
-                 for key, _, digits in cols]
+        cells = [
+            fmt([r["metrics"].get(key) for r in runs], digits)
+            if key not in CONSTANT
+            else "/".join(digits.format(v) for v in sorted({r["metrics"][key] for r in runs if key in r["metrics"]}))
+            or "–"
+            for key, _, digits in cols
+        ]
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {len(runs)} |")
     lines += ["", "Commands (from each run's saved args; S is the seed):", ""]
     for row in sorted(rows, key=row_key):
@@ -301,9 +350,20 @@ def plot(data, rows, path):
     if not logged:
         return None
     keys = {k for runs in logged.values() for run in runs for rec in run["log"] for k in rec}
-    quality = "one_shot" if "one_shot" in keys else "recall@1" if "recall@1" in keys else "knn@20" if "knn@20" in keys else None
-    panels = ([(quality, {"one_shot": "20-way one-shot", "recall@1": "recall@1 (left→right)"}.get(quality, quality))]
-              if quality else []) + [("collapse_std", "projector collapse_std (log)"), ("effective_rank", "projector effective rank")]
+    quality = (
+        "one_shot"
+        if "one_shot" in keys
+        else "recall@1"
+        if "recall@1" in keys
+        else "knn@20"
+        if "knn@20" in keys
+        else None
+    )
+    panels = (
+        [(quality, {"one_shot": "20-way one-shot", "recall@1": "recall@1 (left→right)"}.get(quality, quality))]
+        if quality
+        else []
+    ) + [("collapse_std", "projector collapse_std (log)"), ("effective_rank", "projector effective rank")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for i, row in enumerate(sorted(logged, key=row_key)):
         colour = f"C{i % 10}"
@@ -314,8 +374,14 @@ def plot(data, rows, path):
                 continue
             epochs, means, stds = curve
             ax.plot(epochs, means, marker="o", ms=3, color=colour, label=f"{row} (n={len(runs)})")
-            ax.fill_between(epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                            color=colour, alpha=0.15, lw=0)
+            ax.fill_between(
+                epochs,
+                [m - s for m, s in zip(means, stds)],
+                [m + s for m, s in zip(means, stds)],
+                color=colour,
+                alpha=0.15,
+                lw=0,
+            )
             if key == "collapse_std":
                 healthy = mean_curve(runs, "healthy_std")
                 if healthy is not None:
@@ -357,7 +423,10 @@ def main(argv=None):
         print(f"summarize.py: error: {e}", file=sys.stderr)
         return 2
     if not tree:
-        print(f"summarize.py: error: no finished runs (OUT/<data>/<row>-s<seed>/eval.json) under {opts.out}", file=sys.stderr)
+        print(
+            f"summarize.py: error: no finished runs (OUT/<data>/<row>-s<seed>/eval.json) under {opts.out}",
+            file=sys.stderr,
+        )
         return 2
     lines = [f"# Results (generated by results/summarize.py {opts.out}; do not edit by hand)", ""]
     for data in sorted(tree):

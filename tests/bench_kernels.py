@@ -23,7 +23,9 @@ def test_quick_kernel_benchmark(bench_table):
     timed = [r for r in rows if r["ms"] is not None]
     # every column ran (the Triton one too, in the interpreter on the CPU); only torch.compile may be
     # skipped, where inductor finds no C++ compiler
-    assert {(r["op"], r["impl"]) for r in rows} - {(r["op"], r["impl"]) for r in timed} <= {("loss", "torch.compile(reference)")}
+    assert {(r["op"], r["impl"]) for r in rows} - {(r["op"], r["impl"]) for r in timed} <= {
+        ("loss", "torch.compile(reference)")
+    }
     assert {("loss", "triton"), ("ema", "triton"), ("ema", "_foreach_lerp_")} <= {(r["op"], r["impl"]) for r in timed}
     for r in timed:
         assert math.isfinite(r["ms"]) and r["ms"] > 0, r

@@ -53,12 +53,16 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     device = os.environ.get("KERNELS_TEST_DEVICE", "cpu")
     if device not in KERNELS_TEST_DEVICES:
-        raise pytest.UsageError(f"KERNELS_TEST_DEVICE={device}: use cpu (Triton's interpreter, the default) or cuda (the compiled kernels)")
+        raise pytest.UsageError(
+            f"KERNELS_TEST_DEVICE={device}: use cpu (Triton's interpreter, the default) or cuda (the compiled kernels)"
+        )
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise pytest.UsageError("KERNELS_TEST_DEVICE=cuda, but torch sees no CUDA device: unset it to test in Triton's interpreter")
+            raise pytest.UsageError(
+                "KERNELS_TEST_DEVICE=cuda, but torch sees no CUDA device: unset it to test in Triton's interpreter"
+            )
     if not compiled_kernels(config.getoption("--benchmark")):
         os.environ["TRITON_INTERPRET"] = "1"  # also covers pytest.main([...]) where sys.argv says nothing
 

@@ -35,7 +35,9 @@ def tll_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tll_data(tll_dir):
-    return byol.load_data(args_for(byol, ["--data", "tll", "--data-dir", tll_dir, "--image-size", "16", "--workers", "1"]))
+    return byol.load_data(
+        args_for(byol, ["--data", "tll", "--data-dir", tll_dir, "--image-size", "16", "--workers", "1"])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +92,13 @@ def test_tll_split_is_seeded_and_held_out_pairs_never_train(tll_dir, tll_data):
     train_names = {side_and_name(d.names[i])[1] for i in d.anchors.tolist()}
     assert not held_left & train_names and len(held_left | train_names) == 20
     assert [[d.names[i], d.names[j]] for i, j in d.test_pairs.tolist()] == held
-    again = byol.load_data(args_for(byol, ["--data", "tll", "--data-dir", tll_dir, "--image-size", "16", "--workers", "1"]))
+    again = byol.load_data(
+        args_for(byol, ["--data", "tll", "--data-dir", tll_dir, "--image-size", "16", "--workers", "1"])
+    )
     assert again.split == d.split
-    other = byol.load_data(args_for(byol, ["--data", "tll", "--data-dir", tll_dir, "--image-size", "16", "--workers", "1",
-                                           "--seed", "1"]))
+    other = byol.load_data(
+        args_for(byol, ["--data", "tll", "--data-dir", tll_dir, "--image-size", "16", "--workers", "1", "--seed", "1"])
+    )
     assert other.split != d.split
 
 
@@ -109,8 +114,11 @@ def test_tll_zip_archives_load_like_the_folders(tmp_path, tll_data):
 
 
 def test_tll_pairs_aug_uses_two_views_of_one_image(tll_dir):
-    d = byol.load_data(args_for(byol, ["--data", "tll", "--data-dir", tll_dir, "--image-size", "16", "--workers", "1",
-                                       "--pairs", "aug"]))
+    d = byol.load_data(
+        args_for(
+            byol, ["--data", "tll", "--data-dir", tll_dir, "--image-size", "16", "--workers", "1", "--pairs", "aug"]
+        )
+    )
     first, second = batch_indices(byol, d, 0, batch_size=8)
     assert len(first) == 32  # left and right images of the 16 training pairs
     assert torch.equal(first, second)
@@ -125,8 +133,12 @@ def test_pairs_csv_relative_to_the_csv(tmp_path, monkeypatch, header):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # relative paths must resolve against the CSV, not the working directory
-    d = byol.load_data(args_for(byol, ["--data", "pairs", "--pairs-csv", csv_path, "--image-size", "16", "--workers", "1",
-                                       "--holdout", "0.25"]))
+    d = byol.load_data(
+        args_for(
+            byol,
+            ["--data", "pairs", "--pairs-csv", csv_path, "--image-size", "16", "--workers", "1", "--holdout", "0.25"],
+        )
+    )
     assert len(d.images) == 24 and len(d.anchors) == 9 and len(d.test_pairs) == 3
     first, second = batch_indices(byol, d, 0, batch_size=3)
     assert len(first) == 9
@@ -142,7 +154,9 @@ def test_pairs_csv_header_named_like_the_image_folders(tmp_path):
     root = make_tll(tmp_path / "tll", n=10, seed=3)
     csv_path = root / "pairs.csv"
     csv_path.write_text("left,right\n" + "".join(f"left/p{i:03d}.jpg,right/p{i:03d}.jpg\n" for i in range(10)))
-    d = byol.load_data(args_for(byol, ["--data", "pairs", "--pairs-csv", csv_path, "--image-size", "16", "--workers", "1"]))
+    d = byol.load_data(
+        args_for(byol, ["--data", "pairs", "--pairs-csv", csv_path, "--image-size", "16", "--workers", "1"])
+    )
     assert len(d.images) == 20 and len(d.anchors) + len(d.test_pairs) == 10
 
 
@@ -153,8 +167,21 @@ def test_pairs_csv_missing_first_image_is_reported_not_taken_for_a_header(tmp_pa
     lines = csv_path.read_text().splitlines()
     lines[0] = lines[0].replace("a_0.png", "a_0_typo.png")
     csv_path.write_text("\n".join(lines) + "\n")
-    rc = byol.main(["--data", "pairs", "--pairs-csv", str(csv_path), "--image-size", "16", "--workers", "1",
-                    "--out", str(tmp_path / "run"), "--no-progress"])
+    rc = byol.main(
+        [
+            "--data",
+            "pairs",
+            "--pairs-csv",
+            str(csv_path),
+            "--image-size",
+            "16",
+            "--workers",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "a_0_typo.png" in err, err
 
@@ -163,7 +190,9 @@ def test_pairs_csv_missing_first_image_is_reported_not_taken_for_a_header(tmp_pa
 
 
 def test_folder_natural_pairs_are_two_images_of_one_class(folder_dir):
-    d = byol.load_data(args_for(byol, ["--data", "folder", "--data-dir", folder_dir, "--image-size", "16", "--workers", "1"]))
+    d = byol.load_data(
+        args_for(byol, ["--data", "folder", "--data-dir", folder_dir, "--image-size", "16", "--workers", "1"])
+    )
     assert len(d.images) == 30
     assert int(d.test_images.sum()) == 6  # round(5 * 0.2) = 1 class held out
     first, second = batch_indices(byol, d, 0, batch_size=8)
@@ -181,8 +210,12 @@ def test_folder_natural_pairs_are_two_images_of_one_class(folder_dir):
 
 
 def test_folder_pairs_aug_uses_two_views_of_one_image(folder_dir):
-    d = byol.load_data(args_for(byol, ["--data", "folder", "--data-dir", folder_dir, "--image-size", "16", "--workers", "1",
-                                       "--pairs", "aug"]))
+    d = byol.load_data(
+        args_for(
+            byol,
+            ["--data", "folder", "--data-dir", folder_dir, "--image-size", "16", "--workers", "1", "--pairs", "aug"],
+        )
+    )
     first, second = batch_indices(byol, d, 0, batch_size=8)
     assert len(first) == 24 and torch.equal(first, second)
     assert not d.test_images[first].any()
@@ -207,9 +240,13 @@ class ColourEncoder(nn.Module):
 def test_folder_knn_metric_can_be_nonzero(folder_dir):
     """With an encoder that outputs the class itself, any kNN accuracy that the scripts report
     must be high; a kNN whose queries come from classes absent from its gallery is always 0."""
-    d = byol.load_data(args_for(byol, ["--data", "folder", "--data-dir", folder_dir, "--image-size", "16", "--workers", "1"]))
-    table = [(byol.normalize(d.images[i: i + 1])[0], nn.functional.one_hot(d.labels[i], 5).float() + 0.01 * torch.randn(5))
-             for i in range(len(d.images))]
+    d = byol.load_data(
+        args_for(byol, ["--data", "folder", "--data-dir", folder_dir, "--image-size", "16", "--workers", "1"])
+    )
+    table = [
+        (byol.normalize(d.images[i : i + 1])[0], nn.functional.one_hot(d.labels[i], 5).float() + 0.01 * torch.randn(5))
+        for i in range(len(d.images))
+    ]
     model = nn.Module()
     model.encoder, model.projector = ColourEncoder(table), nn.Identity()
     metrics = byol.evaluate(model, d, "cpu")
@@ -269,7 +306,9 @@ def test_ddp_rank_shares_make_up_the_single_process_batch(folder_dir):
     """With 2 processes each rank takes half of the global batch; together they must draw the
     same positive pairs as one process with the same global batch (and the ranks must not all
     pick the same partner slot for their k-th pair)."""
-    d = byol.load_data(args_for(byol, ["--data", "folder", "--data-dir", folder_dir, "--image-size", "16", "--workers", "1"]))
+    d = byol.load_data(
+        args_for(byol, ["--data", "folder", "--data-dir", folder_dir, "--image-size", "16", "--workers", "1"])
+    )
     f1, s1 = batch_indices(byol, d, 0, batch_size=8, world=1, rank=0)
     f0r, s0r = batch_indices(byol, d, 0, batch_size=8, world=2, rank=0)
     f1r, s1r = batch_indices(byol, d, 0, batch_size=8, world=2, rank=1)
@@ -280,10 +319,21 @@ def test_ddp_rank_shares_make_up_the_single_process_batch(folder_dir):
 
 # ----------------------------------------------------------------------------- augmentation
 
+
 def aug_args(**overrides):
     """The augmentation flags with byol.py's non-Omniglot defaults."""
-    return argparse.Namespace(**{"crop_min_scale": 0.2, "jitter_strength": 1.0, "flip_prob": 0.5, "solarize_prob": 0.2,
-                                 "rotation": 0.0, "shear": 0.0, "stroke": 0.0, **overrides})
+    return argparse.Namespace(
+        **{
+            "crop_min_scale": 0.2,
+            "jitter_strength": 1.0,
+            "flip_prob": 0.5,
+            "solarize_prob": 0.2,
+            "rotation": 0.0,
+            "shear": 0.0,
+            "stroke": 0.0,
+            **overrides,
+        }
+    )
 
 
 AUG = aug_args()
@@ -358,7 +408,9 @@ def test_crop_min_scale_one_keeps_the_whole_image_content():
     # solarize never hits view 1 and grayscale keeps black/white: the bright fraction stays near 1/2
     bright = (unstandardize(v1).mean(1) > 0.5).float().flatten(1).mean(1)
     assert ((bright - 0.5).abs() < 0.2).all(), bright
-    small, _ = byol.augment_pair(x, x, byol.step_generator(4, 0, "cpu"), aug_args(crop_min_scale=0.05, jitter_strength=0.0))
+    small, _ = byol.augment_pair(
+        x, x, byol.step_generator(4, 0, "cpu"), aug_args(crop_min_scale=0.05, jitter_strength=0.0)
+    )
     bright_small = (unstandardize(small).mean(1) > 0.5).float().flatten(1).mean(1)
     assert ((bright_small - 0.5).abs() > 0.3).any()  # small crops can fall on one side only
 
@@ -373,7 +425,12 @@ def test_flip_prob_sets_how_often_the_bright_half_changes_sides():
     x = torch.zeros(400, 3, 16, 16, dtype=torch.uint8)
     x[..., :8] = 255  # bright left half
     for flip_prob, low, high in [(0.0, 0.0, 0.0), (0.5, 0.4, 0.6), (1.0, 1.0, 1.0)]:
-        v1, _ = byol.augment_pair(x, x, byol.step_generator(5, 0, "cpu"), aug_args(crop_min_scale=1.0, jitter_strength=0.0, flip_prob=flip_prob))
+        v1, _ = byol.augment_pair(
+            x,
+            x,
+            byol.step_generator(5, 0, "cpu"),
+            aug_args(crop_min_scale=1.0, jitter_strength=0.0, flip_prob=flip_prob),
+        )
         u = unstandardize(v1).mean(1)
         flipped = (u[..., 8:].mean((1, 2)) > u[..., :8].mean((1, 2))).float().mean().item()
         assert low <= flipped <= high, (flip_prob, flipped)
@@ -384,7 +441,9 @@ def test_omniglot_defaults_switch_off_what_binary_chiral_strokes_do_not_need():
     assert (omniglot.jitter_strength, omniglot.flip_prob, omniglot.solarize_prob) == (0.0, 0.0, 0.0)
     tll = byol.fill_defaults(byol.parse_args(["--data", "tll", "--data-dir", "x"]))
     assert (tll.jitter_strength, tll.flip_prob, tll.solarize_prob) == (1.0, 0.5, 0.2)
-    chosen = byol.fill_defaults(byol.parse_args(["--flip-prob", "0.3", "--solarize-prob", "0.1", "--jitter-strength", "0.5"]))
+    chosen = byol.fill_defaults(
+        byol.parse_args(["--flip-prob", "0.3", "--solarize-prob", "0.1", "--jitter-strength", "0.5"])
+    )
     assert (chosen.jitter_strength, chosen.flip_prob, chosen.solarize_prob) == (0.5, 0.3, 0.1)
 
 

@@ -76,7 +76,10 @@ def test_out_that_is_a_file_is_one_line_before_data_loads(name, tmp_path, capsys
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     # --data-dir does not exist either: the output is checked first, before any data loads.
-    assert MODULES[name].main(["--data", "tll", "--data-dir", str(tmp_path / "missing"), "--out", str(blocker / "run")]) == 2
+    assert (
+        MODULES[name].main(["--data", "tll", "--data-dir", str(tmp_path / "missing"), "--out", str(blocker / "run")])
+        == 2
+    )
     one_line(capsys, "cannot be written to", blocker / "run")
 
 
@@ -93,13 +96,21 @@ def test_ctrl_c_is_one_line_with_the_resume_command(monkeypatch, capsys, tmp_pat
 
 
 BAD_FLAGS = [
-    ("byol", ["--lr", "-1"], "--lr"), ("byol", ["--lr", "nan"], "--lr"), ("byol", ["--weight-decay", "-1"], "--weight-decay"),
-    ("byol", ["--base-tau", "1.5"], "--base-tau"), ("byol", ["--hidden-dim", "0"], "--hidden-dim"),
-    ("byol", ["--proj-dim", "0"], "--proj-dim"), ("simsiam", ["--pred-dim", "0"], "--pred-dim"),
-    ("bn_only", ["--hidden-dim", "0"], "--hidden-dim"), ("byol", ["--device", "meta"], "--device meta"),
-    ("byol", ["--device", "mps"], "--device mps"), ("byol", ["--eval-every", "0"], "--eval-every"),
-    ("byol", ["--stop-after-epochs", "0"], "--stop-after-epochs"), ("byol", ["--image-size", "100000"], "--image-size 100000"),
-    ("byol", ["--warmup-epochs", "-2"], "--warmup-epochs"), ("byol", ["--workers", "0"], "--workers"),
+    ("byol", ["--lr", "-1"], "--lr"),
+    ("byol", ["--lr", "nan"], "--lr"),
+    ("byol", ["--weight-decay", "-1"], "--weight-decay"),
+    ("byol", ["--base-tau", "1.5"], "--base-tau"),
+    ("byol", ["--hidden-dim", "0"], "--hidden-dim"),
+    ("byol", ["--proj-dim", "0"], "--proj-dim"),
+    ("simsiam", ["--pred-dim", "0"], "--pred-dim"),
+    ("bn_only", ["--hidden-dim", "0"], "--hidden-dim"),
+    ("byol", ["--device", "meta"], "--device meta"),
+    ("byol", ["--device", "mps"], "--device mps"),
+    ("byol", ["--eval-every", "0"], "--eval-every"),
+    ("byol", ["--stop-after-epochs", "0"], "--stop-after-epochs"),
+    ("byol", ["--image-size", "100000"], "--image-size 100000"),
+    ("byol", ["--warmup-epochs", "-2"], "--warmup-epochs"),
+    ("byol", ["--workers", "0"], "--workers"),
 ]
 
 
@@ -151,9 +162,14 @@ def test_folder_reads_every_format_pillow_reads(tmp_path, fmt, ext):
     for c in range(2):
         (tmp_path / f"class{c}").mkdir()
         for k in range(3):
-            Image.fromarray(np.full((12, 12), 40 * c + 10 * k, dtype=np.uint8)).save(tmp_path / f"class{c}" / f"{k}{ext}", format=fmt)
-    args = byol.fill_defaults(byol.parse_args(["--data", "folder", "--data-dir", str(tmp_path), "--image-size", "8",
-                                               "--workers", "1", "--holdout", "0"]))
+            Image.fromarray(np.full((12, 12), 40 * c + 10 * k, dtype=np.uint8)).save(
+                tmp_path / f"class{c}" / f"{k}{ext}", format=fmt
+            )
+    args = byol.fill_defaults(
+        byol.parse_args(
+            ["--data", "folder", "--data-dir", str(tmp_path), "--image-size", "8", "--workers", "1", "--holdout", "0"]
+        )
+    )
     assert len(byol.load_data(args).images) == 6
 
 
@@ -172,7 +188,9 @@ def write_pairs(root, rows, encoding, bom=False):
 def test_csv_with_a_byte_order_mark_and_no_header(tll, tmp_path):
     rows = [[str(tll / "left" / f"p{i:03d}.jpg"), str(tll / "right" / f"p{i:03d}.jpg")] for i in range(12)]
     path = write_pairs(tmp_path, rows, "utf-8", bom=True)
-    args = byol.fill_defaults(byol.parse_args(["--data", "pairs", "--pairs-csv", str(path), "--image-size", "8", "--workers", "1"]))
+    args = byol.fill_defaults(
+        byol.parse_args(["--data", "pairs", "--pairs-csv", str(path), "--image-size", "8", "--workers", "1"])
+    )
     data = byol.load_data(args)
     assert len(data.images) == 24 and not any("\ufeff" in n for n in data.names)
 
@@ -204,9 +222,33 @@ def test_one_image_per_class_gives_no_knn_and_a_warning_not_zeros(tmp_path, caps
 
     root = make_folder(tmp_path / "data", classes=12, per_class=1, seed=3)
     out = tmp_path / "run"
-    argv = ["--data", "folder", "--data-dir", str(root), "--image-size", "16", "--width", "8", "--hidden-dim", "16",
-            "--proj-dim", "8", "--batch-size", "4", "--epochs", "1", "--eval-every", "1", "--workers", "1",
-            "--no-progress", "--pairs", "aug", "--out", str(out)]
+    argv = [
+        "--data",
+        "folder",
+        "--data-dir",
+        str(root),
+        "--image-size",
+        "16",
+        "--width",
+        "8",
+        "--hidden-dim",
+        "16",
+        "--proj-dim",
+        "8",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "1",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--pairs",
+        "aug",
+        "--out",
+        str(out),
+    ]
     assert byol.main(argv) == 0
     printed = capsys.readouterr().out
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -228,7 +270,21 @@ def test_eval_checks_its_flags_and_output_before_loading(tmp_path, capsys):
     one_line(capsys, "--memory-mb nan")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert ev.main(["--baseline", "random", "--data", "tll", "--data-dir", str(tmp_path / "missing"), "--out", str(blocker / "x")]) == 2
+    assert (
+        ev.main(
+            [
+                "--baseline",
+                "random",
+                "--data",
+                "tll",
+                "--data-dir",
+                str(tmp_path / "missing"),
+                "--out",
+                str(blocker / "x"),
+            ]
+        )
+        == 2
+    )
     one_line(capsys, "cannot be written to")
 
 
@@ -279,14 +335,14 @@ def corrupt_zip(root, how):
         info = z.getinfo("left/p003.jpg")
     if how == "deflate":
         start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
-        raw[start: start + 8] = b"\xff" * 8  # an invalid deflate block header
+        raw[start : start + 8] = b"\xff" * 8  # an invalid deflate block header
     else:
         raw[info.header_offset + 6] |= 0x01  # general-purpose flag bit 0: encrypted (local header)
         at = 0
         while True:  # the member's central directory entry
             at = raw.find(b"PK\x01\x02", at)
-            name_len = int.from_bytes(raw[at + 28: at + 30], "little")
-            if raw[at + 46: at + 46 + name_len] == b"left/p003.jpg":
+            name_len = int.from_bytes(raw[at + 28 : at + 30], "little")
+            if raw[at + 46 : at + 46 + name_len] == b"left/p003.jpg":
                 raw[at + 8] |= 0x01
                 break
             at += 4

@@ -16,17 +16,23 @@ training = load_benchmark("training")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--arch", "vgg11"], "invalid choice: 'vgg11'"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--only", "everything"], "invalid choice: 'everything'"),
-    (["--image-size", "8"], "--image-size 8 is too small"),
-    (["--batch-size", "1"], "--batch-size 1 is too small"),
-    (["--data-dir", "/no/such/dir"], "does not exist"),
-    (["--max-pairs", "4", "--batch-size", "8"], "larger than the 4 pairs"),
-    pytest.param(["--device", "cuda"], "no CUDA device",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--arch", "vgg11"], "invalid choice: 'vgg11'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--only", "everything"], "invalid choice: 'everything'"),
+        (["--image-size", "8"], "--image-size 8 is too small"),
+        (["--batch-size", "1"], "--batch-size 1 is too small"),
+        (["--data-dir", "/no/such/dir"], "does not exist"),
+        (["--max-pairs", "4", "--batch-size", "8"], "larger than the 4 pairs"),
+        pytest.param(
+            ["--device", "cuda"],
+            "no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),
+        ),
+    ],
+)
 def test_bad_arguments_give_one_line(argv, needle, capsys):
     rc = training.main(argv)
     err = capsys.readouterr().err
@@ -46,14 +52,40 @@ def test_tiny_run_of_ours(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(training, "byol_pytorch_available", lambda: False)
     monkeypatch.setattr(training, "lightly_available", lambda: False)
     out = tmp_path / "result.json"
-    rc = training.main(["--device", "cpu", "--image-size", "16", "--batch-size", "4", "--repeats", "2", "--warmup", "1",
-                        "--threads", "1", "--workers", "0", "--only", "step", "augment", "--json", str(out)])
+    rc = training.main(
+        [
+            "--device",
+            "cpu",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "4",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--workers",
+            "0",
+            "--only",
+            "step",
+            "augment",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0
     assert training.BYOL_PYTORCH_MISSING in printed and training.LIGHTLY_MISSING in printed
     assert "| ours channels_last |" in printed
     result = json.loads(out.read_text())
-    assert [r["name"] for r in result["step"]] == ["ours", "ours channels_last", training.FLOOR, training.FLOOR + ", channels_last"]
+    assert [r["name"] for r in result["step"]] == [
+        "ours",
+        "ours channels_last",
+        training.FLOOR,
+        training.FLOOR + ", channels_last",
+    ]
     assert [r["name"] for r in result["augment"]] == ["ours augment_pair (cpu)", "torchvision per-image (CPU)"]
     for row in result["step"] + result["augment"]:
         assert row["images_per_call"] == 2 * 4  # both views of every pair
@@ -66,11 +98,34 @@ def test_tiny_epoch_section_reports_time_and_busy_share(tmp_path, monkeypatch, c
     monkeypatch.setattr(training, "byol_pytorch_available", lambda: False)
     monkeypatch.setattr(training, "lightly_available", lambda: False)
     out = tmp_path / "result.json"
-    rc = training.main(["--device", "cpu", "--image-size", "16", "--batch-size", "4", "--max-pairs", "8", "--epochs", "1",
-                        "--threads", "1", "--workers", "0", "--only", "epoch", "--json", str(out)])
+    rc = training.main(
+        [
+            "--device",
+            "cpu",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "4",
+            "--max-pairs",
+            "8",
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+            "--workers",
+            "0",
+            "--only",
+            "epoch",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0
-    assert "in torch ops (profiled epoch)" in printed and "8 synthetic 200x245 JPEG pairs, 8 pairs used, 2 steps of 4" in printed
+    assert (
+        "in torch ops (profiled epoch)" in printed
+        and "8 synthetic 200x245 JPEG pairs, 8 pairs used, 2 steps of 4" in printed
+    )
     [row] = json.loads(out.read_text())["epoch"]
     assert row["name"] == "ours" and row["images_per_epoch"] == 2 * 8 and len(row["epoch_s"]) == 1
     assert row["images_per_s"] == pytest.approx(16 / row["epoch_s"][0])
@@ -125,7 +180,9 @@ def test_lightly_step_trains_with_our_settings():
     cfg = training.parse_args(["--image-size", "16", "--batch-size", "4", "--only", "step"])
     bargs = training.byol_args(cfg)
     x1, x2 = (training.random_images(4, 16, torch.device("cpu"), seed) for seed in (0, 1))
-    v1, v2 = training.byol.augment_pair(x1, x2, training.byol.step_generator(0, 0, torch.device("cpu"), stream=1), bargs)
+    v1, v2 = training.byol.augment_pair(
+        x1, x2, training.byol.step_generator(0, 0, torch.device("cpu"), stream=1), bargs
+    )
     step = training.lightly_trainer(bargs, torch.device("cpu"))
     model = step.model
     assert model.projection_head.layers[0].out_features == bargs.hidden_dim  # the same MLPs as ours

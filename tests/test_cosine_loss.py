@@ -18,6 +18,7 @@ from triton_backends import DEVICE, nvidia_backend_available
 
 import kernels
 from kernels import backend
+
 cl = importlib.import_module("kernels.cosine_loss")  # `kernels.cosine_loss` is the function
 from kernels.cosine_loss import (
     EPS,
@@ -265,7 +266,12 @@ def test_rows_at_the_eps_clamp(dtype):
     D = 40
     p = make((8, D), torch.float64, 13)
     z = make((8, D), torch.float64, 14)
-    p = p / p.norm(dim=1, keepdim=True) * torch.tensor([0.3, 0.5, 0.9, 0.99, 1.01, 2.0, 1.1, 0.5], device=DEVICE)[:, None] * EPS
+    p = (
+        p
+        / p.norm(dim=1, keepdim=True)
+        * torch.tensor([0.3, 0.5, 0.9, 0.99, 1.01, 2.0, 1.1, 0.5], device=DEVICE)[:, None]
+        * EPS
+    )
     z[6:] = z[6:] / z[6:].norm(dim=1, keepdim=True) * torch.tensor([0.5, 0.7], device=DEVICE)[:, None] * EPS
     z[0] = p[0] * 3e12  # parallel, z unclamped: cos = 0.3, far from 0
     p, z = p.to(dtype), z.to(dtype)
@@ -274,10 +280,18 @@ def test_rows_at_the_eps_clamp(dtype):
 
 
 MAGNITUDES = [
-    (torch.float16, 3e4, 1.0), (torch.float16, 6e4, 6e4), (torch.float16, 1e-7, 1.0), (torch.float16, 1e4, 1e-4),
-    (torch.float32, 1e30, 1.0), (torch.float32, 1e30, 1e30), (torch.float32, 1e-30, 1.0), (torch.float32, 1e-30, 1e-30),
+    (torch.float16, 3e4, 1.0),
+    (torch.float16, 6e4, 6e4),
+    (torch.float16, 1e-7, 1.0),
+    (torch.float16, 1e4, 1e-4),
+    (torch.float32, 1e30, 1.0),
+    (torch.float32, 1e30, 1e30),
+    (torch.float32, 1e-30, 1.0),
+    (torch.float32, 1e-30, 1e-30),
     (torch.float32, 1e30, 1e-30),
-    (torch.bfloat16, 1e30, 1e30), (torch.bfloat16, 1e-30, 1.0), (torch.bfloat16, 1e30, 1e-30),
+    (torch.bfloat16, 1e30, 1e30),
+    (torch.bfloat16, 1e-30, 1.0),
+    (torch.bfloat16, 1e30, 1e-30),
 ]
 
 
@@ -413,6 +427,7 @@ def test_kernels_compile_for_sm90(dt):
     # The interpreter accepts some code the compiler rejects; compile ahead of time for
     # an H100 (no GPU needed: ptxas ships with Triton), in a process without the interpreter.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _AOT.format(repo=str(REPO), dt=dt)],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _AOT.format(repo=str(REPO), dt=dt)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -14,7 +14,8 @@ from tiny_data import load_benchmark
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-    reason="needs a CUDA GPU and the compiled kernels: KERNELS_TEST_DEVICE=cuda python -m pytest tests/test_cuda_step.py")
+    reason="needs a CUDA GPU and the compiled kernels: KERNELS_TEST_DEVICE=cuda python -m pytest tests/test_cuda_step.py",
+)
 
 
 def test_training_step_makes_no_host_sync():
@@ -24,7 +25,9 @@ def test_training_step_makes_no_host_sync():
     bargs = training.byol_args(cfg)
     n = 16
     images = torch.randint(0, 256, (2 * n, 3, 32, 32), dtype=torch.uint8)
-    data = byol.pairs_data(images, [f"{i}.jpg" for i in range(2 * n)], list(range(n)), list(range(n, 2 * n)), 0.0, 0, "natural")
+    data = byol.pairs_data(
+        images, [f"{i}.jpg" for i in range(2 * n)], list(range(n)), list(range(n, 2 * n)), 0.0, 0, "natural"
+    )
     byol.cache_on_device(data, device)
     assert data.images.is_cuda
     step = training.our_trainer(bargs, device, channels_last=True)  # byol.py's step: augment, bf16 forward, SGD, EMA

@@ -41,7 +41,9 @@ def assert_close_ulps(got, t, o, tau, ulps, what):
     bound = ulps * torch.finfo(got.dtype).eps * (tau * t.double().abs() + (1.0 - tau) * o.double().abs())
     bound = bound + torch.finfo(got.dtype).smallest_normal * torch.finfo(got.dtype).eps  # subnormal results
     err = (got.double() - want).abs()
-    assert (err <= bound).all(), f"{what}: worst error {err.max().item():.3e} (bound {bound.flatten()[err.argmax()].item():.3e})"
+    assert (err <= bound).all(), (
+        f"{what}: worst error {err.max().item():.3e} (bound {bound.flatten()[err.argmax()].item():.3e})"
+    )
 
 
 def bits(x):
@@ -68,13 +70,16 @@ def guarded_views(specs, seed):
         off = sizes.get(dtype, 0) + gap
         layout.append((off, n))
         sizes[dtype] = off + n
-    bufs = {side: {dt: torch.full((n + 9,), SENTINEL[side], dtype=dt, device=DEVICE) for dt, n in sizes.items()} for side in "to"}
+    bufs = {
+        side: {dt: torch.full((n + 9,), SENTINEL[side], dtype=dt, device=DEVICE) for dt, n in sizes.items()}
+        for side in "to"
+    }
     guards = {dt: torch.ones(n + 9, dtype=torch.bool, device=DEVICE) for dt, n in sizes.items()}
     target, online = [], []
     for (shape, dtype), (off, n) in zip(specs, layout):
-        guards[dtype][off:off + n] = False
+        guards[dtype][off : off + n] = False
         for side, out in (("t", target), ("o", online)):
-            v = bufs[side][dtype][off:off + n].view(shape)
+            v = bufs[side][dtype][off : off + n].view(shape)
             v.copy_(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype))
             out.append(v)
     return target, online, bufs, guards
@@ -86,7 +91,9 @@ def tensor_specs(draw):
     dtype_mode = draw(st.sampled_from(DTYPES + ["mixed"]))
     specs = []
     for _ in range(n):
-        numel = draw(st.one_of(st.just(1), st.integers(1, 3000), st.sampled_from([BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 3])))
+        numel = draw(
+            st.one_of(st.just(1), st.integers(1, 3000), st.sampled_from([BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 3]))
+        )
         shape = draw(st.sampled_from([(numel,), (1, numel), (numel, 1)])) if numel % 3 else (3, numel // 3)
         dtype = draw(st.sampled_from(DTYPES)) if dtype_mode == "mixed" else dtype_mode
         specs.append((shape, dtype))
@@ -201,7 +208,7 @@ def test_alignment_hint_only_for_aligned_addresses():
     fresh = ema_mod._build_plan([torch.randn(100), torch.randn(3)], [torch.randn(100), torch.randn(3)])
     assert [g.aligned for g in fresh.groups] == [True]
     for off in (1, 2, 3):  # 4, 8, 12 bytes past an aligned address
-        plan = ema_mod._build_plan([buf_t[off:off + 50], buf_t[1000:1050]], [buf_o[0:50], buf_o[100:150]])
+        plan = ema_mod._build_plan([buf_t[off : off + 50], buf_t[1000:1050]], [buf_o[0:50], buf_o[100:150]])
         assert [g.aligned for g in plan.groups] == [False]
     plan = ema_mod._build_plan([buf_t[4:54]], [buf_o[8:58]])  # 16 and 32 bytes in
     assert [g.aligned for g in plan.groups] == [True]
@@ -266,6 +273,7 @@ def test_kernel_compiles_for_sm90():
     # the int64 -> pointer cast and the alignment hints must also pass the real compiler,
     # not only the interpreter; with the hints, full chunks use 128-bit loads
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _AOT.format(repo=str(REPO))],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _AOT.format(repo=str(REPO))], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

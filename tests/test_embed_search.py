@@ -115,26 +115,46 @@ def test_a_zip_and_a_csv_list_embed_like_the_folder(run, tmp_path, capsys):
 
 
 def test_baselines_and_the_other_scripts_checkpoints(run, tmp_path, capsys):
-    pixels, paths, meta = embed(["--baseline", "pixels", run.tll / "left", "--image-size", "8", "--out", tmp_path / "p.npz"],
-                                capsys)
+    pixels, paths, meta = embed(
+        ["--baseline", "pixels", run.tll / "left", "--image-size", "8", "--out", tmp_path / "p.npz"], capsys
+    )
     assert pixels.shape == (20, 3 * 8 * 8) and meta["checkpoint"] is None and meta["baseline"] == "pixels"
     image = byol.decode_image(Path(paths[0]).read_bytes, paths[0], 8)
     assert torch.allclose(pixels[0], byol.normalize(image[None]).flatten())  # the normalised pixels themselves
     random, _, meta = embed([run.ckpt, "--baseline", "random", run.tll / "left", "--out", tmp_path / "r.npz"], capsys)
     assert random.shape == (20, 64) and meta["baseline"] == "random"
-    for method, dims in [("simsiam", ["--proj-dim", "32", "--pred-dim", "16"]),
-                         ("bn_only", ["--hidden-dim", "32", "--proj-dim", "16"])]:
+    for method, dims in [
+        ("simsiam", ["--proj-dim", "32", "--pred-dim", "16"]),
+        ("bn_only", ["--hidden-dim", "32", "--proj-dim", "16"]),
+    ]:
         mod = ev.import_method(method, "test")
         args = mod.fill_defaults(mod.parse_args(["--data", "tll", "--image-size", "16", *dims]))
         ckpt = save_checkpoint(mod, args, mod.build_model(args), tmp_path / f"{method}.pt")
-        projected, _, meta = embed([ckpt, run.tll / "left", "--layer", "projector", "--out", tmp_path / f"{method}.npz"], capsys)
+        projected, _, meta = embed(
+            [ckpt, run.tll / "left", "--layer", "projector", "--out", tmp_path / f"{method}.npz"], capsys
+        )
         assert meta["method"] == method and projected.shape == (20, 32 if method == "simsiam" else 16)
 
 
 def test_a_frozen_encoder_run_embeds_what_it_learned(run, tmp_path, capsys):
     """--freeze-encoder trains the projector alone: embed takes its outputs, as evaluation ranks them; export refuses."""
-    args = byol.fill_defaults(byol.parse_args(["--data", "tll", "--image-size", "16", "--width", "8", "--freeze-encoder",
-                                               "--hidden-dim", "32", "--proj-dim", "16"]))
+    args = byol.fill_defaults(
+        byol.parse_args(
+            [
+                "--data",
+                "tll",
+                "--image-size",
+                "16",
+                "--width",
+                "8",
+                "--freeze-encoder",
+                "--hidden-dim",
+                "32",
+                "--proj-dim",
+                "16",
+            ]
+        )
+    )
     ckpt = save_checkpoint(byol, args, byol.build_model(args), tmp_path / "last.pt")
     embeddings, _, meta = embed([ckpt, run.tll / "left"], capsys)
     assert meta["layer"] == "projector" and embeddings.shape == (20, 16)
@@ -164,7 +184,9 @@ def test_search_finds_the_query_itself_first(run, tmp_path, capsys, monkeypatch)
     assert search([pixels, "--query", paths[5]], capsys)[0][2] == paths[5]
     # Without matplotlib: the results, no grid. A budget of one row per block; --top-k beyond the file: all of it.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    everything = search([npz, "--index", "1", "--top-k", "100", "--memory-mb", "1e-9", "--out", tmp_path / "no.png"], capsys)
+    everything = search(
+        [npz, "--index", "1", "--top-k", "100", "--memory-mb", "1e-9", "--out", tmp_path / "no.png"], capsys
+    )
     assert len(everything) == 40 and everything[0][2] == paths[1] and sorted(h[2] for h in everything) == sorted(paths)
     assert not (tmp_path / "no.png").exists()
 
@@ -187,15 +209,24 @@ def test_the_exported_conv4_loads_into_plain_torch_nn(run, tmp_path, capsys):
     assert (meta["arch"], meta["width"], meta["image_size"], meta["feature_dim"]) == ("conv4", 64, 16, 64)
     # README's lines: torch.nn alone, no BYOL class, no training script.
     w = meta["width"]
-    blocks = [m for i in range(4) for m in (nn.Conv2d(3 if i == 0 else w, w, 3, padding=1, bias=False),
-                                            nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2))]
+    blocks = [
+        m
+        for i in range(4)
+        for m in (
+            nn.Conv2d(3 if i == 0 else w, w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+    ]
     encoder = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     encoder.load_state_dict(torch.load(tmp_path / "encoder.pt", weights_only=True))
     # The sidecar's preprocessing with plain PIL (the images are square: resizing is all there is to do).
     embeddings, paths, _ = embed([run.ckpt, run.tll / "left", "--out", tmp_path / "e.npz"], capsys)
     size = meta["image_size"]
-    images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)))
-                          for p in paths]).permute(0, 3, 1, 2)
+    images = torch.stack(
+        [torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR))) for p in paths]
+    ).permute(0, 3, 1, 2)
     x = (images / 255 - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         assert torch.allclose(encoder(x), embeddings, rtol=1e-5, atol=1e-6)
@@ -203,8 +234,24 @@ def test_the_exported_conv4_loads_into_plain_torch_nn(run, tmp_path, capsys):
 
 @pytest.mark.parametrize("stem", ["imagenet", "small"])
 def test_an_exported_resnet_has_torchvision_keys(tmp_path, capsys, stem):
-    args = byol.fill_defaults(byol.parse_args(["--data", "tll", "--arch", "resnet18", "--stem", stem, "--image-size", "32",
-                                               "--hidden-dim", "32", "--proj-dim", "16"]))
+    args = byol.fill_defaults(
+        byol.parse_args(
+            [
+                "--data",
+                "tll",
+                "--arch",
+                "resnet18",
+                "--stem",
+                stem,
+                "--image-size",
+                "32",
+                "--hidden-dim",
+                "32",
+                "--proj-dim",
+                "16",
+            ]
+        )
+    )
     model = byol.build_model(args)
     with torch.no_grad():
         model.encoder(torch.randn(4, 3, 32, 32))  # batch-norm statistics of its own, so that eval mode matters
@@ -239,13 +286,18 @@ def test_bad_input_to_embed(run, tmp_path, capsys):
     one_line_error(["embed", run.ckpt, tmp_path / "empty", *QUIET], capsys, tmp_path / "empty", "holds no images")
     broken = make_folder(tmp_path / "broken", classes=1, per_class=2)
     (broken / "c0" / "img1.png").write_bytes(b"not a png")
-    one_line_error(["embed", run.ckpt, broken, "--out", tmp_path / "b.npz", *QUIET], capsys,
-                   f"cannot read image {broken / 'c0' / 'img1.png'}")
+    one_line_error(
+        ["embed", run.ckpt, broken, "--out", tmp_path / "b.npz", *QUIET],
+        capsys,
+        f"cannot read image {broken / 'c0' / 'img1.png'}",
+    )
     assert not (tmp_path / "b.npz").exists()  # nothing half-written
     (tmp_path / "list.csv").write_text(f"{broken / 'c0' / 'img0.png'}\nmissing.png\n")
     one_line_error(["embed", run.ckpt, tmp_path / "list.csv", *QUIET], capsys, tmp_path / "missing.png")
     one_line_error(["embed", run.tll, *QUIET], capsys, "nothing to embed with")
-    one_line_error(["embed", "--baseline", "random", "--layer", "projector", run.tll, *QUIET], capsys, "--layer projector")
+    one_line_error(
+        ["embed", "--baseline", "random", "--layer", "projector", run.tll, *QUIET], capsys, "--layer projector"
+    )
     one_line_error(["embed", run.ckpt, run.tll, "--arch", "resnet18", *QUIET], capsys, "--arch comes from CHECKPOINT")
     one_line_error(["embed", run.ckpt, run.tll, "--batch-size", "0", *QUIET], capsys, "--batch-size 0")
     one_line_error(["export", tmp_path / "list.csv"], capsys, tmp_path / "list.csv", "not a readable checkpoint")
@@ -254,7 +306,9 @@ def test_bad_input_to_embed(run, tmp_path, capsys):
 def test_bad_input_to_search(run, tmp_path, capsys):
     npz = tmp_path / "left.npz"
     embed([run.ckpt, run.tll / "left", "--out", npz], capsys)
-    one_line_error(["search", tmp_path / "missing.npz", "--index", "0"], capsys, tmp_path / "missing.npz", "does not exist")
+    one_line_error(
+        ["search", tmp_path / "missing.npz", "--index", "0"], capsys, tmp_path / "missing.npz", "does not exist"
+    )
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not an npz")
     one_line_error(["search", garbage, "--index", "0"], capsys, garbage, "not a file of python eval.py embed")
@@ -286,4 +340,7 @@ def test_command_line_with_a_progress_bar(run, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "embed (encoder)" in err and "Traceback" not in err, err  # the bar
     last = err.splitlines()[-1]
-    assert last.startswith(f"eval.py: error: cannot read image {tmp_path / 'imgs' / 'bad.jpg'} (") and err.count("error") == 1
+    assert (
+        last.startswith(f"eval.py: error: cannot read image {tmp_path / 'imgs' / 'bad.jpg'} (")
+        and err.count("error") == 1
+    )

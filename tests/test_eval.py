@@ -84,7 +84,9 @@ def test_chunked_ranking_equals_one_block(rows):
     for a, b in zip(whole, chunked):
         assert torch.equal(a, b)
     labels = torch.randint(0, 5, (40,), generator=gen)
-    assert ev.metric_learning_metrics(q, labels, rows=rows) == pytest.approx(ev.metric_learning_metrics(q, labels, rows=40))
+    assert ev.metric_learning_metrics(q, labels, rows=rows) == pytest.approx(
+        ev.metric_learning_metrics(q, labels, rows=40)
+    )
 
 
 def test_chunk_rows_respects_the_memory_budget():
@@ -110,7 +112,9 @@ def test_metric_learning_by_hand():
         assert m["r_precision"] == pytest.approx((1 / 2 + 1 / 2) / 5)
         assert m["map@r"] == pytest.approx((1 / 2 + 1 / 4) / 5)
     # A class with a single item gives no query (R = 0).
-    m = ev.metric_learning_metrics(torch.cat([x, torch.tensor([[0.0, -1.0]])]), torch.tensor([0, 0, 0, 1, 1, 2]), rows=2)
+    m = ev.metric_learning_metrics(
+        torch.cat([x, torch.tensor([[0.0, -1.0]])]), torch.tensor([0, 0, 0, 1, 1, 2]), rows=2
+    )
     assert m["queries"] == 5 and m["map@r"] == pytest.approx(0.15)
 
 
@@ -171,7 +175,9 @@ def make_tll(root, n=24, seed=0):
     for side in ("left", "right"):
         (root / side).mkdir(parents=True)
     for i in range(n):
-        bases = [rng.integers(0, 256, (4, 4, 3))] * 2 if i % 2 == 0 else [rng.integers(0, 256, (4, 4, 3)) for _ in range(2)]
+        bases = (
+            [rng.integers(0, 256, (4, 4, 3))] * 2 if i % 2 == 0 else [rng.integers(0, 256, (4, 4, 3)) for _ in range(2)]
+        )
         for side, base in zip(("left", "right"), bases):
             img = np.kron(base, np.ones((8, 8, 1))) + rng.integers(-40, 40, (32, 32, 3))
             Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / side / f"{i:03d}.jpg")
@@ -221,9 +227,33 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval")
     tll = make_tll(base / "tll")
     out = base / "run"
-    code = byol.main(["--data", "tll", "--data-dir", str(tll), "--holdout", "0.5", "--epochs", "1", "--batch-size", "8",
-                      "--image-size", "16", "--hidden-dim", "32", "--proj-dim", "16", "--stem", "imagenet",
-                      "--no-progress", "--workers", "1", "--out", str(out)])
+    code = byol.main(
+        [
+            "--data",
+            "tll",
+            "--data-dir",
+            str(tll),
+            "--holdout",
+            "0.5",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "16",
+            "--hidden-dim",
+            "32",
+            "--proj-dim",
+            "16",
+            "--stem",
+            "imagenet",
+            "--no-progress",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     ckpt = torch.load(out / "last.pt", weights_only=False)
     return SimpleNamespace(base=base, tll=tll, dir=out, ckpt=out / "last.pt", history=ckpt["history"])
@@ -268,7 +298,9 @@ def test_checkpoint_on_its_own_split(run, capsys):
     # The very split and weights the run evaluated at its last epoch: the same Recall@1.
     assert m["retrieval"]["left_to_right"]["recall@1"] == pytest.approx(run.history[-1]["recall@1"])
     assert 0 < m["retrieval"]["left_to_right"]["recall@1"] < 1
-    assert m["collapse"]["projector"]["dim"] == 16 and m["collapse"]["encoder"]["dim"] == 64  # the tll recipe: conv4, width 64
+    assert (
+        m["collapse"]["projector"]["dim"] == 16 and m["collapse"]["encoder"]["dim"] == 64
+    )  # the tll recipe: conv4, width 64
     assert m["collapse"]["projector"]["effective_rank"] <= 16
     assert "left_to_right/recall@1" in printed and "median_rank" in printed
     assert (run.dir / "eval.json").is_file()
@@ -282,8 +314,26 @@ def test_random_baseline_is_the_runs_untrained_network_on_the_same_split(run, tm
     untrained = with_ckpt["metrics"]["retrieval"]["left_to_right"]["recall@1"]
     assert untrained == pytest.approx(run.history[0]["recall@1"])  # epoch 0 of the run
     # Without a checkpoint, the same seed and holdout give the same split and the same network.
-    flags, _ = evaluate(["--baseline", "random", "--data", "tll", "--data-dir", run.tll, "--holdout", "0.5",
-                         "--image-size", "16", "--stem", "imagenet", "--out", tmp_path, "--no-pictures"], capsys)
+    flags, _ = evaluate(
+        [
+            "--baseline",
+            "random",
+            "--data",
+            "tll",
+            "--data-dir",
+            run.tll,
+            "--holdout",
+            "0.5",
+            "--image-size",
+            "16",
+            "--stem",
+            "imagenet",
+            "--out",
+            tmp_path,
+            "--no-pictures",
+        ],
+        capsys,
+    )
     assert flags["metrics"]["retrieval"] == with_ckpt["metrics"]["retrieval"]
     assert "projector" not in flags["metrics"]["collapse"]
 
@@ -322,10 +372,26 @@ def test_random_bn_baseline_fits_batch_norm_statistics_to_the_training_images(ru
 
 def test_pairs_csv_all_pairs_in_a_small_memory_budget(run, tmp_path, capsys):
     csv = tmp_path / "pairs.csv"
-    csv.write_text("left,right\n" + "".join(f"{run.tll}/left/{i:03d}.jpg,{run.tll}/right/{i:03d}.jpg\n" for i in range(24)))
+    csv.write_text(
+        "left,right\n" + "".join(f"{run.tll}/left/{i:03d}.jpg,{run.tll}/right/{i:03d}.jpg\n" for i in range(24))
+    )
     # A budget of a few bytes ranks one row at a time (equal to one block: see the unit test).
-    whole, _ = evaluate([run.ckpt, "--data", "pairs", "--pairs-csv", csv, "--all-pairs", "--memory-mb", "1e-6",
-                         "--out", tmp_path, "--no-pictures"], capsys)
+    whole, _ = evaluate(
+        [
+            run.ckpt,
+            "--data",
+            "pairs",
+            "--pairs-csv",
+            csv,
+            "--all-pairs",
+            "--memory-mb",
+            "1e-6",
+            "--out",
+            tmp_path,
+            "--no-pictures",
+        ],
+        capsys,
+    )
     assert whole["metrics"]["retrieval"]["pairs"] == 24 and whole["data"]["data"] == "pairs"
     assert "all pairs" in whole["data"]["split"]
     check_ranges(whole["metrics"])
@@ -333,8 +399,9 @@ def test_pairs_csv_all_pairs_in_a_small_memory_budget(run, tmp_path, capsys):
 
 def test_checkpoint_on_labelled_folder_data(run, capsys):
     folder = make_folder(run.base / "folder")
-    result, _ = evaluate([run.ckpt, "--data", "folder", "--data-dir", folder, "--holdout", "0.5",
-                          "--embedding", "projector"], capsys)
+    result, _ = evaluate(
+        [run.ckpt, "--data", "folder", "--data-dir", folder, "--holdout", "0.5", "--embedding", "projector"], capsys
+    )
     out = run.dir / "eval-folder-projector"
     assert result["embedding"] == "projector" and (out / "eval.json").is_file()
     m = result["metrics"]
@@ -347,14 +414,39 @@ def test_checkpoint_on_labelled_folder_data(run, capsys):
     check_png(out / "retrieval_grid.png")
 
 
-@pytest.mark.parametrize("method, dims", [("simsiam", ["--proj-dim", "32", "--pred-dim", "16"]),
-                                          ("bn_only", ["--hidden-dim", "32", "--proj-dim", "16"])])
+@pytest.mark.parametrize(
+    "method, dims",
+    [("simsiam", ["--proj-dim", "32", "--pred-dim", "16"]), ("bn_only", ["--hidden-dim", "32", "--proj-dim", "16"])],
+)
 def test_checkpoints_of_the_other_scripts(run, tmp_path, capsys, method, dims):
     mod = ev.import_method(method, "test")
-    args = mod.fill_defaults(mod.parse_args(["--data", "tll", "--data-dir", str(run.tll), "--holdout", "0.5", "--image-size",
-                                             "16", "--stem", "imagenet", "--workers", "1", *dims]))
-    state = {"method": method, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-             "model": mod.build_model(args).state_dict(), "epoch": 0, "split": mod.load_data(args).split, "history": []}
+    args = mod.fill_defaults(
+        mod.parse_args(
+            [
+                "--data",
+                "tll",
+                "--data-dir",
+                str(run.tll),
+                "--holdout",
+                "0.5",
+                "--image-size",
+                "16",
+                "--stem",
+                "imagenet",
+                "--workers",
+                "1",
+                *dims,
+            ]
+        )
+    )
+    state = {
+        "method": method,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model": mod.build_model(args).state_dict(),
+        "epoch": 0,
+        "split": mod.load_data(args).split,
+        "history": [],
+    }
     torch.save(state, tmp_path / "last.pt")
     result, _ = evaluate([tmp_path / "last.pt", "--no-pictures", "--embedding", "projector"], capsys)
     assert result["source"]["method"] == method and result["metrics"]["retrieval"]["pairs"] == 12
@@ -363,15 +455,45 @@ def test_checkpoints_of_the_other_scripts(run, tmp_path, capsys, method, dims):
 
 def test_omniglot_one_shot(tmp_path, capsys):
     omni = make_omniglot(tmp_path / "omniglot")
-    result, _ = evaluate(["--baseline", "random", "--data", "omniglot", "--data-dir", omni, "--image-size", "16",
-                          "--out", tmp_path / "out", "--no-pictures"], capsys)
+    result, _ = evaluate(
+        [
+            "--baseline",
+            "random",
+            "--data",
+            "omniglot",
+            "--data-dir",
+            omni,
+            "--image-size",
+            "16",
+            "--out",
+            tmp_path / "out",
+            "--no-pictures",
+        ],
+        capsys,
+    )
     shot = result["metrics"]["one_shot"]
     assert shot["runs"] == 2
     assert 0 <= shot["20way"] <= shot["5way"] <= 1  # a 5-way choice keeps the true class
     assert result["metrics"]["retrieval"]["pairs"] == 1  # 1 of the 5 characters held out
     # The recipe trains on all of small1 (--holdout 0): collapse is then judged on the runs' images.
-    result, _ = evaluate(["--baseline", "random", "--data", "omniglot", "--data-dir", omni, "--image-size", "16",
-                          "--holdout", "0", "--out", tmp_path / "out0", "--no-pictures"], capsys)
+    result, _ = evaluate(
+        [
+            "--baseline",
+            "random",
+            "--data",
+            "omniglot",
+            "--data-dir",
+            omni,
+            "--image-size",
+            "16",
+            "--holdout",
+            "0",
+            "--out",
+            tmp_path / "out0",
+            "--no-pictures",
+        ],
+        capsys,
+    )
     assert "retrieval" not in result["metrics"]
     assert result["metrics"]["collapse"]["encoder"]["dim"] == 64 and result["metrics"]["val_one_shot"]["episodes"] == 50
 
@@ -476,7 +598,14 @@ def test_pretrained_baseline_offline_is_one_line(tmp_path, capsys, monkeypatch):
 def test_cli_error_has_no_traceback(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00" * 10)
-    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), str(garbage)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), str(garbage)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2
-    assert proc.stderr.startswith("eval.py: error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.startswith("eval.py: error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    )

@@ -49,8 +49,13 @@ def encoders(tmp_path_factory):
 
 
 def frozen_flags(method, data_dir, out, init, epochs=2, extra=()):
-    return tiny_flags(method, data_dir, out, epochs=epochs,
-                      extra=["--arch", "conv4", "--width", "8", "--init", str(init), "--freeze-encoder", *extra])
+    return tiny_flags(
+        method,
+        data_dir,
+        out,
+        epochs=epochs,
+        extra=["--arch", "conv4", "--width", "8", "--init", str(init), "--freeze-encoder", *extra],
+    )
 
 
 @pytest.fixture(scope="module", params=SCRIPTS)
@@ -60,9 +65,17 @@ def runs(request, tll_dir, encoders, tmp_path_factory):
     mod = MODULES[script]
     tmp = tmp_path_factory.mktemp(f"frozen_{script}")
     a, b = tmp / "straight", tmp / "resumed"
-    res = {"script": script, "mod": mod, "A": a, "B": b, "flags": frozen_flags(script, tll_dir, a, encoders[0], extra=["--pca-dim", "4"])}
+    res = {
+        "script": script,
+        "mod": mod,
+        "A": a,
+        "B": b,
+        "flags": frozen_flags(script, tll_dir, a, encoders[0], extra=["--pca-dim", "4"]),
+    }
     res["a"] = run_main(mod, res["flags"])
-    res["b"] = run_main(mod, frozen_flags(script, tll_dir, b, encoders[0], extra=["--pca-dim", "4", "--stop-after-epochs", "1"]))
+    res["b"] = run_main(
+        mod, frozen_flags(script, tll_dir, b, encoders[0], extra=["--pca-dim", "4", "--stop-after-epochs", "1"])
+    )
     res["ckpt_b1"] = torch.load(b / "last.pt", weights_only=False)
     res["c"] = run_main(mod, ["--resume", b / "last.pt", "--no-progress", "--workers", "1"])
     return res
@@ -134,7 +147,9 @@ def test_the_cache_is_reused_and_rebuilt_when_the_encoder_or_image_size_changes(
     cache = out / "features.pt"
 
     def run(init, extra=()):
-        rc, stdout, err = run_main(byol, frozen_flags("byol", tll_dir, out, init, epochs=1, extra=["--overwrite", *extra]))
+        rc, stdout, err = run_main(
+            byol, frozen_flags("byol", tll_dir, out, init, epochs=1, extra=["--overwrite", *extra])
+        )
         assert rc == 0, err
         return stdout, cache.stat().st_mtime_ns, torch.load(cache, weights_only=True)["features"]
 
@@ -150,7 +165,9 @@ def test_the_cache_is_reused_and_rebuilt_when_the_encoder_or_image_size_changes(
 
 
 def test_a_random_frozen_encoder_trains_with_a_warning(tll_dir, tmp_path):
-    flags = tiny_flags("simsiam", tll_dir, tmp_path / "run", extra=["--arch", "conv4", "--width", "8", "--freeze-encoder"])
+    flags = tiny_flags(
+        "simsiam", tll_dir, tmp_path / "run", extra=["--arch", "conv4", "--width", "8", "--freeze-encoder"]
+    )
     rc, _, err = run_main(MODULES["simsiam"], flags)
     assert rc == 0 and err.count("warning: --freeze-encoder without --pretrained or --init") == 1, err
 
@@ -165,10 +182,15 @@ BAD = {
     "pca_without_freeze": (["--pca-dim", "4"], ["--pca-dim 4", "add --freeze-encoder"]),
     "pca_above_feature_dim": (["--freeze-encoder", "--pca-dim", "9"], ["--pca-dim 9", "8 features of conv4"]),
     # 4 training pairs: 8 images, which span 7 dimensions once centred
-    "pca_above_training_images": (["--freeze-encoder", "--pca-dim", "8", "--holdout", "0.8", "--batch-size", "2"],
-                                  ["--pca-dim 8", "8 training images", "--pca-dim 7 or less"]),
+    "pca_above_training_images": (
+        ["--freeze-encoder", "--pca-dim", "8", "--holdout", "0.8", "--batch-size", "2"],
+        ["--pca-dim 8", "8 training images", "--pca-dim 7 or less"],
+    ),
     "augmented_pairs": (["--freeze-encoder", "--pairs", "aug"], ["--pairs aug", "its own positive"]),
-    "stem_of_another_net": (["--arch", "resnet18", "--stem", "small", "--init", _resnet18_state], ["7x7", "--stem imagenet"]),
+    "stem_of_another_net": (
+        ["--arch", "resnet18", "--stem", "small", "--init", _resnet18_state],
+        ["7x7", "--stem imagenet"],
+    ),
 }
 
 
@@ -178,7 +200,9 @@ def test_bad_values_end_in_one_line(case, tll_dir, encoders, tmp_path):
     extra = [x(tmp_path) if callable(x) else x for x in extra]
     init = [] if "--init" in extra else ["--init", str(encoders[0])]
     out = tmp_path / "run"
-    rc, _, err = run_main(byol, tiny_flags("byol", tll_dir, out, extra=["--arch", "conv4", "--width", "8", *init, *extra]))
+    rc, _, err = run_main(
+        byol, tiny_flags("byol", tll_dir, out, extra=["--arch", "conv4", "--width", "8", *init, *extra])
+    )
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("byol.py: error: "), err
     assert all(str(n) in lines[0] for n in needles), (needles, lines[0])

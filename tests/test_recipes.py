@@ -92,8 +92,15 @@ floats = st.floats(0.05, 1.0)
 
 
 @settings(max_examples=40, deadline=None)
-@given(w=floats, h=floats, cx=st.floats(-1, 1), cy=st.floats(-1, 1), flip=st.sampled_from([-1.0, 1.0]),
-       angle=st.floats(-180, 180), slant=st.floats(-60, 60))
+@given(
+    w=floats,
+    h=floats,
+    cx=st.floats(-1, 1),
+    cy=st.floats(-1, 1),
+    flip=st.sampled_from([-1.0, 1.0]),
+    angle=st.floats(-180, 180),
+    slant=st.floats(-60, 60),
+)
 def test_crop_affine_scales_area_by_the_crop_alone(w, h, cx, cy, flip, angle, slant):
     """Rotation and shear preserve area: the determinant is the crop's w * h * flip, and the shift is the centre."""
     t = lambda v: torch.tensor([v], dtype=torch.float64)
@@ -146,7 +153,7 @@ def test_rotation_and_shear_move_the_strokes(seed):
 
     def rows_spanned(views):
         mean = torch.tensor(byol.IMAGENET_MEAN).view(1, 3, 1, 1)
-        dark = ((views * torch.tensor(byol.IMAGENET_STD).view(1, 3, 1, 1) + mean).mean(1) < 0.5)
+        dark = (views * torch.tensor(byol.IMAGENET_STD).view(1, 3, 1, 1) + mean).mean(1) < 0.5
         return dark.any(2).sum(1).float()
 
     still = byol.augment(x, torch.Generator().manual_seed(seed), **args)
@@ -217,7 +224,9 @@ def test_omniglot_reports_validation_beside_test(tmp_path):
     data = byol.load_data(args_for(byol, ["--data-dir", root, "--image-size", "16", "--workers", "1"]))
     assert len(data.val_runs) == 50 and len(data.one_shot_runs) == 2
     torch.manual_seed(0)
-    model = byol.build_model(args_for(byol, ["--image-size", "16", "--width", "8", "--hidden-dim", "16", "--proj-dim", "8"]))
+    model = byol.build_model(
+        args_for(byol, ["--image-size", "16", "--width", "8", "--hidden-dim", "16", "--proj-dim", "8"])
+    )
     metrics = byol.evaluate(model, data, "cpu")
     assert 0 <= metrics["val_one_shot"] <= 1 and 0 <= metrics["one_shot"] <= 1
 
@@ -225,9 +234,20 @@ def test_omniglot_reports_validation_beside_test(tmp_path):
 # ----------------------------------------------------------------------------- bad values of the new flags
 
 
-@pytest.mark.parametrize("flag,value", [("--rotation", "-1"), ("--shear", "90"), ("--stroke", "1.5"), ("--stroke", "nan"),
-                                        ("--width", "0"), ("--crop-min-scale", "0"), ("--crop-min-scale", "2"),
-                                        ("--flip-prob", "2"), ("--solarize-prob", "-0.1")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--rotation", "-1"),
+        ("--shear", "90"),
+        ("--stroke", "1.5"),
+        ("--stroke", "nan"),
+        ("--width", "0"),
+        ("--crop-min-scale", "0"),
+        ("--crop-min-scale", "2"),
+        ("--flip-prob", "2"),
+        ("--solarize-prob", "-0.1"),
+    ],
+)
 @pytest.mark.parametrize("name", MODULES)
 def test_bad_augmentation_and_width_values_are_one_line(name, flag, value, capsys, tmp_path):
     assert MODULES[name].main([flag, value, "--out", str(tmp_path / "run")]) == 2
@@ -252,7 +272,9 @@ def test_sync_check_catches_a_drifted_copy_and_sync_mends_it(tmp_path):
     for name in ("byol.py", "simsiam.py", "bn_only.py"):
         shutil.copy(REPO / name, tmp_path / name)
     text = (tmp_path / "simsiam.py").read_text()
-    drifted = text.replace("def epoch_order(num_anchors, seed, epoch):", "def epoch_order(num_anchors, seed, epoch):  # drift", 1)
+    drifted = text.replace(
+        "def epoch_order(num_anchors, seed, epoch):", "def epoch_order(num_anchors, seed, epoch):  # drift", 1
+    )
     assert drifted != text
     (tmp_path / "simsiam.py").write_text(drifted)
     result = sync("--check", "--root", str(tmp_path))
@@ -282,8 +304,27 @@ def test_r_precision_counts_the_class_among_the_r_nearest():
 
 
 def test_held_out_class_folders_are_judged_on_every_held_out_image(folder_dir):
-    args = args_for(byol, ["--data", "folder", "--data-dir", folder_dir, "--image-size", "16", "--workers", "1",
-                           "--holdout", "0.4", "--width", "8", "--hidden-dim", "16", "--proj-dim", "8"])
+    args = args_for(
+        byol,
+        [
+            "--data",
+            "folder",
+            "--data-dir",
+            folder_dir,
+            "--image-size",
+            "16",
+            "--workers",
+            "1",
+            "--holdout",
+            "0.4",
+            "--width",
+            "8",
+            "--hidden-dim",
+            "16",
+            "--proj-dim",
+            "8",
+        ],
+    )
     data = byol.load_data(args)
     torch.manual_seed(0)
     model = byol.build_model(args)
@@ -331,8 +372,23 @@ def test_pixel_baseline_finds_identical_pairs_and_misses_random_ones(tmp_path, c
     sh.copytree(same_pairs / "left", same_pairs / "right")
     recall = {}
     for name, root in (("random", random_pairs), ("same", same_pairs)):
-        result, printed = evaluate(["--baseline", "pixels", "--data", "tll", "--data-dir", root, "--all-pairs",
-                                    "--image-size", "16", "--out", tmp_path / f"eval-{name}", "--no-pictures"], capsys)
+        result, printed = evaluate(
+            [
+                "--baseline",
+                "pixels",
+                "--data",
+                "tll",
+                "--data-dir",
+                root,
+                "--all-pairs",
+                "--image-size",
+                "16",
+                "--out",
+                tmp_path / f"eval-{name}",
+                "--no-pictures",
+            ],
+            capsys,
+        )
         assert "pixels baseline" in printed
         recall[name] = result["metrics"]["retrieval"]["left_to_right"]["recall@1"]
     assert recall["same"] == 1.0 and recall["random"] < 0.5
@@ -345,7 +401,9 @@ def test_a_checkpoint_older_than_a_flag_resumes_with_its_plain_default(tmp_path,
     from tiny_data import make_tll, tiny_flags
 
     out = tmp_path / "run"
-    argv = tiny_flags("byol", make_tll(tmp_path / "tll", n=12), out, epochs=2, extra=["--stop-after-epochs", "1", "--width", "8"])
+    argv = tiny_flags(
+        "byol", make_tll(tmp_path / "tll", n=12), out, epochs=2, extra=["--stop-after-epochs", "1", "--width", "8"]
+    )
     assert byol.main(argv) == 0
     ckpt = torch.load(out / "last.pt", weights_only=False)
     for flag in ("rotation", "shear", "stroke"):  # flags that checkpoints of 2026-11-23 did not have

@@ -48,12 +48,15 @@ def runs(request, tll_dir, tmp_path_factory):
     a, b = tmp / "straight", tmp / "resumed"
     res = {"script": script, "mod": mod, "A": a, "B": b}
     res["rc_a"], res["out_a"], res["err_a"] = run_main(mod, tiny_flags(script, tll_dir, a, epochs=2))
-    res["rc_b"], res["out_b"], res["err_b"] = run_main(mod, tiny_flags(script, tll_dir, b, epochs=2,
-                                                                         extra=["--stop-after-epochs", "1"]))
+    res["rc_b"], res["out_b"], res["err_b"] = run_main(
+        mod, tiny_flags(script, tll_dir, b, epochs=2, extra=["--stop-after-epochs", "1"])
+    )
     res["files_b1"] = sorted(p.name for p in b.iterdir())
     res["ckpt_b1"] = torch.load(b / "last.pt", weights_only=False)
     res["log_b1"] = (b / "log.jsonl").read_text()
-    res["rc_c"], res["out_c"], res["err_c"] = run_main(mod, ["--resume", b / "last.pt", "--no-progress", "--workers", "1"])
+    res["rc_c"], res["out_c"], res["err_c"] = run_main(
+        mod, ["--resume", b / "last.pt", "--no-progress", "--workers", "1"]
+    )
     return res
 
 
@@ -63,7 +66,9 @@ def test_runs_succeed(runs):
         assert "Traceback" not in runs[f"err_{k}"]
     assert "epoch 1/2" in runs["out_b"] and "epoch 2/2" not in runs["out_b"]
     assert "epoch 2/2" in runs["out_c"] and "epoch 1/2" not in runs["out_c"]
-    assert not any(line.startswith("untrained:") for line in runs["out_c"].splitlines())  # no re-evaluation from scratch
+    assert not any(
+        line.startswith("untrained:") for line in runs["out_c"].splitlines()
+    )  # no re-evaluation from scratch
 
 
 def test_resume_continues_exactly(runs):
@@ -97,7 +102,9 @@ def test_checkpoint_contents(runs, tll_dir):
     assert ck["args"]["epochs"] == 2 and ck["args"]["data"] == "tll" and ck["args"]["out"] == str(runs["B"])
     json.dumps(ck["args"])  # plain values: readable without this script's classes
     # the split is saved with the run, identical to what the loader derives from the seed
-    split = byol.load_data(args_for(byol, ["--data", "tll", "--data-dir", tll_dir, "--image-size", "16", "--workers", "1"])).split
+    split = byol.load_data(
+        args_for(byol, ["--data", "tll", "--data-dir", tll_dir, "--image-size", "16", "--workers", "1"])
+    ).split
     assert ck["split"] == split
     assert json.loads((runs["A"] / "split.json").read_text()) == split
     assert len(split["test_pairs"]) == 4
@@ -176,8 +183,16 @@ def ddp_run(tll_dir, tmp_path_factory):
     entry = tmp / "byol_ddp.py"
     entry.write_text(SPY.format(repo=str(REPO)))
     out = tmp / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(entry),
-           *tiny_flags("byol", tll_dir, out, epochs=1, extra=["--device", "cpu"])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(entry),
+        *tiny_flags("byol", tll_dir, out, epochs=1, extra=["--device", "cpu"]),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPY_DIR": str(tmp / "spy"), "PYTHONPATH": str(REPO)}
     r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=540)
     return {"r": r, "out": out, "spy": tmp / "spy"}

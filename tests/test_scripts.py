@@ -92,8 +92,13 @@ def _tll_no_right(tmp):
     return root, ["right/", "right.zip"]
 
 
-BAD_TLL = {"names_do_not_match": _tll_bad_names, "garbage_jpg": _tll_garbage_image,
-           "truncated_jpg_in_zip": _tll_truncated_in_zip, "empty": _tll_empty, "no_right_side": _tll_no_right}
+BAD_TLL = {
+    "names_do_not_match": _tll_bad_names,
+    "garbage_jpg": _tll_garbage_image,
+    "truncated_jpg_in_zip": _tll_truncated_in_zip,
+    "empty": _tll_empty,
+    "no_right_side": _tll_no_right,
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_TLL))
@@ -113,7 +118,11 @@ def _no_data_dir(tmp, tll):
 
 
 def _batch_too_large(tmp, tll):
-    return ["--data", "tll", "--data-dir", str(tll), "--batch-size", "64"], ["--batch-size 64", "16 training anchors", "lower --batch-size"]
+    return ["--data", "tll", "--data-dir", str(tll), "--batch-size", "64"], [
+        "--batch-size 64",
+        "16 training anchors",
+        "lower --batch-size",
+    ]
 
 
 def _cuda_absent(tmp, tll):
@@ -169,9 +178,25 @@ def _init_missing(tmp, tll):
     return ["--data", "tll", "--data-dir", str(tll), "--init", str(tmp / "w.pt")], [tmp / "w.pt", "--init"]
 
 
-BAD_ARGS = {f.__name__[1:]: f for f in [
-    _missing_dir, _no_data_dir, _batch_too_large, _cuda_absent, _empty_folder, _empty_csv, _csv_one_column,
-    _csv_missing_image, _no_csv, _holdout, _resume_missing, _resume_other_method, _resume_garbage, _init_missing]}
+BAD_ARGS = {
+    f.__name__[1:]: f
+    for f in [
+        _missing_dir,
+        _no_data_dir,
+        _batch_too_large,
+        _cuda_absent,
+        _empty_folder,
+        _empty_csv,
+        _csv_one_column,
+        _csv_missing_image,
+        _no_csv,
+        _holdout,
+        _resume_missing,
+        _resume_other_method,
+        _resume_garbage,
+        _init_missing,
+    ]
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_ARGS))
@@ -180,8 +205,25 @@ def test_bad_arguments(tmp_path, capsys, tll_dir, case):
         pytest.skip("this machine has CUDA")
     argv, needles = BAD_ARGS[case](tmp_path, tll_dir)
     out = tmp_path / "run"
-    common = ["--image-size", "16", "--stem", "imagenet", "--hidden-dim", "32", "--proj-dim", "16", "--batch-size", "8",
-              "--epochs", "1", "--workers", "1", "--no-progress", "--out", str(out)]
+    common = [
+        "--image-size",
+        "16",
+        "--stem",
+        "imagenet",
+        "--hidden-dim",
+        "32",
+        "--proj-dim",
+        "16",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     rc = byol.main([*common, *argv] if "--resume" not in argv else [*argv, "--no-progress"])  # argv's flags win
     assert_user_error(rc, capsys.readouterr().err, out, "byol", *needles)
 
@@ -194,8 +236,14 @@ def test_errors_name_their_own_script(tmp_path, capsys, script):
 
 
 def test_unknown_flag_exits_2_without_traceback():
-    r = subprocess.run([sys.executable, "byol.py", "--bogus"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, "byol.py", "--bogus"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 2, r
     assert "unrecognized arguments: --bogus" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
@@ -213,8 +261,9 @@ def test_download_offline_gives_manual_instructions(tmp_path, capsys, monkeypatc
     out, root = tmp_path / "run", tmp_path / "tll"
     rc = byol.main(tiny_flags("byol", root, out, extra=["--download"]))
     assert calls == ["left.zip"]
-    assert_user_error(rc, capsys.readouterr().err, out, "byol", "left.zip", "right.zip", byol.TLL_PAGE, root,
-                      "without --download")
+    assert_user_error(
+        rc, capsys.readouterr().err, out, "byol", "left.zip", "right.zip", byol.TLL_PAGE, root, "without --download"
+    )
 
 
 def test_download_skips_what_is_already_there(tll_dir, tmp_path, capsys, monkeypatch):
@@ -265,12 +314,39 @@ def diverged_run(tmp_path_factory):
         seen["aug"].append(torch.rand(len(x1), generator=clone, device=gen.device).cpu())
         return real_aug(x1, x2, gen, args)
 
-    argv = ["--data", "folder", "--data-dir", str(root), "--image-size", "16", "--stem", "imagenet", "--hidden-dim", "32",
-            "--proj-dim", "16", "--batch-size", "8", "--epochs", "3", "--eval-every", "1", "--workers", "1", "--no-progress", "--out", str(out)]
+    argv = [
+        "--data",
+        "folder",
+        "--data-dir",
+        str(root),
+        "--image-size",
+        "16",
+        "--stem",
+        "imagenet",
+        "--hidden-dim",
+        "32",
+        "--proj-dim",
+        "16",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "3",
+        "--eval-every",
+        "1",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
-        for name, fn in [("symmetric_cosine_loss", loss), ("evaluate", evaluate), ("make_pair_batch", make_pair_batch),
-                         ("augment_pair", augment_pair)]:
+        for name, fn in [
+            ("symmetric_cosine_loss", loss),
+            ("evaluate", evaluate),
+            ("make_pair_batch", make_pair_batch),
+            ("augment_pair", augment_pair),
+        ]:
             mp.setattr(byol, name, fn)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             rc = byol.main(argv)
@@ -282,7 +358,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(diverged_run):
     assert r["rc"] == 1, r["stderr"]
     assert "Traceback" not in r["stderr"]
     errors = [line for line in r["stderr"].splitlines() if line.startswith("byol.py: error:")]
-    assert len(errors) == 1 and "loss became nan in epoch 2" in errors[0] and "last good checkpoint" in errors[0], r["stderr"]
+    assert len(errors) == 1 and "loss became nan in epoch 2" in errors[0] and "last good checkpoint" in errors[0], r[
+        "stderr"
+    ]
     assert sorted(p.name for p in r["out"].iterdir()) == ["last.pt", "log.jsonl", "split.json", "tb"]
     ckpt = torch.load(r["out"] / "last.pt", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 2 and len(ckpt["history"]) == 2
@@ -319,7 +397,9 @@ def test_partner_choice_and_augmentation_draw_independently(diverged_run):
 
 
 def tiny_encoder():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 8
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    ), 8
 
 
 def views(b=6, s=8, seed=0):
@@ -368,7 +448,9 @@ def test_byol_update_target():
     model(x1, x2).backward()
     opt.step()  # the online network moves away from the target
     online = lambda: [p.detach().clone() for p in [*model.encoder.parameters(), *model.projector.parameters()]]
-    target = lambda: [p.detach().clone() for p in [*model.target_encoder.parameters(), *model.target_projector.parameters()]]
+    target = lambda: [
+        p.detach().clone() for p in [*model.target_encoder.parameters(), *model.target_projector.parameters()]
+    ]
     t0, o0 = target(), online()
     assert any(not torch.equal(a, b) for a, b in zip(t0, o0))
     model.update_target(1.0)
@@ -416,12 +498,19 @@ def test_simsiam_loss_range_and_stop_gradient():
 
 
 def test_simsiam_fix_pred_lr_keeps_predictor_lr():
-    args = args_for(simsiam, ["--fix-pred-lr", "--proj-dim", "16", "--pred-dim", "8", "--image-size", "16", "--lr", "0.1"])
+    args = args_for(
+        simsiam, ["--fix-pred-lr", "--proj-dim", "16", "--pred-dim", "8", "--image-size", "16", "--lr", "0.1"]
+    )
     model = simsiam.build_model(args)
     opt = simsiam.build_optimizer(args, model, model.predictor.parameters())
     fixed = [g for g in opt.param_groups if g.get("fix_lr")]
     assert len(fixed) == 1 and {id(p) for p in fixed[0]["params"]} == {id(p) for p in model.predictor.parameters()}
-    assert not any(id(p) in {id(q) for q in fixed[0]["params"]} for g in opt.param_groups if not g.get("fix_lr") for p in g["params"])
+    assert not any(
+        id(p) in {id(q) for q in fixed[0]["params"]}
+        for g in opt.param_groups
+        if not g.get("fix_lr")
+        for p in g["params"]
+    )
 
 
 @pytest.mark.parametrize("stop_grad", [False, True])
@@ -447,8 +536,17 @@ def bn_layers(module):
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-bn"], ["--no-bn", "--predictor"], ["--bn-placement", "all"], ["--predictor"],
-                                   ["--predictor", "--bn-placement", "all"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--no-bn"],
+        ["--no-bn", "--predictor"],
+        ["--bn-placement", "all"],
+        ["--predictor"],
+        ["--predictor", "--bn-placement", "all"],
+    ],
+)
 def test_bn_only_ablation_switches(flags):
     args = args_for(bn_only, [*flags, "--hidden-dim", "16", "--proj-dim", "8", "--image-size", "16"])
     model = bn_only.build_model(args)

@@ -75,9 +75,31 @@ def test_stl10_is_resized_to_the_image_size(tmp_path, trusted_files):
 def test_cifar10_trains_and_reports_knn(tmp_path, trusted_files, capsys):
     write_cifar10(tmp_path)
     out = tmp_path / "run"
-    rc = byol.main(["--data", "cifar10", "--data-dir", str(tmp_path), "--image-size", "16", "--stem", "imagenet",
-                    "--hidden-dim", "32", "--proj-dim", "16", "--batch-size", "8", "--epochs", "1", "--workers", "1",
-                    "--no-progress", "--out", str(out)])
+    rc = byol.main(
+        [
+            "--data",
+            "cifar10",
+            "--data-dir",
+            str(tmp_path),
+            "--image-size",
+            "16",
+            "--stem",
+            "imagenet",
+            "--hidden-dim",
+            "32",
+            "--proj-dim",
+            "16",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--workers",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     last = torch.load(out / "last.pt", weights_only=False)["history"][-1]
     assert 0.0 <= last["knn@20"] <= 1.0 and last["epoch"] == 1

@@ -29,9 +29,30 @@ def make_flat(root, n=24, seed=0):
 
 
 def tiny_argv(method, data_dir, out, extra=()):
-    dims = ["--proj-dim", "16", "--pred-dim", "8"] if method == "simsiam" else ["--hidden-dim", "32", "--proj-dim", "16"]
-    return ["--data", "folder", "--data-dir", str(data_dir), "--image-size", "16", "--width", "8", *dims, "--batch-size", "8",
-            "--epochs", "2", "--workers", "1", "--no-progress", "--out", str(out), *extra]
+    dims = (
+        ["--proj-dim", "16", "--pred-dim", "8"] if method == "simsiam" else ["--hidden-dim", "32", "--proj-dim", "16"]
+    )
+    return [
+        "--data",
+        "folder",
+        "--data-dir",
+        str(data_dir),
+        "--image-size",
+        "16",
+        "--width",
+        "8",
+        *dims,
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def folder_args(data_dir, *extra):
@@ -111,12 +132,29 @@ def pixel_recall(data):
 
 
 def test_raw_pixels_find_mildly_augmented_copies_and_a_constant_scores_chance(flat):
-    mild = byol.load_data(folder_args(flat, "--holdout", "0.5", "--crop-min-scale", "0.9", "--jitter-strength", "0",
-                                      "--flip-prob", "0", "--solarize-prob", "0"))
+    mild = byol.load_data(
+        folder_args(
+            flat,
+            "--holdout",
+            "0.5",
+            "--crop-min-scale",
+            "0.9",
+            "--jitter-strength",
+            "0",
+            "--flip-prob",
+            "0",
+            "--solarize-prob",
+            "0",
+        )
+    )
     assert pixel_recall(mild) == 1.0
-    assert pixel_recall(byol.load_data(folder_args(flat, "--holdout", "0.5"))) < 0.7  # the recipe's: the copies are hard
+    assert (
+        pixel_recall(byol.load_data(folder_args(flat, "--holdout", "0.5"))) < 0.7
+    )  # the recipe's: the copies are hard
     held, owner = mild.copy_of.unique(return_inverse=True)
-    assert byol.copy_recall_at_1(torch.ones(len(owner), 4), torch.ones(len(held), 4), owner) == pytest.approx(1 / len(held))
+    assert byol.copy_recall_at_1(torch.ones(len(owner), 4), torch.ones(len(held), 4), owner) == pytest.approx(
+        1 / len(held)
+    )
 
 
 def test_the_metric_is_the_same_at_every_evaluation(flat, one_thread):  # noqa: F811
@@ -153,7 +191,9 @@ def test_eval_reports_the_same_value_as_the_last_log_line(runs, method, tmp_path
     assert f"aug_copy_retrieval/{METRIC}" in capsys.readouterr().out
     result = json.loads((tmp_path / "eval.json").read_text())["metrics"]
     assert result["aug_copy_retrieval"][METRIC] == last[METRIC]
-    assert result["aug_copy_retrieval"]["copies"] == 2 * result["aug_copy_retrieval"]["originals"] == 2 * round(24 * 0.2)
+    assert (
+        result["aug_copy_retrieval"]["copies"] == 2 * result["aug_copy_retrieval"]["originals"] == 2 * round(24 * 0.2)
+    )
     assert "collapse" in result
 
 

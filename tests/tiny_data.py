@@ -89,10 +89,32 @@ def make_pairs_csv(root, n=12, header=True, seed=0, name="pairs.csv"):
 
 def tiny_flags(method, data_dir, out, epochs=1, batch_size=8, extra=()):
     """The smallest sensible training run of `method` on a TLL directory."""
-    dims = ["--proj-dim", "16", "--pred-dim", "8"] if method == "simsiam" else ["--hidden-dim", "32", "--proj-dim", "16"]
-    return ["--data", "tll", "--data-dir", str(data_dir), "--image-size", "16", "--stem", "imagenet", *dims,
-            "--batch-size", str(batch_size), "--epochs", str(epochs), "--eval-every", "1", "--workers", "1", "--no-progress",
-            "--out", str(out), *extra]
+    dims = (
+        ["--proj-dim", "16", "--pred-dim", "8"] if method == "simsiam" else ["--hidden-dim", "32", "--proj-dim", "16"]
+    )
+    return [
+        "--data",
+        "tll",
+        "--data-dir",
+        str(data_dir),
+        "--image-size",
+        "16",
+        "--stem",
+        "imagenet",
+        *dims,
+        "--batch-size",
+        str(batch_size),
+        "--epochs",
+        str(epochs),
+        "--eval-every",
+        "1",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def index_coded(data):
@@ -132,7 +154,9 @@ def load_benchmark(script):
     name = f"benchmarks_{script}"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{script}.py")
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)  # registered: DataLoader workers may pickle its classes
+        sys.modules[name] = module = importlib.util.module_from_spec(
+            spec
+        )  # registered: DataLoader workers may pickle its classes
         spec.loader.exec_module(module)
     return sys.modules[name]
 
