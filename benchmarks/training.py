@@ -1,20 +1,29 @@
-"""Training benchmark: byol.py's step and pipeline against lucidrains' byol-pytorch and lightly (issue #6).
+"""Training benchmark: byol.py's step and pipeline against lucidrains' byol-pytorch and lightly (issues #6, #16).
+
+All three train the same encoder (--arch): conv4, byol.py's default (four conv3x3-BN-ReLU-maxpool blocks,
+--width channels; byol.py's default recipe: 28 px, batch 128, AdamW, 1024/256 MLPs, handwriting
+augmentation), or a torchvision resnet with the ImageNet stem (byol.py's TLL settings with SGD).
 
 Sections (--only picks some; all by default):
-  step     one training step: augmentation + forward + backward + SGD + EMA, same backbone,
-           image size, batch and optimiser for both; ours also with channels_last (CPU) and,
-           with --compile, torch.compile. The floor rows are our model's forward and backward
-           alone (no augmentation, optimiser or EMA), contiguous and channels_last on the
-           CPU: no implementation with that memory format and these settings steps faster
+  step     one training step: augmentation + forward + backward + optimiser + EMA, same encoder,
+           image size, batch, MLPs and optimiser for all; ours contiguous and channels_last (as
+           byol.py trains) and, with --compile, torch.compile. The floor rows are our model's forward
+           and backward alone (no augmentation, optimiser or EMA): no implementation with that memory
+           format and these settings steps faster
   epoch    a whole epoch with data loading: ours decodes once into a uint8 cache, byol-pytorch
            and lightly read image files through a DataLoader every epoch (lightly's BYOLTransform
-           augments each image there). After an untimed warm-up epoch each, the pipelines take
-           turns epoch by epoch; then one more epoch of each runs under torch.profiler for its
-           busy share: on CUDA the share of the wall time in which the GPU runs kernels or copies
-           (a gap is launch overhead, a host sync or a data-loader stall), on the CPU the share
-           spent inside torch ops
+           augments each image there). The data: --data-dir's TLL pairs; else, for conv4, byol.py's
+           default data (the embedded Omniglot, read from its zip); else synthetic JPEGs. After an
+           untimed warm-up epoch each, the pipelines take turns epoch by epoch; then one more epoch of
+           each runs under torch.profiler for its busy share: on CUDA the share of the wall time in
+           which the GPU runs kernels or copies (a gap is launch overhead, a host sync or a data-loader
+           stall), on the CPU the share spent inside torch ops
   augment  augmentation alone: our batched per-sample augment_pair against torchvision's
            per-image transforms of the same BYOL pipeline in a DataLoader
+  phases   where our step's time goes, on real batches of the embedded Omniglot: batch assembly,
+           augmentation, forward, backward, optimiser (+ scheduler), EMA, each timed on its own;
+           the torch ops that take the most time; and byol.py's evaluate() on the real evaluation
+           data, per epoch at the recipe's --eval-every
   kernels  CUDA only: fused Triton kernels against the PyTorch reference inside a real step,
            resnet18 and resnet50
 
@@ -22,7 +31,8 @@ Images are counted as 2 views x batch: each step of either implementation pushes
 images through the online and the target network.
 
 Run (byol-pytorch and lightly come with `pip install -e ".[bench]"`; a missing one is left out):
-    python benchmarks/training.py --device cpu --threads 2                      # CPU, resnet18, 64 px, batch 64
+    python benchmarks/training.py --device cpu --threads 2 --arch conv4             # byol.py's default: conv4, 28 px, batch 128
+    python benchmarks/training.py --device cpu --threads 2                          # resnet18, 64 px, batch 64
     python benchmarks/training.py --device cpu --threads 2 --data-dir ../shared/data/tll-dev --max-pairs 256
     python benchmarks/training.py --device cuda --arch resnet18 --image-size 224 --batch-size 256 --workers 16 \\
         --data-dir ~/data/tll --json runs/bench-training-r18.json
@@ -33,6 +43,7 @@ Run (byol-pytorch and lightly come with `pip install -e ".[bench]"`; a missing o
 
 import argparse
 import importlib.util
+import io
 import json
 import math
 import os
@@ -40,6 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +63,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
 REPO = Path(__file__).resolve().parents[1]
+OMNIGLOT_ZIP = REPO / "data" / "omniglot" / "images_background_small1.zip"  # byol.py's default training data
 # Kineto, behind torch.profiler, logs an error line when it finds no GPU; only the measurement matters here.
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 # This repository's byol.py and kernels/ (not the unrelated PyPI package `kernels`).
@@ -59,13 +72,17 @@ sys.path.insert(0, str(REPO))
 import byol  # noqa: E402
 from kernels import backend  # noqa: E402
 
-SECTIONS = ("step", "epoch", "augment", "kernels")
+SECTIONS = ("step", "epoch", "augment", "phases", "kernels")
 BYOL_PYTORCH_MISSING = "byol-pytorch is not installed: pip install -e '.[bench]'"
 LIGHTLY_MISSING = "lightly is not installed: pip install -e '.[bench]'"
 FLOOR = "floor: forward + backward only"
-THEIR_AUGMENTATION = ("byol-pytorch draws one random parameter set per batch (its default SimCLR-style "
-                      "pipeline) inside its step; lightly augments each image in its DataLoader, outside the step; "
-                      "ours draws per-sample parameters for BYOL's full pipeline inside the step")
+PEERS = ("byol-pytorch", "lightly")
+THEIR_AUGMENTATION = (
+    "byol-pytorch draws one random parameter set per batch (its default SimCLR-style "
+    "pipeline) inside its step; lightly augments each image in its DataLoader, outside the step; "
+    "ours draws per-sample parameters for BYOL's full pipeline (with conv4, byol.py's default "
+    "recipe: plus rotation, shear and stroke thickness) inside the step"
+)
 
 
 class UserError(Exception):
@@ -79,30 +96,89 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the training steps and our augmentation run")
-    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"],
-                   help="torchvision backbone for both implementations, ImageNet stem (the kernels section runs both)")
-    p.add_argument("--image-size", type=int, default=64, help="training resolution in pixels (square)")
-    p.add_argument("--batch-size", type=int, default=64, help="pairs per step (ours) = images per step (byol-pytorch); 2 views each")
-    p.add_argument("--repeats", type=int, default=10, help="timed steps (and timed augmentation batches; epochs: see --epochs)")
+    p.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where the training steps and our augmentation run"
+    )
+    p.add_argument(
+        "--arch",
+        default="resnet18",
+        choices=["conv4", "resnet18", "resnet50"],
+        help="encoder of every implementation: byol.py's conv4 (with byol.py's default recipe), or a torchvision "
+        "resnet with the ImageNet stem (the kernels section runs resnet18 and resnet50)",
+    )
+    p.add_argument("--width", type=int, default=64, help="conv4's channels")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="training resolution in pixels, square (None: 28 for conv4, as byol.py's recipe; 64 for the resnets)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="pairs per step (ours) = images per step (byol-pytorch); 2 views each "
+        "(None: 128 for conv4, as byol.py's recipe; 64 for the resnets)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=10, help="timed steps (and timed augmentation batches; epochs: see --epochs)"
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (None: torch's own choice)")
-    p.add_argument("--only", nargs="+", default=list(SECTIONS), choices=SECTIONS, metavar="SECTION",
-                   help=f"sections to run, any of: {', '.join(SECTIONS)}")
-    p.add_argument("--compile", action="store_true", help="also time our step with torch.compile (slow to compile on CPU)")
-    p.add_argument("--workers", type=int, default=4,
-                   help="DataLoader workers (byol-pytorch, torchvision augmentation) = decoding threads (ours)")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="epoch section: TLL layout DIR/left/*.jpg, DIR/right/*.jpg (None: synthetic JPEGs in a temp dir)")
-    p.add_argument("--max-pairs", type=int, default=None,
-                   help="epoch section: use at most this many pairs (None: all of --data-dir; 8 batches of synthetic pairs)")
-    p.add_argument("--epochs", type=int, default=2, help="epoch section: timed epochs of each pipeline (after one warm-up epoch)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=list(SECTIONS),
+        choices=SECTIONS,
+        metavar="SECTION",
+        help=f"sections to run, any of: {', '.join(SECTIONS)}",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="also time our step with torch.compile (slow to compile on CPU)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="DataLoader workers (byol-pytorch, torchvision augmentation) = decoding threads (ours)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="epoch section: TLL layout DIR/left/*.jpg, DIR/right/*.jpg (None: the embedded Omniglot for conv4, "
+        "synthetic JPEGs in a temp dir for the resnets)",
+    )
+    p.add_argument(
+        "--max-pairs",
+        type=int,
+        default=None,
+        help="epoch section: use at most this many pairs (None: all of --data-dir or Omniglot; 8 batches of "
+        "synthetic pairs)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=2, help="epoch section: timed epochs of each pipeline (after one warm-up epoch)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the synthetic data, the models and the augmentations")
-    p.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file (None: print only)")
+    p.add_argument(
+        "--json", type=Path, default=None, help="also write every measurement to this JSON file (None: print only)"
+    )
     cfg = p.parse_args(argv)
-    for flag, value, low in [("--image-size", cfg.image_size, 16), ("--batch-size", cfg.batch_size, 2),
-                             ("--repeats", cfg.repeats, 1), ("--warmup", cfg.warmup, 0), ("--workers", cfg.workers, 0),
-                             ("--epochs", cfg.epochs, 1), ("--threads", cfg.threads, 1), ("--max-pairs", cfg.max_pairs, 2)]:
+    if cfg.image_size is None:
+        cfg.image_size = byol.RECIPES["omniglot"]["image_size"] if cfg.arch == "conv4" else 64
+    if cfg.batch_size is None:
+        cfg.batch_size = byol.RECIPES["omniglot"]["batch_size"] if cfg.arch == "conv4" else 64
+    for flag, value, low in [
+        ("--width", cfg.width, 1),
+        ("--image-size", cfg.image_size, 16),
+        ("--batch-size", cfg.batch_size, 2),
+        ("--repeats", cfg.repeats, 1),
+        ("--warmup", cfg.warmup, 0),
+        ("--workers", cfg.workers, 0),
+        ("--epochs", cfg.epochs, 1),
+        ("--threads", cfg.threads, 1),
+        ("--max-pairs", cfg.max_pairs, 2),
+    ]:
         if value is not None and value < low:
             raise UserError(f"{flag} {value} is too small; use {low} or more")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -110,10 +186,12 @@ def parse_args(argv=None):
     if "epoch" in cfg.only:  # bad data is reported before minutes of other sections, not after
         if cfg.data_dir is not None and not cfg.data_dir.is_dir():
             raise UserError(f"--data-dir {cfg.data_dir} does not exist or is not a directory; check the path")
-        pairs = len(tll_files(cfg.data_dir, cfg.max_pairs)[0]) if cfg.data_dir else cfg.max_pairs or 8 * cfg.batch_size
+        pairs = epoch_pairs(cfg)
         if pairs < cfg.batch_size:
-            raise UserError(f"--batch-size {cfg.batch_size} is larger than the {pairs} pairs of the epoch section; "
-                            "lower it or raise --max-pairs")
+            raise UserError(
+                f"--batch-size {cfg.batch_size} is larger than the {pairs} pairs of the epoch section; "
+                "lower it or raise --max-pairs"
+            )
     return cfg
 
 
@@ -126,11 +204,41 @@ def lightly_available():
 
 
 def byol_args(cfg, arch=None):
-    """byol.py's own settings for TLL-like data at this size: SGD (lr 0.4 x B/256, momentum 0.9,
-    weight decay 1e-4), BYOL's augmentation, 4096/256 MLPs, tau 0.996; ImageNet stem like byol-pytorch."""
-    return byol.fill_defaults(byol.parse_args([
-        "--data", "tll", "--arch", arch or cfg.arch, "--stem", "imagenet", "--image-size", str(cfg.image_size),
-        "--batch-size", str(cfg.batch_size), "--optimizer", "sgd", "--seed", str(cfg.seed)]))
+    """byol.py's own settings. conv4: its default recipe (`python byol.py`, RECIPES["omniglot"]: AdamW,
+    1024/256 MLPs, handwriting augmentation, tau 0.996) at this size and batch. The resnets: its settings
+    for TLL-like data: SGD (lr 0.4 x B/256, momentum 0.9, weight decay 1e-4), BYOL's augmentation,
+    4096/256 MLPs, tau 0.996; ImageNet stem like byol-pytorch."""
+    size = ["--image-size", str(cfg.image_size), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed)]
+    if (arch or cfg.arch) == "conv4":
+        return byol.fill_defaults(byol.parse_args(["--arch", "conv4", "--width", str(cfg.width), *size]))
+    return byol.fill_defaults(
+        byol.parse_args(
+            [
+                "--data",
+                "tll",
+                "--arch",
+                arch or cfg.arch,
+                "--stem",
+                "imagenet",
+                "--optimizer",
+                "sgd",
+                "--hidden-dim",
+                "4096",
+                *size,
+            ]
+        )
+    )
+
+
+def peer_backbone(bargs):
+    """(encoder, feature dim, byol-pytorch's hidden_layer) for the peers, seeded: the same network as ours.
+    conv4 ends in a Flatten, whose output byol-pytorch takes directly (hidden_layer -1); a torchvision
+    resnet's representation is its avgpool output, without the classifier."""
+    torch.manual_seed(bargs.seed)
+    if bargs.arch == "conv4":
+        return byol.conv4(bargs.width), bargs.width, -1
+    resnet = getattr(torchvision.models, bargs.arch)(weights=None)
+    return resnet, resnet.fc.in_features, "avgpool"
 
 
 def sync(device):
@@ -184,10 +292,15 @@ def their_trainer(bargs, device):
     """step(x): byol-pytorch's step on a float batch in [0, 1]; its forward makes both views."""
     from byol_pytorch import BYOL as TheirBYOL
 
-    torch.manual_seed(bargs.seed)
-    net = getattr(torchvision.models, bargs.arch)(weights=None).to(device)
-    learner = TheirBYOL(net, image_size=bargs.image_size, hidden_layer="avgpool", use_simplicial_embeddings=False,
-                        projection_size=bargs.proj_dim, projection_hidden_size=bargs.hidden_dim)
+    net, _, hidden_layer = peer_backbone(bargs)
+    learner = TheirBYOL(
+        net.to(device),
+        image_size=bargs.image_size,
+        hidden_layer=hidden_layer,
+        use_simplicial_embeddings=False,
+        projection_size=bargs.proj_dim,
+        projection_hidden_size=bargs.hidden_dim,
+    )
     # The same optimiser as ours (biases and BN without weight decay); the target network has no gradients.
     optimizer = byol.build_optimizer(bargs, learner)
 
@@ -230,9 +343,11 @@ def lightly_trainer(bargs, device):
         def forward_momentum(self, x):
             return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
 
-    torch.manual_seed(bargs.seed)
-    resnet = getattr(torchvision.models, bargs.arch)(weights=None)
-    model = LightlyBYOL(torch.nn.Sequential(*list(resnet.children())[:-1]), resnet.fc.in_features).to(device)
+    net, feature_dim, _ = peer_backbone(bargs)
+    backbone = (
+        net if bargs.arch == "conv4" else torch.nn.Sequential(*list(net.children())[:-1])
+    )  # without the classifier
+    model = LightlyBYOL(backbone, feature_dim).to(device)
     criterion = NegativeCosineSimilarity()
     optimizer = byol.build_optimizer(bargs, model)
 
@@ -279,8 +394,15 @@ def time_round_robin(steps, warmup, repeats, device):
 
 def timing_row(name, seconds, images_per_call, note=""):
     median = statistics.median(seconds)
-    return {"name": name, "median_ms": 1e3 * median, "min_ms": 1e3 * min(seconds), "max_ms": 1e3 * max(seconds),
-            "images_per_call": images_per_call, "images_per_s": images_per_call / median, "note": note}
+    return {
+        "name": name,
+        "median_ms": 1e3 * median,
+        "min_ms": 1e3 * min(seconds),
+        "max_ms": 1e3 * max(seconds),
+        "images_per_call": images_per_call,
+        "images_per_s": images_per_call / median,
+        "note": note,
+    }
 
 
 def step_variants(cfg, device):
@@ -294,13 +416,24 @@ def step_variants(cfg, device):
         def build():
             train = our_trainer(bargs, device, channels_last, compile_model)
             return lambda index: train(x1, x2, index)
+
         return build
 
-    variants = [("ours", ours(channels_last=on_cuda), "channels_last, bf16 autocast" if on_cuda else "fp32, contiguous")]
-    if not on_cuda:  # on CUDA byol.py already runs channels_last
-        variants.append(("ours channels_last", ours(channels_last=True), "fp32, model and views channels_last"))
+    variants = [
+        ("ours", ours(channels_last=on_cuda), "channels_last, bf16 autocast" if on_cuda else "fp32, contiguous")
+    ]
+    if not on_cuda:  # on CUDA "ours" is already channels_last
+        variants.append(
+            ("ours channels_last", ours(channels_last=True), "fp32, model and views channels_last: byol.py's step")
+        )
     if cfg.compile:
-        variants.append(("ours torch.compile", ours(channels_last=on_cuda, compile_model=True), "forward compiled, as byol.py --compile"))
+        variants.append(
+            (
+                "ours torch.compile",
+                ours(channels_last=True, compile_model=True),
+                "channels_last, forward compiled, as byol.py --compile",
+            )
+        )
     if byol_pytorch_available():
         x = x1.float() / 255
 
@@ -308,7 +441,9 @@ def step_variants(cfg, device):
             train = their_trainer(bargs, device)
             return lambda index: train(x)
 
-        variants.append(("byol-pytorch", theirs, ("bf16 autocast; " if on_cuda else "fp32; ") + "one augmentation draw per batch"))
+        variants.append(
+            ("byol-pytorch", theirs, ("bf16 autocast; " if on_cuda else "fp32; ") + "one augmentation draw per batch")
+        )
     # Views augmented once, beforehand, for the variants whose step does not augment.
     v1, v2 = byol.augment_pair(x1, x2, byol.step_generator(cfg.seed, 0, device, stream=1), bargs)
     if lightly_available():
@@ -317,8 +452,14 @@ def step_variants(cfg, device):
             train = lightly_trainer(bargs, device)
             return lambda index: train(v1, v2)
 
-        variants.append(("lightly", lightly, ("bf16 autocast; " if on_cuda else "fp32; ")
-                         + "views augmented beforehand (its DataLoader does it); each view through each network separately"))
+        variants.append(
+            (
+                "lightly",
+                lightly,
+                ("bf16 autocast; " if on_cuda else "fp32; ")
+                + "views augmented beforehand (its DataLoader does it); each view through each network separately",
+            )
+        )
 
     def floor(channels_last):
         def build():
@@ -332,12 +473,20 @@ def step_variants(cfg, device):
                 loss.backward()
 
             return step
+
         return build
 
-    variants.append((FLOOR, floor(channels_last=on_cuda),
-                     "ours without augmentation, optimiser or EMA: the compute every implementation does in this memory format"))
+    variants.append(
+        (
+            FLOOR,
+            floor(channels_last=on_cuda),
+            "ours without augmentation, optimiser or EMA: the compute every implementation does in this memory format",
+        )
+    )
     if not on_cuda:
-        variants.append((FLOOR + ", channels_last", floor(channels_last=True), "the same, model and views channels_last"))
+        variants.append(
+            (FLOOR + ", channels_last", floor(channels_last=True), "the same, model and views channels_last")
+        )
     return variants
 
 
@@ -347,9 +496,11 @@ def run_step_section(cfg, device):
         step = build()
         if name.endswith("torch.compile"):
             try:
-                step(0)  # compiles; not timed
+                note += f"; its first step, which compiles, took {timed_call(lambda: step(0), device):.0f} s"
             except Exception as e:  # e.g. no C++ compiler for inductor
-                print(f"{name}: skipped, torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+                print(
+                    f"{name}: skipped, torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+                )
                 continue
         steps[name], notes[name] = step, note
     seconds = time_round_robin(steps, cfg.warmup, cfg.repeats, device)
@@ -360,17 +511,28 @@ def run_step_section(cfg, device):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """What a byol-pytorch or lightly user feeds it: every epoch, each image is read from disk and transformed."""
+    """What a byol-pytorch or lightly user feeds it: every epoch, each image is read (a file, or a member of
+    zip_path) and transformed."""
 
-    def __init__(self, paths, transform):
+    def __init__(self, paths, transform, zip_path=None):
         self.paths = paths
         self.transform = transform
+        self.zip_path = zip_path
+        self.zip = None  # (pid, ZipFile)
 
     def __len__(self):
         return len(self.paths)
 
+    def read(self, i):
+        if self.zip_path is None:
+            return Path(self.paths[i]).read_bytes()
+        # One ZipFile per process: forked DataLoader workers would otherwise share one file offset.
+        if self.zip is None or self.zip[0] != os.getpid():
+            self.zip = (os.getpid(), zipfile.ZipFile(self.zip_path))
+        return self.zip[1].read(self.paths[i])
+
     def __getitem__(self, i):
-        with Image.open(self.paths[i]) as img:
+        with Image.open(io.BytesIO(self.read(i))) as img:
             return self.transform(img.convert("RGB"))
 
 
@@ -393,17 +555,46 @@ def tll_files(root, max_pairs):
     return [left[n][0] for n in names], [right[n][0] for n in names]
 
 
-def our_epochs(cfg, device, left, right):
-    """(seconds to decode the cache once, run_epoch(epoch)): byol.py's own epoch loop."""
-    bargs = byol_args(cfg)
-    start = time.perf_counter()
+def omniglot_names(max_pairs):
+    """The first max_pairs images of byol.py's default training data in sorted order: whole characters of
+    20 drawings each, but for the last."""
+    with zipfile.ZipFile(OMNIGLOT_ZIP) as zf:
+        return sorted(n for n in zf.namelist() if n.endswith(".png"))[:max_pairs]
+
+
+def epoch_pairs(cfg):
+    """How many anchors (pairs) an epoch of the epoch section has."""
+    if cfg.data_dir is not None:
+        return len(tll_files(cfg.data_dir, cfg.max_pairs)[0])
+    if cfg.arch == "conv4":
+        return len(omniglot_names(cfg.max_pairs))
+    return cfg.max_pairs or 8 * cfg.batch_size
+
+
+def tll_pair_data(cfg, left, right):
     images = byol.decode_all([byol.file_source(p) for p in left + right], cfg.image_size, cfg.workers)
     n = len(left)
-    data = byol.pairs_data(images, left + right, list(range(n)), list(range(n, 2 * n)), 0.0, cfg.seed, "natural")
+    return byol.pairs_data(images, left + right, list(range(n)), list(range(n, 2 * n)), 0.0, cfg.seed, "natural")
+
+
+def omniglot_pair_data(cfg, names):
+    """As byol.load_omniglot builds its training data, without the evaluation runs: every image is an anchor,
+    its positive another drawing of its character."""
+    characters = [n.rsplit("/", 1)[0] for n in names]
+    index = {c: i for i, c in enumerate(sorted(set(characters)))}
+    images = byol.decode_all(byol.zip_sources(OMNIGLOT_ZIP, names), cfg.image_size, cfg.workers)
+    return byol.grouped_data(images, names, [index[c] for c in characters], 0.0, cfg.seed, "natural")
+
+
+def our_epochs(cfg, device, load_data):
+    """(seconds to decode the cache once, images decoded, run_epoch(epoch)): byol.py's own epoch loop."""
+    bargs = byol_args(cfg)
+    start = time.perf_counter()
+    data = load_data()
     byol.cache_on_device(data, device)
     decode_s = time.perf_counter() - start
-    step = our_trainer(bargs, device, channels_last=device.type == "cuda")
-    steps = n // cfg.batch_size
+    step = our_trainer(bargs, device, channels_last=True)  # byol.py trains channels_last on every device
+    steps = len(data.anchors) // cfg.batch_size
 
     def run_epoch(epoch):
         order = byol.epoch_order(len(data.anchors), cfg.seed, epoch)
@@ -412,14 +603,20 @@ def our_epochs(cfg, device, left, right):
             x1, x2 = byol.make_pair_batch(data, order, i, cfg.batch_size, 0, 1, cfg.seed, index, device)
             step(x1, x2, index)
 
-    return decode_s, run_epoch
+    return decode_s, len(data.images), run_epoch
 
 
 def loader_epochs(cfg, device, dataset, train_batch):
     """run_epoch(epoch): train_batch(batch) over a DataLoader of dataset, as their users run it."""
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
     def run_epoch(epoch):
         for batch in loader:
@@ -428,23 +625,31 @@ def loader_epochs(cfg, device, dataset, train_batch):
     return run_epoch
 
 
-def their_epochs(cfg, device, left):
-    """byol-pytorch makes its two views from one image: the left ones."""
+def their_epochs(cfg, device, files, zip_path):
+    """byol-pytorch makes its two views from one image: each anchor (TLL: the left ones)."""
     step = their_trainer(byol_args(cfg), device)
     resize = T.Compose([T.Resize(cfg.image_size), T.CenterCrop(cfg.image_size), T.ToTensor()])
-    return loader_epochs(cfg, device, ImageFiles(left, resize), lambda x: step(x.to(device, non_blocking=True)))
+    return loader_epochs(
+        cfg, device, ImageFiles(files, resize, zip_path), lambda x: step(x.to(device, non_blocking=True))
+    )
 
 
-def lightly_epochs(cfg, device, left):
-    """lightly's BYOLTransform makes both views of one image (the left ones) in the DataLoader."""
+def lightly_epochs(cfg, device, files, zip_path):
+    """lightly's BYOLTransform makes both views of one image (each anchor; TLL: the left ones) in the DataLoader."""
     from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 
     bargs = byol_args(cfg)
     step = lightly_trainer(bargs, device)
-    views = BYOLTransform(BYOLView1Transform(input_size=cfg.image_size, min_scale=bargs.crop_min_scale),
-                          BYOLView2Transform(input_size=cfg.image_size, min_scale=bargs.crop_min_scale))
-    return loader_epochs(cfg, device, ImageFiles(left, views),
-                         lambda batch: step(*(v.to(device, non_blocking=True) for v in batch)))
+    views = BYOLTransform(
+        BYOLView1Transform(input_size=cfg.image_size, min_scale=bargs.crop_min_scale),
+        BYOLView2Transform(input_size=cfg.image_size, min_scale=bargs.crop_min_scale),
+    )
+    return loader_epochs(
+        cfg,
+        device,
+        ImageFiles(files, views, zip_path),
+        lambda batch: step(*(v.to(device, non_blocking=True) for v in batch)),
+    )
 
 
 def busy_share(intervals, wall_us):
@@ -462,12 +667,16 @@ def profiled_busy_share(fn, device):
     torch.profiler, which slows fn() a little (on CUDA it traces every launch): on CUDA the union of the
     GPU's kernels, copies and memsets (idle gaps are launch overhead, host syncs or data-loader stalls); on
     the CPU the union of the torch ops of this process (gaps are Python and waiting)."""
-    activity, device_type = ((ProfilerActivity.CUDA, DeviceType.CUDA) if device.type == "cuda"
-                             else (ProfilerActivity.CPU, DeviceType.CPU))
+    activity, device_type = (
+        (ProfilerActivity.CUDA, DeviceType.CUDA) if device.type == "cuda" else (ProfilerActivity.CPU, DeviceType.CPU)
+    )
     with torch.profiler.profile(activities=[activity]) as prof:
         wall_s = timed_call(fn, device)
-    intervals = [(e.time_range.start, e.time_range.end) for e in prof.events()
-                 if e.device_type == device_type and not e.is_user_annotation]  # the DataLoader's wait is one
+    intervals = [
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == device_type and not e.is_user_annotation
+    ]  # the DataLoader's wait is one
     return busy_share(intervals, 1e6 * wall_s), wall_s
 
 
@@ -475,33 +684,66 @@ def run_epoch_section(cfg, device):
     """Each pipeline's epochs, taking turns epoch by epoch as the steps do, after one untimed warm-up epoch
     each; then one more epoch of each under the profiler for its device-busy share."""
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.data_dir is None:
-            pairs = cfg.max_pairs or 8 * cfg.batch_size
-            root, source = write_synthetic_tll(Path(tmp), pairs, cfg.seed), f"{pairs} synthetic 200x245 JPEG pairs"
+        if cfg.data_dir is None and cfg.arch == "conv4":
+            files, zip_path = omniglot_names(cfg.max_pairs), OMNIGLOT_ZIP
+            source, which = f"embedded Omniglot ({OMNIGLOT_ZIP.name}, 105x105 PNG)", "images"
+            decode_s, decoded, ours = our_epochs(cfg, device, lambda: omniglot_pair_data(cfg, files))
         else:
-            root, source = cfg.data_dir, str(cfg.data_dir)
-        left, right = tll_files(root, cfg.max_pairs)
-        steps = len(left) // cfg.batch_size
-        decode_s, ours = our_epochs(cfg, device, left, right)
-        pipelines = [("ours", decode_s, ours,
-                      f"decodes {2 * len(left)} images once ({max(1, cfg.workers)} threads), then make_pair_batch + augment_pair")]
+            if cfg.data_dir is None:
+                pairs = cfg.max_pairs or 8 * cfg.batch_size
+                root, source = write_synthetic_tll(Path(tmp), pairs, cfg.seed), f"{pairs} synthetic 200x245 JPEG pairs"
+            else:
+                root, source = cfg.data_dir, str(cfg.data_dir)
+            left, right = tll_files(root, cfg.max_pairs)
+            files, zip_path, which = left, None, "left images"
+            decode_s, decoded, ours = our_epochs(cfg, device, lambda: tll_pair_data(cfg, left, right))
+        steps = len(files) // cfg.batch_size
+        pipelines = [
+            (
+                "ours",
+                decode_s,
+                ours,
+                f"decodes {decoded} images once ({count(max(1, cfg.workers), 'thread')}), then make_pair_batch + augment_pair",
+            )
+        ]
         if byol_pytorch_available():
-            pipelines.append(("byol-pytorch", 0.0, their_epochs(cfg, device, left),
-                              f"DataLoader ({cfg.workers} workers) reads, resizes and converts {steps * cfg.batch_size} "
-                              "left images every epoch"))
+            pipelines.append(
+                (
+                    "byol-pytorch",
+                    0.0,
+                    their_epochs(cfg, device, files, zip_path),
+                    f"DataLoader ({count(cfg.workers, 'worker')}) reads, resizes and converts {steps * cfg.batch_size} "
+                    f"{which} every epoch",
+                )
+            )
         if lightly_available():
-            pipelines.append(("lightly", 0.0, lightly_epochs(cfg, device, left),
-                              f"DataLoader ({cfg.workers} workers) reads {steps * cfg.batch_size} left images and "
-                              "augments both views of each (BYOLTransform) every epoch"))
+            pipelines.append(
+                (
+                    "lightly",
+                    0.0,
+                    lightly_epochs(cfg, device, files, zip_path),
+                    f"DataLoader ({count(cfg.workers, 'worker')}) reads {steps * cfg.batch_size} {which} and "
+                    "augments both views of each (BYOLTransform) every epoch",
+                )
+            )
         seconds = time_round_robin({name: run_epoch for name, _, run_epoch, _ in pipelines}, 1, cfg.epochs, device)
         images = 2 * cfg.batch_size * steps
         rows = []
         for name, startup_s, run_epoch, note in pipelines:
             busy, profiled_s = profiled_busy_share(lambda: run_epoch(1 + cfg.epochs), device)
-            rows.append({"name": name, "startup_s": startup_s, "epoch_s": seconds[name], "images_per_epoch": images,
-                         "images_per_s": images / statistics.median(seconds[name]), "busy": busy,
-                         "profiled_epoch_s": profiled_s, "note": note})
-    return rows, f"{source}, {len(left)} pairs used, {steps} steps of {cfg.batch_size} per epoch"
+            rows.append(
+                {
+                    "name": name,
+                    "startup_s": startup_s,
+                    "epoch_s": seconds[name],
+                    "images_per_epoch": images,
+                    "images_per_s": images / statistics.median(seconds[name]),
+                    "busy": busy,
+                    "profiled_epoch_s": profiled_s,
+                    "note": note,
+                }
+            )
+    return rows, f"{source}, {len(files)} pairs used, {steps} steps of {cfg.batch_size} per epoch"
 
 
 # ----------------------------------------------------------------------------- augmentation alone
@@ -511,16 +753,18 @@ def torchvision_view(size, bargs, blur_prob, solarize_prob):
     """torchvision's per-image BYOL view, with the same parameters as byol.augment."""
     k = bargs.jitter_strength
     radius = max(1, math.ceil(3 * 2.0 * size / 224))  # byol.gaussian_blur's kernel radius
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(bargs.crop_min_scale, 1.0)),
-        T.RandomHorizontalFlip(bargs.flip_prob),
-        T.RandomApply([T.ColorJitter(0.4 * k, 0.4 * k, 0.2 * k, 0.1 * k)], p=0.8),
-        T.RandomGrayscale(0.2),
-        T.RandomApply([T.GaussianBlur(2 * radius + 1, (0.1 * size / 224, 2.0 * size / 224))], p=blur_prob),
-        T.RandomSolarize(128, p=solarize_prob),
-        T.ToTensor(),
-        T.Normalize(byol.IMAGENET_MEAN, byol.IMAGENET_STD),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(bargs.crop_min_scale, 1.0)),
+            T.RandomHorizontalFlip(bargs.flip_prob),
+            T.RandomApply([T.ColorJitter(0.4 * k, 0.4 * k, 0.2 * k, 0.1 * k)], p=0.8),
+            T.RandomGrayscale(0.2),
+            T.RandomApply([T.GaussianBlur(2 * radius + 1, (0.1 * size / 224, 2.0 * size / 224))], p=blur_prob),
+            T.RandomSolarize(128, p=solarize_prob),
+            T.ToTensor(),
+            T.Normalize(byol.IMAGENET_MEAN, byol.IMAGENET_STD),
+        ]
+    )
 
 
 class TorchvisionPairs(torch.utils.data.Dataset):
@@ -548,18 +792,131 @@ def run_augment_section(cfg, device):
     def ours(index):
         byol.augment_pair(x1, x2, byol.step_generator(cfg.seed, index, device, stream=1), bargs)
 
-    rows = [timing_row(f"ours augment_pair ({device.type})", time_steps(ours, cfg.warmup, cfg.repeats, device), images,
-                       "batched tensor ops, per-sample parameters")]
+    rows = [
+        timing_row(
+            f"ours augment_pair ({device.type})",
+            time_steps(ours, cfg.warmup, cfg.repeats, device),
+            images,
+            "batched tensor ops, per-sample parameters",
+        )
+    ]
     batches = cfg.warmup + cfg.repeats
     dataset = TorchvisionPairs(random_images(cfg.batch_size * batches, cfg.image_size, "cpu", cfg.seed + 2), bargs)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers)
     # Time between batch arrivals, after the warm-up batches (the first includes starting the workers).
     start = time.perf_counter()
     arrivals = [time.perf_counter() for _ in loader]
-    seconds = np.diff([start, *arrivals])[cfg.warmup:].tolist()
-    rows.append(timing_row("torchvision per-image (CPU)", seconds, images,
-                           f"PIL transforms in a DataLoader, {cfg.workers} workers"))
+    seconds = np.diff([start, *arrivals])[cfg.warmup :].tolist()
+    rows.append(
+        timing_row(
+            "torchvision per-image (CPU)",
+            seconds,
+            images,
+            f"PIL transforms in a DataLoader, {count(cfg.workers, 'worker')}",
+        )
+    )
     return rows
+
+
+# ----------------------------------------------------------------------------- where our step's time goes
+
+PHASES = ("batch", "augment", "forward", "backward", "optimiser", "EMA")
+
+
+def phased_trainer(bargs, device, data):
+    """step(index) -> seconds of each of PHASES: the body of byol.py's training loop (channels_last, with its
+    scheduler and its target_tau schedule), cut where one phase ends and the next begins. Each phase is also a
+    record_function range, for the profiler."""
+    model = our_model(bargs, device, channels_last=True)
+    optimizer = byol.build_optimizer(bargs, model)
+    steps_per_epoch = len(data.anchors) // bargs.batch_size
+    total_steps = bargs.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, byol.warmup_cosine(total_steps, int(bargs.warmup_epochs * steps_per_epoch))
+    )
+
+    def step(index):
+        epoch, i = divmod(index, steps_per_epoch)
+        seconds = []
+
+        def phase(name, fn):
+            sync(device)
+            start = time.perf_counter()
+            with torch.profiler.record_function(name):
+                out = fn()
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+            return out
+
+        order = byol.epoch_order(len(data.anchors), bargs.seed, epoch)
+        x1, x2 = phase(
+            "batch", lambda: byol.make_pair_batch(data, order, i, bargs.batch_size, 0, 1, bargs.seed, index, device)
+        )
+
+        def augment():
+            v1, v2 = byol.augment_pair(x1, x2, byol.step_generator(bargs.seed, index, device, stream=1), bargs)
+            return v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+
+        v1, v2 = phase("augment", augment)
+
+        def forward():
+            with autocast(device):
+                return model(v1, v2)
+
+        loss = phase("forward", forward)
+
+        def backward():
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+
+        phase("backward", backward)
+        phase("optimiser", lambda: (optimizer.step(), scheduler.step()))
+        phase("EMA", lambda: byol.after_step(model, bargs, index + 1, total_steps))
+        return seconds
+
+    step.model = model
+    return step
+
+
+def top_ops(prof, device, steps, count=12):
+    """The torch ops with the most self time in the profiled steps: (name, ms per step, share of all self time)."""
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = [e for e in prof.key_averages() if not e.is_user_annotation]
+    total = sum(getattr(e, key) for e in averages)
+    ranked = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:count]
+    return [(e.key, getattr(e, key) / 1e3 / steps, getattr(e, key) / total) for e in ranked]
+
+
+def run_phases_section(cfg, device):
+    """Our step by phase on the embedded Omniglot (byol.py's default data), taking the median of each phase
+    over --repeats steps after --warmup; then the top ops of a few profiled steps; then byol.py's evaluate()
+    on the same data's evaluation runs (the official one-shot runs, the validation episodes and the
+    collapse metrics), after one untimed call."""
+    bargs = byol_args(cfg)
+    data = byol.load_omniglot(bargs)
+    byol.cache_on_device(data, device)
+    step = phased_trainer(bargs, device, data)
+    for index in range(cfg.warmup):
+        step(index)
+    per_step = np.array([step(cfg.warmup + r) for r in range(cfg.repeats)])  # [repeats, phases]
+    profiled = min(cfg.repeats, 3)
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        for r in range(profiled):
+            step(cfg.warmup + cfg.repeats + r)
+    byol.evaluate(step.model, data, device)
+    evals = [timed_call(lambda: byol.evaluate(step.model, data, device), device) for _ in range(min(cfg.repeats, 3))]
+    steps_per_epoch = len(data.anchors) // bargs.batch_size
+    return {
+        "phases": {name: 1e3 * float(np.median(per_step[:, k])) for k, name in enumerate(PHASES)},
+        "step_ms": 1e3 * float(np.median(per_step.sum(1))),
+        "images_per_step": 2 * bargs.batch_size,
+        "steps_per_epoch": steps_per_epoch,
+        "eval_s": statistics.median(evals),
+        "eval_every": bargs.eval_every,
+        "top_ops": top_ops(prof, device, profiled),
+        "profiled_steps": profiled,
+    }
 
 
 # ----------------------------------------------------------------------------- fused kernels (CUDA)
@@ -588,7 +945,9 @@ def run_kernels_section(cfg, device):
                 backend.force_reference(forced)  # read at every call of the loss and the EMA
                 train = our_trainer(byol_args(cfg, arch), device, channels_last=True)
                 seconds = time_steps(lambda index: train(x1, x2, index), cfg.warmup, cfg.repeats, device)
-                rows.append(timing_row(f"{arch} {kernels}", seconds, 2 * cfg.batch_size, "channels_last, bf16 autocast"))
+                rows.append(
+                    timing_row(f"{arch} {kernels}", seconds, 2 * cfg.batch_size, "channels_last, bf16 autocast")
+                )
     finally:
         backend.force_reference(False)
     return rows
@@ -597,50 +956,150 @@ def run_kernels_section(cfg, device):
 # ----------------------------------------------------------------------------- report
 
 
+def count(n, noun):
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def markdown(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def step_table(rows, baseline=None):
-    """Per-step timings; the last column divides images/s by the baseline row's (same run)."""
-    base = next((r for r in rows if r["name"] == baseline), None)
+def ratio_columns(rows, baselines):
+    """(header, cells per row): each row's images/s divided by each baseline row's of the same run (the
+    baselines that ran)."""
+    bases = [next(r for r in rows if r["name"] == b) for b in baselines if any(r["name"] == b for r in rows)]
+    return (
+        [f"vs {b['name']}" for b in bases],
+        [[f"{r['images_per_s'] / b['images_per_s']:.2f}x" for b in bases] for r in rows],
+    )
+
+
+def step_table(rows, *baselines):
+    """Per-step timings, then images/s against each baseline row."""
+    header, ratios = ratio_columns(rows, baselines)
     return markdown(
-        ["variant", "median ms", "min ms", "max ms", "images/s", f"vs {baseline}" if base else "ratio", "note"],
-        [[r["name"], f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['max_ms']:.1f}", f"{r['images_per_s']:.1f}",
-          f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-", r["note"]] for r in rows])
+        ["variant", "median ms", "min ms", "max ms", "images/s", *header, "note"],
+        [
+            [
+                r["name"],
+                f"{r['median_ms']:.1f}",
+                f"{r['min_ms']:.1f}",
+                f"{r['max_ms']:.1f}",
+                f"{r['images_per_s']:.1f}",
+                *ratio,
+                r["note"],
+            ]
+            for r, ratio in zip(rows, ratios)
+        ],
+    )
 
 
 def epoch_table(rows, device):
     busy = "GPU busy" if device.type == "cuda" else "in torch ops"
+    header, ratios = ratio_columns(rows, PEERS)
     return markdown(
-        ["pipeline", "start-up s", "epoch s (median)", "epochs s", "images/s", f"{busy} (profiled epoch)", "note"],
-        [[r["name"], f"{r['startup_s']:.2f}", f"{statistics.median(r['epoch_s']):.2f}",
-          ", ".join(f"{s:.2f}" for s in r["epoch_s"]), f"{r['images_per_s']:.1f}",
-          f"{100 * r['busy']:.0f}% of {r['profiled_epoch_s']:.2f} s", r["note"]] for r in rows])
+        [
+            "pipeline",
+            "start-up s",
+            "epoch s (median)",
+            "epochs s",
+            "images/s",
+            *header,
+            f"{busy} (profiled epoch)",
+            "note",
+        ],
+        [
+            [
+                r["name"],
+                f"{r['startup_s']:.2f}",
+                f"{statistics.median(r['epoch_s']):.2f}",
+                ", ".join(f"{s:.2f}" for s in r["epoch_s"]),
+                f"{r['images_per_s']:.1f}",
+                *ratio,
+                f"{100 * r['busy']:.0f}% of {r['profiled_epoch_s']:.2f} s",
+                r["note"],
+            ]
+            for r, ratio in zip(rows, ratios)
+        ],
+    )
+
+
+def phases_table(result):
+    """Each phase's median, its share of the step, then the evaluation at the recipe's cadence per epoch."""
+    step_ms = result["step_ms"]
+    lines = [
+        [name, f"{ms:.1f}", f"{100 * ms / sum(result['phases'].values()):.0f}%"]
+        for name, ms in result["phases"].items()
+    ]
+    lines.append(
+        [
+            "whole step (median of the sums)",
+            f"{step_ms:.1f}",
+            f"{result['images_per_step'] / step_ms * 1e3:.1f} images/s",
+        ]
+    )
+    epoch_s = result["steps_per_epoch"] * step_ms / 1e3
+    eval_per_epoch = result["eval_s"] / result["eval_every"]
+    share = 100 * eval_per_epoch / (epoch_s + eval_per_epoch)
+    epoch = f"an epoch of {result['steps_per_epoch']} steps ({epoch_s:.1f} s)"
+    lines.append(
+        [
+            f"evaluate() per epoch: one call of {result['eval_s']:.2f} s / eval_every {result['eval_every']}",
+            f"{1e3 * eval_per_epoch:.1f}",
+            f"{share:.1f}% of {epoch} + its evaluation",
+        ]
+    )
+    table = markdown(["phase", "median ms", "share"], lines)
+    ops = markdown(
+        [f"op (self time, {result['profiled_steps']} profiled steps)", "ms per step", "share"],
+        [[name, f"{ms:.1f}", f"{100 * share:.1f}%"] for name, ms, share in result["top_ops"]],
+    )
+    return table + "\n\n" + ops
 
 
 def kernels_table(rows):
     by_name = {r["name"]: r for r in rows}
     return markdown(
         ["arch", "reference ms", "fused ms", "speed-up", "fused images/s"],
-        [[arch, f"{by_name[f'{arch} reference']['median_ms']:.1f}", f"{by_name[f'{arch} fused']['median_ms']:.1f}",
-          f"{by_name[f'{arch} reference']['median_ms'] / by_name[f'{arch} fused']['median_ms']:.2f}x",
-          f"{by_name[f'{arch} fused']['images_per_s']:.1f}"] for arch in ("resnet18", "resnet50")])
+        [
+            [
+                arch,
+                f"{by_name[f'{arch} reference']['median_ms']:.1f}",
+                f"{by_name[f'{arch} fused']['median_ms']:.1f}",
+                f"{by_name[f'{arch} reference']['median_ms'] / by_name[f'{arch} fused']['median_ms']:.2f}x",
+                f"{by_name[f'{arch} fused']['images_per_s']:.1f}",
+            ]
+            for arch in ("resnet18", "resnet50")
+        ],
+    )
+
+
+def byol_step_row(step_rows):
+    """The step as byol.py trains it: channels_last (on CUDA, plain "ours" is)."""
+    return next(r for name in ("ours channels_last", "ours") for r in step_rows if r["name"] == name)
 
 
 def augmentation_share(augment_rows, step_rows):
     """Is augmentation the bottleneck? Its time per image as a share of our whole step's."""
-    ours = next(r for r in step_rows if r["name"] == "ours")
-    return "\n".join(f"- {r['name']}: {r['images_per_s'] / ours['images_per_s']:.1f}x the images/s of our training step "
-                     f"(would take {100 * ours['images_per_s'] / r['images_per_s']:.0f}% of the step's time)" for r in augment_rows)
+    ours = byol_step_row(step_rows)
+    return "\n".join(
+        f"- {r['name']}: {r['images_per_s'] / ours['images_per_s']:.1f}x the images/s of our training step "
+        f"(would take {100 * ours['images_per_s'] / r['images_per_s']:.0f}% of the step's time)"
+        for r in augment_rows
+    )
 
 
 def describe(cfg, device):
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return (f"{where}, torch {torch.__version__}, {torch.get_num_threads()} threads; {cfg.arch} (ImageNet stem), "
-            f"{cfg.image_size} px, batch {cfg.batch_size} -> {2 * cfg.batch_size} images per step (2 views x batch); "
-            f"median/min/max over {cfg.repeats} steps after {cfg.warmup} warm-up steps")
+    encoder = (
+        f"conv4 width {cfg.width}, byol.py's default recipe" if cfg.arch == "conv4" else f"{cfg.arch} (ImageNet stem)"
+    )
+    return (
+        f"{where}, torch {torch.__version__}, {count(torch.get_num_threads(), 'thread')}; {encoder}, "
+        f"{cfg.image_size} px, batch {cfg.batch_size} -> {2 * cfg.batch_size} images per step (2 views x batch); "
+        f"median/min/max over {cfg.repeats} steps after {cfg.warmup} warm-up steps"
+    )
 
 
 def run(cfg):
@@ -648,7 +1107,10 @@ def run(cfg):
     device = torch.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    results = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}, "setup": describe(cfg, device)}
+    results = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+        "setup": describe(cfg, device),
+    }
     print(f"# Training benchmark\n\n{results['setup']}\n")
     for available, missing in ((byol_pytorch_available, BYOL_PYTORCH_MISSING), (lightly_available, LIGHTLY_MISSING)):
         if not available():
@@ -656,8 +1118,11 @@ def run(cfg):
     if "step" in cfg.only:
         rows = run_step_section(cfg, device)
         results["step"] = rows
-        print("## Training step (the variants take turns, one step each per round)\n\n" + step_table(rows, "byol-pytorch")
-              + f"\n\nNote: {THEIR_AUGMENTATION}.\n")
+        print(
+            "## Training step (the variants take turns, one step each per round)\n\n"
+            + step_table(rows, *PEERS)
+            + f"\n\nNote: {THEIR_AUGMENTATION}.\n"
+        )
     if "epoch" in cfg.only:
         rows, source = run_epoch_section(cfg, device)
         results["epoch"] = rows
@@ -668,6 +1133,14 @@ def run(cfg):
         print("## Augmentation alone\n\n" + step_table(rows, rows[0]["name"]) + "\n")
         if "step" in cfg.only:
             print(augmentation_share(rows, results["step"]) + "\n")
+    if "phases" in cfg.only:
+        result = run_phases_section(cfg, device)
+        results["phases"] = result
+        print(
+            "## Where our step's time goes (byol.py's loop body on Omniglot batches, channels_last)\n\n"
+            + phases_table(result)
+            + "\n"
+        )
     if "kernels" in cfg.only:
         reason = fused_skip_reason(device)
         if reason:
