@@ -5,8 +5,6 @@ is reused, and rebuilt when the encoder or the image size changes; the frozen we
 bit-identical; --resume continues exactly; the --pca-dim whitening is fitted on the training images
 and travels in the checkpoint; eval.py ranks the projector outputs; bad values end in one line."""
 
-import contextlib
-import io
 import json
 
 import pytest
@@ -19,6 +17,7 @@ from tiny_data import (
     SCRIPTS,
     args_for,
     one_thread,  # noqa: F401  (fixture)
+    run_main,
     state_dicts_equal,
     tensors_in,
     tiny_flags,
@@ -26,13 +25,6 @@ from tiny_data import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_main(module, argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = module.main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ For each script three in-process runs share one module-scoped fixture:
   A: 2 epochs straight;  B: the same with --stop-after-epochs 1;  C: --resume B's last.pt.
 C must end bit-identical to A. The DDP test starts torchrun (gloo, 2 CPU processes)."""
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -24,6 +22,7 @@ from tiny_data import (
     SCRIPTS,
     args_for,
     one_thread,  # noqa: F401  (fixture)
+    run_main,
     state_dicts_equal,
     tensors_in,
     tiny_flags,
@@ -31,13 +30,6 @@ from tiny_data import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_main(module, argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = module.main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module", params=SCRIPTS)

@@ -6,6 +6,7 @@ its file; `index_coded` goes further and replaces the pixels by the image's own 
 that a batch tells exactly which images it was made of.
 """
 
+import contextlib
 import csv
 import io
 import zipfile
@@ -164,6 +165,14 @@ def load_benchmark(script):
 def args_for(module, argv):
     """Parsed and completed arguments of `module` (no training)."""
     return module.fill_defaults(module.parse_args([str(a) for a in argv]))
+
+
+def run_main(module, argv):
+    """module.main(argv) with stdout and stderr captured: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = module.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
 
 
 def state_dicts_equal(a, b):
