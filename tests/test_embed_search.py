@@ -215,8 +215,8 @@ def test_the_exported_conv4_loads_into_plain_torch_nn(run, tmp_path, capsys):
         for m in (
             nn.Conv2d(3 if i == 0 else w, w, 3, padding=1, bias=False),
             nn.BatchNorm2d(w),
-            nn.ReLU(),
             nn.MaxPool2d(2),
+            nn.ReLU(),
         )
     ]
     encoder = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()

@@ -433,11 +433,15 @@ def test_byol_wraps_any_encoder_and_only_the_online_network_learns():
     assert all(not p.requires_grad for n, p in model.named_parameters() if n.startswith("target_"))
     online = [n for n, _ in model.named_parameters() if n.split(".")[0] in ("encoder", "projector", "predictor")]
     assert set(g) == set(online) and all(g[n].abs().sum() > 0 for n in online if "predictor.3" in n or "encoder.0" in n)
-    # the loss is D(p1, z2') + D(p2, z1') with D = 2 - 2cos
+    # the loss is D(p1, z2') + D(p2, z1') with D = 2 - 2cos, each view through the networks on its own
     with torch.no_grad():
-        p1, p2 = model.predictor(model.projector(model.encoder(torch.cat([x1, x2])))).chunk(2)
-        z1, z2 = model.target_projector(model.target_encoder(torch.cat([x1, x2]))).chunk(2)
+        p1, p2 = (model.predictor(model.projector(model.encoder(x))) for x in (x1, x2))
+        z1, z2 = (model.target_projector(model.target_encoder(x)) for x in (x1, x2))
         assert torch.allclose(model(x1, x2), d(p1, z2) + d(p2, z1), atol=1e-5)
+        # batch norm over both views at once would give another loss: the check can tell the two apart
+        q1, q2 = model.predictor(model.projector(model.encoder(torch.cat([x1, x2])))).chunk(2)
+        y1, y2 = model.target_projector(model.target_encoder(torch.cat([x1, x2]))).chunk(2)
+        assert not torch.allclose(model(x1, x2), d(q1, y2) + d(q2, y1), atol=1e-3)
 
 
 def test_byol_update_target():
@@ -468,6 +472,20 @@ def test_target_tau_rises_from_base_to_one():
     assert all(a <= b for a, b in zip(taus, taus[1:]))
 
 
+def test_conv4_relu_after_the_max_pool_is_the_usual_block():
+    # max-pool and ReLU commute: checkpoints of conv-BN-ReLU-pool blocks load and embed the same
+    torch.manual_seed(0)
+    net, _ = byol.build_encoder("conv4", width=8)
+    usual = nn.Sequential(*[m for i in range(4) for m in (net[4 * i], net[4 * i + 1], nn.ReLU(), nn.MaxPool2d(2))],
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    usual.load_state_dict(net.state_dict())
+    x, _ = views(4, 28)
+    for mode in (True, False):
+        net.train(mode), usual.train(mode)
+        assert torch.equal(net(x), usual(x))
+    assert [type(m) for m in net[:4]] == [nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU]
+
+
 def test_byol_with_a_torchvision_encoder():
     model = byol.BYOL(*byol.build_encoder("resnet18", stem="small"), hidden_dim=32, proj_dim=16)
     x1, x2 = views(4, 16)
@@ -485,14 +503,18 @@ def test_simsiam_loss_range_and_stop_gradient():
     assert loss.ndim == 0 and -1 <= loss.item() <= 1
     g = grads(model, loss)
 
-    def manual(detach):
-        z = model.projector(model.encoder(torch.cat([x1, x2])))
-        p1, p2 = model.predictor(z).chunk(2)
-        z1, z2 = (z.detach() if detach else z).chunk(2)
+    def manual(detach, per_view=True):
+        if per_view:
+            z1, z2 = (model.projector(model.encoder(x)) for x in (x1, x2))
+        else:  # both views through batch norm at once
+            z1, z2 = model.projector(model.encoder(torch.cat([x1, x2]))).chunk(2)
+        p1, p2 = model.predictor(z1), model.predictor(z2)
+        z1, z2 = (z1.detach(), z2.detach()) if detach else (z1, z2)
         return -(F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean()) / 2
 
     with torch.no_grad():
         assert torch.allclose(model(x1, x2), manual(True), atol=1e-5)
+        assert not torch.allclose(model(x1, x2), manual(True, per_view=False), atol=1e-3)
     assert close(g, grads(model, manual(True)))
     assert not close(g, grads(model, manual(False)))  # the check can tell the two apart
 
@@ -522,14 +544,17 @@ def test_bn_only_gradients(stop_grad):
     assert loss.ndim == 0 and 0 <= loss.item() <= 8
     g = grads(model, loss)
 
-    def manual(detach):
-        z = model.projector(model.encoder(torch.cat([x1, x2])))
-        z1, z2 = z.chunk(2)
-        t1, t2 = (z.detach() if detach else z).chunk(2)
+    def manual(detach, per_view=True):
+        if per_view:
+            z1, z2 = (model.projector(model.encoder(x)) for x in (x1, x2))
+        else:  # both views through batch norm at once
+            z1, z2 = model.projector(model.encoder(torch.cat([x1, x2]))).chunk(2)
+        t1, t2 = (z1.detach(), z2.detach()) if detach else (z1, z2)
         return d(z1, t2) + d(z2, t1)
 
     assert close(g, grads(model, manual(stop_grad)))
     assert not close(g, grads(model, manual(not stop_grad)))
+    assert not close(g, grads(model, manual(stop_grad, per_view=False)))
 
 
 def bn_layers(module):
