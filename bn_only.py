@@ -199,6 +199,8 @@ def fill_defaults(args):
     check_frozen_encoder_args(args)
     if not 0.0 <= args.holdout < 1.0:
         raise UserError(f"--holdout {args.holdout} must lie in [0, 1)")
+    if args.data != "folder" and args.labels != "auto":
+        raise UserError(f"--labels {args.labels} applies to --data folder only; drop it for --data {args.data}")
     if args.data == "folder" and args.labels == "auto" and args.data_dir is not None and Path(args.data_dir).is_dir():
         loose = any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in Path(args.data_dir).iterdir())
         args.labels = "none" if loose else "folders"  # resolved here, so that the checkpoint records which

@@ -160,6 +160,10 @@ def _holdout(tmp, tll):
     return ["--data", "tll", "--data-dir", str(tll), "--holdout", "1.5"], ["--holdout 1.5", "[0, 1)"]
 
 
+def _labels_not_folder(tmp, tll):
+    return ["--data", "tll", "--data-dir", str(tll), "--labels", "none"], ["--labels none", "--data folder only"]
+
+
 def _resume_missing(tmp, tll):
     return ["--resume", str(tmp / "none.pt")], [tmp / "none.pt", "does not exist"]
 
@@ -191,6 +195,7 @@ BAD_ARGS = {
         _csv_missing_image,
         _no_csv,
         _holdout,
+        _labels_not_folder,
         _resume_missing,
         _resume_other_method,
         _resume_garbage,
