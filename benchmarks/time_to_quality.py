@@ -57,13 +57,9 @@ import byol
 IMPLS = ("ours", "byol-pytorch")
 
 
-class UserError(Exception):
-    """Bad input: reported as one line, without a traceback."""
-
-
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
-        raise UserError(message)
+        raise byol.UserError(message)  # byol.py's: one line, no traceback
 
 
 def parse_args(argv=None):
@@ -106,19 +102,19 @@ def parse_args(argv=None):
     )
     cfg = p.parse_args(argv)
     if not 0 < cfg.level < 1:
-        raise UserError(f"--level {cfg.level} must lie in (0, 1)")
+        raise byol.UserError(f"--level {cfg.level} must lie in (0, 1)")
     for flag, value, low in [("--budget-s", cfg.budget_s, 0), ("--threads", cfg.threads, 1), ("--width", cfg.width, 1)]:
         if value < low:
-            raise UserError(f"{flag} {value} is too small; use {low} or more")
+            raise byol.UserError(f"{flag} {value} is too small; use {low} or more")
     missing = [str(p) for p in cfg.json if not p.is_file()]
     if cfg.plot_only and missing:
-        raise UserError(f"--plot-only: {', '.join(missing)} does not exist; run without --plot-only first")
+        raise byol.UserError(f"--plot-only: {', '.join(missing)} does not exist; run without --plot-only first")
     if not cfg.plot_only and len(cfg.json) > 1:
-        raise UserError("--json takes one file, except with --plot-only")
+        raise byol.UserError("--json takes one file, except with --plot-only")
     if cfg.impl != "ours" and not cfg.plot_only and importlib.util.find_spec("byol_pytorch") is None:
-        raise UserError("byol-pytorch is not installed: pip install -e '.[bench]'")
+        raise byol.UserError("byol-pytorch is not installed: pip install -e '.[bench]'")
     if cfg.impl == "both" and importlib.util.find_spec("matplotlib") is None:  # said now, not after the runs
-        raise UserError("matplotlib draws the curves and is not installed: pip install -e '.[plot]'")
+        raise byol.UserError("matplotlib draws the curves and is not installed: pip install -e '.[plot]'")
     return cfg
 
 
@@ -312,7 +308,7 @@ def run_both(cfg):
                 tail = (Path(tmp) / f"{impl}.log").read_text().splitlines()[-5:]
                 failed.append(f"{impl} exited with {proc.returncode}: " + " / ".join(tail))
         if failed:
-            raise UserError("; ".join(failed))
+            raise byol.UserError("; ".join(failed))
         return {label(cfg, impl): json.loads((Path(tmp) / f"{impl}.json").read_text()) for impl in IMPLS}
 
 
@@ -422,7 +418,7 @@ def main(argv=None):
         plot(results, cfg.level, cfg.png)
         print(table(results, cfg.level, pairs))
         print(f"\nwrote {cfg.png}" + ("" if cfg.plot_only else f" and {cfg.json[0]}"))
-    except (UserError, byol.UserError) as e:
+    except byol.UserError as e:
         print(f"time_to_quality.py: error: {e}", file=sys.stderr)
         return 2
     return 0

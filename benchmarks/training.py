@@ -85,13 +85,9 @@ THEIR_AUGMENTATION = (
 )
 
 
-class UserError(Exception):
-    """Bad input: reported as one line, without a traceback."""
-
-
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
-        raise UserError(message)
+        raise byol.UserError(message)  # byol.py's: one line, no traceback
 
 
 def parse_args(argv=None):
@@ -180,15 +176,15 @@ def parse_args(argv=None):
         ("--max-pairs", cfg.max_pairs, 2),
     ]:
         if value is not None and value < low:
-            raise UserError(f"{flag} {value} is too small; use {low} or more")
+            raise byol.UserError(f"{flag} {value} is too small; use {low} or more")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for CUDA but torch sees no CUDA device; use --device cpu")
+        raise byol.UserError("--device cuda asked for CUDA but torch sees no CUDA device; use --device cpu")
     if "epoch" in cfg.only:  # bad data is reported before minutes of other sections, not after
         if cfg.data_dir is not None and not cfg.data_dir.is_dir():
-            raise UserError(f"--data-dir {cfg.data_dir} does not exist or is not a directory; check the path")
+            raise byol.UserError(f"--data-dir {cfg.data_dir} does not exist or is not a directory; check the path")
         pairs = epoch_pairs(cfg)
         if pairs < cfg.batch_size:
-            raise UserError(
+            raise byol.UserError(
                 f"--batch-size {cfg.batch_size} is larger than the {pairs} pairs of the epoch section; "
                 "lower it or raise --max-pairs"
             )
@@ -551,7 +547,7 @@ def tll_files(root, max_pairs):
     left, right = byol.list_side(root, "left"), byol.list_side(root, "right")
     names = sorted(set(left) & set(right))[:max_pairs]
     if len(names) < 2:
-        raise UserError(f"--data-dir {root}: fewer than 2 pairs with the same name in left/ and right/")
+        raise byol.UserError(f"--data-dir {root}: fewer than 2 pairs with the same name in left/ and right/")
     return [left[n][0] for n in names], [right[n][0] for n in names]
 
 
@@ -1159,7 +1155,7 @@ def run(cfg):
 def main(argv=None):
     try:
         run(parse_args(argv))
-    except (UserError, byol.UserError) as e:
+    except byol.UserError as e:
         print(f"training.py: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -486,7 +486,8 @@ def test_conv4_relu_after_the_max_pool_is_the_usual_block():
     usual.load_state_dict(net.state_dict())
     x, _ = views(4, 28)
     for mode in (True, False):
-        net.train(mode), usual.train(mode)
+        net.train(mode)
+        usual.train(mode)
         assert torch.equal(net(x), usual(x))
     assert [type(m) for m in net[:4]] == [nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU]
 
