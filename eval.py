@@ -117,6 +117,9 @@ def parse_args(argv=None):
     g.add_argument("--embedding", default=None, choices=["encoder", "projector"],
                    help="which output to compare: backbone features or the projector's (default: the projector's for a "
                         "--freeze-encoder run, whose encoder never trained; else the encoder's)")
+    g.add_argument("--eval-shift", type=int, default=None,
+                   help="test-time shifts, as the training scripts' --eval-shift (0: each image alone; default: the run's, "
+                        "else the --data recipe's)")
     g.add_argument("--memory-mb", type=float, default=512,
                    help="budget for one block of similarities; larger sets are ranked block by block")
     g.add_argument("--max-images", type=int, default=None, help="labelled data: subsample at most this many train and test images")
@@ -223,6 +226,8 @@ def run_args(opts, mod, ckpt):
     args.workers, args.download = opts.workers, opts.download
     args.pairs = "natural"  # how training drew positives; the held-out split does not depend on it
     args.pretrained, args.init = False, None  # the checkpoint's weights replace any initialisation
+    if opts.eval_shift is not None:
+        args.eval_shift = opts.eval_shift  # fill_defaults checks it against the image size
     return mod.fill_defaults(args), own_data
 
 
@@ -467,11 +472,11 @@ def classification_split(data, seed, max_images):
 class Embeddings:
     """Embeds each needed image once; rows are looked up by image index."""
 
-    def __init__(self, mod, model, images, indices, device):
+    def __init__(self, mod, model, images, indices, device, shift=0):
         self.index = torch.full((len(images),), -1, dtype=torch.long)
         unique = torch.cat(indices).unique() if indices else torch.empty(0, dtype=torch.long)
         self.index[unique] = torch.arange(len(unique))
-        self.feats, self.projs = mod.embed_images(model, images[unique], device) if len(unique) else (None, None)
+        self.feats, self.projs = mod.embed_images(model, images[unique], device, shift=shift) if len(unique) else (None, None)
         self.count = len(unique)
 
     def __call__(self, idx, which):
@@ -495,11 +500,12 @@ def evaluate(opts, mod, model, data, args, device):
     needed = [i for i in ([pairs.flatten()] + ([ref, query] if labelled else []) + ([originals] if copied else [])) if len(i)]
 
     start = time.perf_counter()
-    emb = Embeddings(mod, model, data.images, needed, device)
-    copies = mod.embed_images(model, data.copies, device)[pick] if copied else None
+    shift = args.eval_shift
+    emb = Embeddings(mod, model, data.images, needed, device, shift)
+    copies = mod.embed_images(model, data.copies, device, shift=shift)[pick] if copied else None
     def embed_runs(episodes):
-        return [(mod.embed_images(model, train, device)[pick], mod.embed_images(model, test, device)[pick], answer)
-                for train, test, answer in episodes]
+        return [(mod.embed_images(model, train, device, shift=shift)[pick], mod.embed_images(model, test, device, shift=shift)[pick],
+                 answer) for train, test, answer in episodes]
 
     runs = embed_runs(data.one_shot_runs)
     timing = {"images_embedded": emb.count + (len(copies) if copied else 0) + sum(len(t) + len(s) for t, s, _ in data.one_shot_runs),
@@ -539,11 +545,12 @@ def evaluate(opts, mod, model, data, args, device):
             "originals": len(originals), "copies": len(copies),
             "aug_copy_recall@1": mod.copy_recall_at_1(copies, emb(originals, which), owner)}
     if needed:
-        # Collapse is judged on every evaluated image, for both outputs of a trained model.
+        # Collapse is judged on every evaluated image (each alone, unshifted), for both outputs of a trained model.
         every = torch.cat(needed).unique()
-        metrics["collapse"] = {"encoder": collapse_stats(mod, emb(every, "encoder"))}
+        alone = emb if shift == 0 else Embeddings(mod, model, data.images, [every], device)
+        metrics["collapse"] = {"encoder": collapse_stats(mod, alone(every, "encoder"))}
         if opts.baseline is None:
-            metrics["collapse"]["projector"] = collapse_stats(mod, emb(every, "projector"))
+            metrics["collapse"]["projector"] = collapse_stats(mod, alone(every, "projector"))
     elif data.one_shot_runs:  # Omniglot trains on all of small1: judge collapse on the test runs' 800 images
         images = torch.cat([torch.cat([train, test]) for train, test, _ in data.one_shot_runs])
         features, projections = mod.embed_images(model, images, device)
@@ -733,6 +740,9 @@ def parse_tool_args(argv):
         p.add_argument("--baseline", choices=["pixels", "random"], default=None,
                        help="no trained weights: the normalised pixels, or the untrained network "
                             "(the run's own with a checkpoint)")
+        p.add_argument("--eval-shift", type=int, default=None,
+                       help="test-time shifts, as evaluation's (0: each image alone; default: the checkpoint's, else the "
+                            "omniglot recipe's); search embeds its queries the same way")
         p.add_argument("--batch-size", type=int, default=256)
         p.add_argument("--workers", type=int, default=4, help="threads that decode images")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -838,7 +848,7 @@ def image_source(mod, path, what):
     return mod.file_source(path)
 
 
-def embed_sources(mod, model, sources, layer, image_size, device, batch_size, workers, progress):
+def embed_sources(mod, model, sources, layer, image_size, device, batch_size, workers, progress, shift=0):
     """Embeddings [N, D] of (name, read bytes) sources on the CPU, through the code evaluation uses (decode_image,
     embed_images): decoded EMBED_CHUNK at a time, so that only the embeddings accumulate."""
     pick = 1 if layer == "projector" else 0  # embed_images returns (features, projections)
@@ -847,16 +857,17 @@ def embed_sources(mod, model, sources, layer, image_size, device, batch_size, wo
         for start in range(0, len(sources), EMBED_CHUNK):
             images = mod.decode_all(sources[start: start + EMBED_CHUNK], image_size, workers)
             for i in range(0, len(images), batch_size):
-                out.append(mod.embed_images(model, images[i: i + batch_size], device, batch_size)[pick].cpu())
+                out.append(mod.embed_images(model, images[i: i + batch_size], device, batch_size, shift)[pick].cpu())
                 bar.update(len(out[-1]))
     return torch.cat(out)
 
 
 def describe(meta):
     """Which model made the embeddings, in words."""
+    shifts = f", averaged over {meta['eval_shift']} px shifts" if meta.get("eval_shift") else ""
     if meta["baseline"] == "pixels":
-        return f"the pixels baseline ({meta['image_size']} px)"
-    model = f"{meta['arch']} at {meta['image_size']} px"
+        return f"the pixels baseline ({meta['image_size']} px{shifts})"
+    model = f"{meta['arch']} at {meta['image_size']} px{shifts}"
     if meta["baseline"] == "random":
         return f"the untrained {model}" + (f" of {meta['checkpoint']}" if meta["checkpoint"] else f", seed {meta['seed']}")
     return f"the online {meta['layer']} of {meta['method']} checkpoint {meta['checkpoint']} (epoch {meta['epoch']}; {model})"
@@ -868,6 +879,9 @@ def run_embed(opts):
     mod, ckpt, args, model = load_model(opts.checkpoint, opts.baseline, opts.layer, arch=opts.arch, width=opts.width,
                                         stem=opts.stem, image_size=opts.image_size, seed=opts.seed)
     layer = opts.layer or default_embedding(opts, args)
+    shift = args.eval_shift if opts.eval_shift is None else opts.eval_shift
+    if not 0 <= 2 * shift < args.image_size:
+        raise UserError(f"--eval-shift {shift} must lie in [0, {(args.image_size - 1) // 2}] for {args.image_size} px images")
     device = mod.pick_device(opts.device, 0)
     sources = image_sources(mod, opts.images)
     name = f"embeddings-{opts.images.stem}" + ("-projector" if layer == "projector" else "")
@@ -876,8 +890,8 @@ def run_embed(opts):
     mod.require_writable(out.parent)  # before the work
     start = time.perf_counter()
     embeddings = embed_sources(mod, model.to(device), sources, layer, args.image_size, device, opts.batch_size,
-                               opts.workers, not opts.no_progress)
-    meta = {"written_by": "eval.py embed", "images": str(opts.images.absolute()), "layer": layer,
+                               opts.workers, not opts.no_progress, shift)
+    meta = {"written_by": "eval.py embed", "images": str(opts.images.absolute()), "layer": layer, "eval_shift": shift,
             "checkpoint": str(opts.checkpoint.absolute()) if opts.checkpoint else None, "baseline": opts.baseline,
             "method": ckpt["method"] if ckpt else None, "epoch": ckpt.get("epoch") if ckpt else None,
             "arch": args.arch, "width": args.width, "stem": args.stem, "image_size": args.image_size, "seed": args.seed}
@@ -961,7 +975,7 @@ def run_search(opts):
         device = mod.pick_device(opts.device, 0)
         query_sources = [image_source(mod, q, "--query") for q in opts.query]
         queries = embed_sources(mod, model.to(device), query_sources, meta["layer"], args.image_size, device, 256,
-                                opts.workers, progress=False)
+                                opts.workers, progress=False, shift=meta.get("eval_shift", 0))
         if queries.shape[1] != embeddings.shape[1]:
             raise UserError(f"--checkpoint {checkpoint} embeds in {queries.shape[1]} dimensions, {opts.embeddings} in "
                             f"{embeddings.shape[1]}; pass the checkpoint the file was embedded with")
@@ -1097,6 +1111,7 @@ def run(opts):
                  "pairs_csv": None if args.pairs_csv is None else str(args.pairs_csv), "split": split,
                  "seed": args.seed, "holdout": args.holdout, "image_size": args.image_size, "images": len(data.images)},
         "embedding": opts.embedding,
+        "eval_shift": args.eval_shift,
         "metrics": metrics,
         "seconds": timing,
     }

@@ -116,7 +116,7 @@ def test_a_zip_and_a_csv_list_embed_like_the_folder(run, tmp_path, capsys):
 
 def test_baselines_and_the_other_scripts_checkpoints(run, tmp_path, capsys):
     pixels, paths, meta = embed(
-        ["--baseline", "pixels", run.tll / "left", "--image-size", "8", "--out", tmp_path / "p.npz"], capsys
+        ["--baseline", "pixels", run.tll / "left", "--image-size", "8", "--eval-shift", "0", "--out", tmp_path / "p.npz"], capsys
     )
     assert pixels.shape == (20, 3 * 8 * 8) and meta["checkpoint"] is None and meta["baseline"] == "pixels"
     image = byol.decode_image(Path(paths[0]).read_bytes, paths[0], 8)

@@ -246,6 +246,8 @@ def test_omniglot_reports_validation_beside_test(tmp_path):
         ("--crop-min-scale", "2"),
         ("--flip-prob", "2"),
         ("--solarize-prob", "-0.1"),
+        ("--eval-shift", "-1"),
+        ("--eval-shift", "14"),  # half of the recipe's 28 px
     ],
 )
 @pytest.mark.parametrize("name", MODULES)
