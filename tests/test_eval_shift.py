@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_eval import make_omniglot
+from tiny_data import args_for, run_main
 
 import byol
 import eval as ev
-from test_eval import make_omniglot
-from tiny_data import args_for, run_main
 
 
 @settings(max_examples=60, deadline=None)
