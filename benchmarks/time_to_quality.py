@@ -18,7 +18,7 @@ as its users drive it. Same encoder, data, batch, optimiser, evaluation and cade
                 format (as its users run it; ours trains channels_last).
 
 Both are evaluated every epoch (21 steps) with byol.one_shot_accuracy on the online encoder's
-features: 50 fixed 20-way validation episodes (byol.load_validation_runs, small2 minus Greek and
+features, with the recipe's test-time shifts (--eval-shift): 50 fixed 20-way validation episodes (byol.load_validation_runs, small2 minus Greek and
 Latin) and the official test runs. The clock counts training only: it starts when the data is
 decoded and the model built, and stops during every evaluation, for both.
 
@@ -227,8 +227,8 @@ def run_byol_pytorch(cfg):
                 "epoch": len(curve),
                 "train_s": clock.seconds,
                 "eval_s": 0.0,
-                "val_one_shot": byol.one_shot_accuracy(probe, data.val_runs, device),
-                "one_shot": byol.one_shot_accuracy(probe, data.one_shot_runs, device),
+                "val_one_shot": byol.one_shot_accuracy(probe, data.val_runs, device, shift=args.eval_shift),
+                "one_shot": byol.one_shot_accuracy(probe, data.one_shot_runs, device, shift=args.eval_shift),
             }
         )
         curve[-1]["eval_s"] = time.perf_counter() - start

@@ -900,8 +900,9 @@ def run_phases_section(cfg, device):
     with torch.profiler.profile(activities=[activity]) as prof:
         for r in range(profiled):
             step(cfg.warmup + cfg.repeats + r)
-    byol.evaluate(step.model, data, device)
-    evals = [timed_call(lambda: byol.evaluate(step.model, data, device), device) for _ in range(min(cfg.repeats, 3))]
+    byol.evaluate(step.model, data, device, shift=bargs.eval_shift)
+    evals = [timed_call(lambda: byol.evaluate(step.model, data, device, shift=bargs.eval_shift), device)
+             for _ in range(min(cfg.repeats, 3))]
     steps_per_epoch = len(data.anchors) // bargs.batch_size
     return {
         "phases": {name: 1e3 * float(np.median(per_step[:, k])) for k, name in enumerate(PHASES)},
