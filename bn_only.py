@@ -159,7 +159,7 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--stop-after-epochs", type=int, default=None, help="stop after this many epochs of this invocation (time-limited jobs)")
     g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates (each costs one host sync)")
     g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
-    g.add_argument("--eval-shift", type=int, default=0,
+    g.add_argument("--eval-shift", type=int, default=0, metavar="N",
                    help="test-time augmentation: an image's embedding is the mean of the normalised embeddings of the image and "
                         "of its copies shifted N pixels left, right, up and down (edge pixels repeated); 0: the image alone")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

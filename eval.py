@@ -117,7 +117,7 @@ def parse_args(argv=None):
     g.add_argument("--embedding", default=None, choices=["encoder", "projector"],
                    help="which output to compare: backbone features or the projector's (default: the projector's for a "
                         "--freeze-encoder run, whose encoder never trained; else the encoder's)")
-    g.add_argument("--eval-shift", type=int, default=None,
+    g.add_argument("--eval-shift", type=int, default=None, metavar="N",
                    help="test-time shifts, as the training scripts' --eval-shift (0: each image alone; default: the run's, "
                         "else the --data recipe's)")
     g.add_argument("--memory-mb", type=float, default=512,
@@ -740,7 +740,7 @@ def parse_tool_args(argv):
         p.add_argument("--baseline", choices=["pixels", "random"], default=None,
                        help="no trained weights: the normalised pixels, or the untrained network "
                             "(the run's own with a checkpoint)")
-        p.add_argument("--eval-shift", type=int, default=None,
+        p.add_argument("--eval-shift", type=int, default=None, metavar="N",
                        help="test-time shifts, as evaluation's (0: each image alone; default: the checkpoint's, else the "
                             "omniglot recipe's); search embeds its queries the same way")
         p.add_argument("--batch-size", type=int, default=256)
