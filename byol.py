@@ -187,13 +187,10 @@ def fill_defaults(args):
     for flag, value, low in [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--image-size", args.image_size, 8), ("--log-every", args.log_every, 1),
                              ("--eval-every", args.eval_every, 1), ("--workers", args.workers, 1),
-                             ("--stop-after-epochs", 1 if args.stop_after_epochs is None else args.stop_after_epochs, 1), ("--width", args.width, 1),
-                             ("--eval-shift", args.eval_shift, 0)]:
+                             ("--stop-after-epochs", 1 if args.stop_after_epochs is None else args.stop_after_epochs, 1), ("--width", args.width, 1)]:
         if value < low:
             raise UserError(f"{flag} {value} is too small; use {low} or more")
-    if 2 * args.eval_shift >= args.image_size:
-        raise UserError(f"--eval-shift {args.eval_shift} must lie in [0, {(args.image_size - 1) // 2}] for {args.image_size} px "
-                        "images: a larger shift moves most of the image out")
+    check_eval_shift(args.eval_shift, args.image_size)
     if args.image_size > 1024:
         raise UserError(f"--image-size {args.image_size} is too large: the image cache holds every image at that size "
                         f"({3 * args.image_size ** 2 / 2 ** 20:.0f} MiB each); use 1024 or less")
@@ -1012,6 +1009,13 @@ def build_run_encoder(args):
     return encoder, feature_dim
 
 
+def check_eval_shift(shift, image_size):
+    """--eval-shift against the image size (the scripts and eval.py embed)."""
+    if not 0 <= 2 * shift < image_size:
+        raise UserError(f"--eval-shift {shift} must lie in [0, {(image_size - 1) // 2}] for {image_size} px images: "
+                        "a larger shift moves most of the image out")
+
+
 def check_frozen_encoder_args(args):
     if args.freeze_encoder and args.eval_shift:
         raise UserError(f"--eval-shift {args.eval_shift}: --freeze-encoder evaluates the cached features of each image, "
@@ -1104,21 +1108,18 @@ def embed_images(model, images, device, batch_size=256, shift=0):
     offsets = [(0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift)] if shift else [(0, 0)]
     for i in range(0, len(images), batch_size):
         x = images[i: i + batch_size].to(device)
-        if x.dtype != torch.uint8:  # cached features: nothing to shift
-            h = model.encoder(x)
-            feats.append(h.float())
-            projs.append(model.projector(h).float())
-            continue
-        x = normalize(x)
-        # channels_last: twice as fast for conv4 on a CPU (as in training), whatever the model's own format.
-        copies = (shifted(x, dx, dy).contiguous(memory_format=torch.channels_last) for dx, dy in offsets)
-        outputs = [(h, model.projector(h)) for h in map(model.encoder, copies)]
-        if len(outputs) == 1:
-            feats.append(outputs[0][0].float())
-            projs.append(outputs[0][1].float())
-        else:
-            feats.append(torch.stack([F.normalize(h.float(), dim=1) for h, _ in outputs]).mean(0))
-            projs.append(torch.stack([F.normalize(z.float(), dim=1) for _, z in outputs]).mean(0))
+        if x.dtype == torch.uint8:  # channels_last: twice as fast for conv4 on a CPU (as in training)
+            x = normalize(x)
+            copies = (shifted(x, dx, dy).contiguous(memory_format=torch.channels_last) for dx, dy in offsets)
+        else:  # cached features: nothing to shift
+            copies = [x]
+        hs, zs = zip(*[(h.float(), model.projector(h).float()) for h in map(model.encoder, copies)])
+        if len(hs) == 1:  # the image alone: its raw outputs
+            feats.append(hs[0])
+            projs.append(zs[0])
+        else:  # the mean direction of the copies' outputs
+            feats.append(torch.stack([F.normalize(h, dim=1) for h in hs]).mean(0))
+            projs.append(torch.stack([F.normalize(z, dim=1) for z in zs]).mean(0))
     model.train(was_training)
     return torch.cat(feats), torch.cat(projs)
 

@@ -880,8 +880,7 @@ def run_embed(opts):
                                         stem=opts.stem, image_size=opts.image_size, seed=opts.seed)
     layer = opts.layer or default_embedding(opts, args)
     shift = args.eval_shift if opts.eval_shift is None else opts.eval_shift
-    if not 0 <= 2 * shift < args.image_size:
-        raise UserError(f"--eval-shift {shift} must lie in [0, {(args.image_size - 1) // 2}] for {args.image_size} px images")
+    mod.check_eval_shift(shift, args.image_size)
     device = mod.pick_device(opts.device, 0)
     sources = image_sources(mod, opts.images)
     name = f"embeddings-{opts.images.stem}" + ("-projector" if layer == "projector" else "")

@@ -18,8 +18,8 @@ as its users drive it. Same encoder, data, batch, optimiser, evaluation and cade
                 format (as its users run it; ours trains channels_last).
 
 Both are evaluated every epoch (21 steps) with byol.one_shot_accuracy on the online encoder's
-features, with the recipe's test-time shifts (--eval-shift): 50 fixed 20-way validation episodes (byol.load_validation_runs, small2 minus Greek and
-Latin) and the official test runs. The clock counts training only: it starts when the data is
+features, with the recipe's test-time shifts (--eval-shift): 50 fixed 20-way validation episodes
+(byol.load_validation_runs, small2 minus Greek and Latin) and the official test runs. The clock counts training only: it starts when the data is
 decoded and the model built, and stops during every evaluation, for both.
 
 Two switches take one step each from these defaults, to tell apart what makes the difference:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_eval import make_omniglot
-from tiny_data import args_for, run_main
+from tiny_data import args_for, make_tll, run_main
 
 import byol
 import eval as ev
@@ -93,3 +93,12 @@ def test_training_and_eval_report_the_same_shifted_one_shot(tmp_path, capsys):
     assert ev.main([str(tmp_path / "run" / "last.pt"), "--eval-shift", "8", "--out", str(tmp_path / "e8")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--eval-shift 8 must lie in [0, 7]" in err
+
+
+def test_embed_checks_its_shift_in_one_line(tmp_path, capsys):
+    images = make_tll(tmp_path / "tll", n=2) / "left"
+    assert ev.main(["embed", "--baseline", "pixels", str(images), "--image-size", "8", "--eval-shift", "4",
+                    "--out", str(tmp_path / "e.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--eval-shift 4 must lie in [0, 3]" in err
+    assert not (tmp_path / "e.npz").exists()
