@@ -109,7 +109,7 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=int, default=4, help="threads that decode images")
     g = p.add_argument_group("baseline model (a checkpoint fixes its own)")
     g.add_argument("--arch", default=None, choices=["conv4", "resnet18", "resnet50"], help="default: the --data recipe's")
-    g.add_argument("--width", type=int, default=None, help="conv4's channels (default: the --data recipe's)")
+    g.add_argument("--width", default=None, help="conv4's channels, one number or four comma-separated (default: the --data recipe's)")
     g.add_argument("--stem", default=None, choices=["small", "imagenet"],
                    help="default: as the training scripts (random) / imagenet (pretrained, keeps the pretrained first conv)")
     g.add_argument("--init", type=Path, default=None, help="--baseline pretrained: a local state dict instead of a download")
@@ -749,7 +749,7 @@ def parse_tool_args(argv):
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         g = p.add_argument_group("baseline model without a checkpoint (default: the omniglot recipe's)")
         g.add_argument("--arch", default=None, choices=["conv4", "resnet18", "resnet50"])
-        g.add_argument("--width", type=int, default=None, help="conv4's channels")
+        g.add_argument("--width", default=None, help="conv4's channels, one number or four comma-separated")
         g.add_argument("--stem", default=None, choices=["small", "imagenet"])
         g.add_argument("--image-size", type=int, default=None)
         g.add_argument("--seed", type=int, default=None, help="--baseline random: the draw of the untrained weights")
@@ -1012,7 +1012,7 @@ def run_export(opts):
                "preprocess": "RGB; resize the shorter side to image_size (bilinear), centre crop; /255; (x - mean) / std",
                "mean": list(mod.IMAGENET_MEAN), "std": list(mod.IMAGENET_STD)}
     out.with_suffix(".json").write_text(json.dumps(sidecar, indent=1) + "\n")
-    shape = f"conv4, width {args.width}" if conv4 else f"{args.arch}, {args.stem} stem"
+    shape = f"conv4, widths {','.join(map(str, args.width))}" if conv4 else f"{args.arch}, {args.stem} stem"
     print(f"wrote the online encoder of {opts.checkpoint} ({shape}, {args.image_size} px, {feature_dim} features): "
           f"{out} and {out.with_suffix('.json')}")
 

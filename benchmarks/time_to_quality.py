@@ -78,7 +78,9 @@ def parse_args(argv=None):
         help="training seconds (evaluation excluded) after which a run stops, at its next evaluation",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads of each run")
-    p.add_argument("--width", type=int, default=64, help="conv4's channels (byol.py's default: 64)")
+    p.add_argument(
+        "--width", default=None, help="conv4's channels, one number or four comma-separated (None: byol.py's recipe)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ours-flags", default="", help="byol.py flags added to ours' recipe, e.g. '--pairs aug'")
     p.add_argument(
@@ -103,7 +105,7 @@ def parse_args(argv=None):
     cfg = p.parse_args(argv)
     if not 0 < cfg.level < 1:
         raise byol.UserError(f"--level {cfg.level} must lie in (0, 1)")
-    for flag, value, low in [("--budget-s", cfg.budget_s, 0), ("--threads", cfg.threads, 1), ("--width", cfg.width, 1)]:
+    for flag, value, low in [("--budget-s", cfg.budget_s, 0), ("--threads", cfg.threads, 1)]:
         if value < low:
             raise byol.UserError(f"{flag} {value} is too small; use {low} or more")
     missing = [str(p) for p in cfg.json if not p.is_file()]
@@ -120,7 +122,7 @@ def parse_args(argv=None):
 
 def recipe(cfg, out, extra=()):
     """`python byol.py`'s arguments, as byol.train() receives them, evaluating every epoch."""
-    flags = f"--width {cfg.width} --seed {cfg.seed} --eval-every 1 --no-progress".split()
+    flags = f"--seed {cfg.seed} --eval-every 1 --no-progress".split() + (["--width", cfg.width] if cfg.width else [])
     return byol.parse_args([*flags, "--out", str(out), *extra])
 
 
@@ -277,7 +279,7 @@ def byol_views(args):
 
 def settings(args, what):
     return (
-        f"conv4 width {args.width}, {args.image_size} px, batch {args.batch_size}, {args.optimizer} lr {args.lr:g} "
+        f"conv4 widths {','.join(map(str, args.width))}, {args.image_size} px, batch {args.batch_size}, {args.optimizer} lr {args.lr:g} "
         f"weight decay {args.weight_decay:g}, MLPs {args.hidden_dim}/{args.proj_dim}, {args.epochs}-epoch schedule; {what}"
     )
 
@@ -296,8 +298,8 @@ def run_both(cfg):
         for impl in IMPLS:
             flags = (
                 f"--impl {impl} --level {cfg.level} --budget-s {cfg.budget_s} --threads {cfg.threads} "
-                f"--width {cfg.width} --seed {cfg.seed} --their-augment {cfg.their_augment}"
-            ).split()
+                f"--seed {cfg.seed} --their-augment {cfg.their_augment}"
+            ).split() + (["--width", cfg.width] if cfg.width else [])
             out = Path(tmp) / f"{impl}.json"
             argv = [sys.executable, __file__, *flags, f"--ours-flags={cfg.ours_flags}", "--json", str(out)]
             log = logs.enter_context(open(Path(tmp) / f"{impl}.log", "w"))

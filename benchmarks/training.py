@@ -102,7 +102,9 @@ def parse_args(argv=None):
         help="encoder of every implementation: byol.py's conv4 (with byol.py's default recipe), or a torchvision "
         "resnet with the ImageNet stem (the kernels section runs resnet18 and resnet50)",
     )
-    p.add_argument("--width", type=int, default=64, help="conv4's channels")
+    p.add_argument(
+        "--width", default=None, help="conv4's channels, one number or four comma-separated (None: byol.py's recipe)"
+    )
     p.add_argument(
         "--image-size",
         type=int,
@@ -165,7 +167,6 @@ def parse_args(argv=None):
     if cfg.batch_size is None:
         cfg.batch_size = byol.RECIPES["omniglot"]["batch_size"] if cfg.arch == "conv4" else 64
     for flag, value, low in [
-        ("--width", cfg.width, 1),
         ("--image-size", cfg.image_size, 16),
         ("--batch-size", cfg.batch_size, 2),
         ("--repeats", cfg.repeats, 1),
@@ -206,7 +207,8 @@ def byol_args(cfg, arch=None):
     4096/256 MLPs, tau 0.996; ImageNet stem like byol-pytorch."""
     size = ["--image-size", str(cfg.image_size), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed)]
     if (arch or cfg.arch) == "conv4":
-        return byol.fill_defaults(byol.parse_args(["--arch", "conv4", "--width", str(cfg.width), *size]))
+        width = ["--width", cfg.width] if cfg.width else []
+        return byol.fill_defaults(byol.parse_args(["--arch", "conv4", *width, *size]))
     return byol.fill_defaults(
         byol.parse_args(
             [
@@ -232,7 +234,7 @@ def peer_backbone(bargs):
     resnet's representation is its avgpool output, without the classifier."""
     torch.manual_seed(bargs.seed)
     if bargs.arch == "conv4":
-        return byol.conv4(bargs.width), bargs.width, -1
+        return byol.conv4(bargs.width), bargs.width[-1], -1
     resnet = getattr(torchvision.models, bargs.arch)(weights=None)
     return resnet, resnet.fc.in_features, "avgpool"
 
@@ -901,8 +903,10 @@ def run_phases_section(cfg, device):
         for r in range(profiled):
             step(cfg.warmup + cfg.repeats + r)
     byol.evaluate(step.model, data, device, shift=bargs.eval_shift)
-    evals = [timed_call(lambda: byol.evaluate(step.model, data, device, shift=bargs.eval_shift), device)
-             for _ in range(min(cfg.repeats, 3))]
+    evals = [
+        timed_call(lambda: byol.evaluate(step.model, data, device, shift=bargs.eval_shift), device)
+        for _ in range(min(cfg.repeats, 3))
+    ]
     steps_per_epoch = len(data.anchors) // bargs.batch_size
     return {
         "phases": {name: 1e3 * float(np.median(per_step[:, k])) for k, name in enumerate(PHASES)},
@@ -1090,7 +1094,9 @@ def augmentation_share(augment_rows, step_rows):
 def describe(cfg, device):
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     encoder = (
-        f"conv4 width {cfg.width}, byol.py's default recipe" if cfg.arch == "conv4" else f"{cfg.arch} (ImageNet stem)"
+        f"conv4 widths {','.join(map(str, byol_args(cfg).width))}, byol.py's default recipe"
+        if cfg.arch == "conv4"
+        else f"{cfg.arch} (ImageNet stem)"
     )
     return (
         f"{where}, torch {torch.__version__}, {count(torch.get_num_threads(), 'thread')}; {encoder}, "

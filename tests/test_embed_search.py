@@ -26,10 +26,10 @@ QUIET = ["--workers", "1", "--no-progress"]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A one-epoch byol.py run (conv4, width 64, 16 px) on a tiny TLL layout: 20 left and 20 right JPEGs."""
+    """A one-epoch byol.py run (conv4, widths 16,16,32,64, 16 px) on a tiny TLL layout: 20 left and 20 right JPEGs."""
     base = tmp_path_factory.mktemp("embed")
     tll = make_tll(base / "tll", n=20)
-    assert byol.main(tiny_flags("byol", tll, base / "run")) == 0
+    assert byol.main(tiny_flags("byol", tll, base / "run", extra=["--width", "16,16,32,64"])) == 0
     return SimpleNamespace(tll=tll, ckpt=base / "run" / "last.pt")
 
 
@@ -116,7 +116,18 @@ def test_a_zip_and_a_csv_list_embed_like_the_folder(run, tmp_path, capsys):
 
 def test_baselines_and_the_other_scripts_checkpoints(run, tmp_path, capsys):
     pixels, paths, meta = embed(
-        ["--baseline", "pixels", run.tll / "left", "--image-size", "8", "--eval-shift", "0", "--out", tmp_path / "p.npz"], capsys
+        [
+            "--baseline",
+            "pixels",
+            run.tll / "left",
+            "--image-size",
+            "8",
+            "--eval-shift",
+            "0",
+            "--out",
+            tmp_path / "p.npz",
+        ],
+        capsys,
     )
     assert pixels.shape == (20, 3 * 8 * 8) and meta["checkpoint"] is None and meta["baseline"] == "pixels"
     image = byol.decode_image(Path(paths[0]).read_bytes, paths[0], 8)
@@ -206,15 +217,15 @@ def test_top_k_block_by_block_equals_one_block():
 def test_the_exported_conv4_loads_into_plain_torch_nn(run, tmp_path, capsys):
     assert ev.main(["export", str(run.ckpt), "--out", str(tmp_path / "encoder.pt")]) == 0
     meta = json.loads((tmp_path / "encoder.json").read_text())
-    assert (meta["arch"], meta["width"], meta["image_size"], meta["feature_dim"]) == ("conv4", 64, 16, 64)
+    assert (meta["arch"], meta["width"], meta["image_size"], meta["feature_dim"]) == ("conv4", [16, 16, 32, 64], 16, 64)
     # README's lines: torch.nn alone, no BYOL class, no training script.
-    w = meta["width"]
+    widths = meta["width"]
     blocks = [
         m
-        for i in range(4)
+        for c_in, c_out in zip([3, *widths], widths)
         for m in (
-            nn.Conv2d(3 if i == 0 else w, w, 3, padding=1, bias=False),
-            nn.BatchNorm2d(w),
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
             nn.MaxPool2d(2),
             nn.ReLU(),
         )

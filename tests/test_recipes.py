@@ -64,12 +64,17 @@ def test_no_argument_run_is_the_omniglot_recipe():
 # ----------------------------------------------------------------------------- conv4
 
 
-@pytest.mark.parametrize("size,width", [(28, 64), (28, 8), (56, 16), (84, 32)])
-def test_conv4_gives_width_features_at_any_small_size(size, width):
+@pytest.mark.parametrize(
+    "size,width,features",
+    [(28, 64, 64), (28, 8, 8), (56, 16, 16), (84, 32, 32), (28, "8,8,16,32", 32), (28, [4, 8, 8, 16], 16)],
+)
+def test_conv4_gives_its_last_width_as_features_at_any_small_size(size, width, features):
     torch.manual_seed(0)
     net, dim = byol.build_encoder("conv4", width=width)
     out = net(torch.randn(3, 3, size, size))
-    assert dim == width and out.shape == (3, width)
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    assert dim == features and out.shape == (3, features)
+    assert [c.out_channels for c in convs] == byol.conv4_widths(width) and convs[-1].out_channels == features
 
 
 def test_conv4_state_dict_round_trips_through_init(tmp_path):
@@ -243,6 +248,9 @@ def test_omniglot_reports_validation_beside_test(tmp_path):
         ("--stroke", "1.5"),
         ("--stroke", "nan"),
         ("--width", "0"),
+        ("--width", "64,64"),
+        ("--width", "64,x,64,64"),
+        ("--width", "64,64,0,64"),
         ("--crop-min-scale", "0"),
         ("--crop-min-scale", "2"),
         ("--flip-prob", "2"),
@@ -255,7 +263,11 @@ def test_omniglot_reports_validation_beside_test(tmp_path):
 def test_bad_augmentation_and_width_values_are_one_line(name, flag, value, capsys, tmp_path):
     assert MODULES[name].main([flag, value, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and flag in err and ("must lie in" in err or "too small" in err)
+    assert (
+        len(err.splitlines()) == 1
+        and flag in err
+        and ("must lie in" in err or "too small" in err or "channel count" in err)
+    )
     assert not (tmp_path / "run").exists()
 
 
