@@ -495,7 +495,11 @@ def test_omniglot_one_shot(tmp_path, capsys):
         capsys,
     )
     assert "retrieval" not in result["metrics"]
-    assert result["metrics"]["collapse"]["encoder"]["dim"] == 64 and result["metrics"]["val_one_shot"]["episodes"] == 50
+    features = byol.conv4_widths(byol.RECIPES["omniglot"]["width"])[-1]  # the recipe's untrained conv4
+    assert (
+        result["metrics"]["collapse"]["encoder"]["dim"] == features
+        and result["metrics"]["val_one_shot"]["episodes"] == 50
+    )
 
 
 def test_plot_curves(run, tmp_path, capsys):
