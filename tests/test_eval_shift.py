@@ -63,13 +63,13 @@ def test_no_shift_is_the_image_alone_unnormalised(model, images):
 
 
 def test_the_omniglot_recipe_shifts_and_the_others_do_not():
-    assert byol.parse_args([]).eval_shift == 1
+    assert byol.parse_args([]).eval_shift == 3
     for data in ("tll", "pairs", "folder", "cifar10", "stl10"):
         assert byol.parse_args(["--data", data]).eval_shift == 0, data
 
 
 def test_a_frozen_encoder_asks_for_no_shift(tmp_path):
-    rc, _, err = run_main(byol, ["--freeze-encoder", "--out", tmp_path / "run"])  # omniglot: eval_shift 1
+    rc, _, err = run_main(byol, ["--freeze-encoder", "--out", tmp_path / "run"])  # omniglot: eval_shift 3
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "--eval-shift 0" in err
     assert not (tmp_path / "run").exists()
 
@@ -83,7 +83,7 @@ def test_training_and_eval_report_the_same_shifted_one_shot(tmp_path, capsys):
     last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert ev.main([str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "eval"), "--no-pictures"]) == 0
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert result["eval_shift"] == 1
+    assert result["eval_shift"] == byol.RECIPES["omniglot"]["eval_shift"]
     assert result["metrics"]["one_shot"]["20way"] == last["one_shot"]
     assert result["metrics"]["val_one_shot"]["20way"] == last["val_one_shot"]
     # --eval-shift 0 overrides the run's shift; out of range is one line.
