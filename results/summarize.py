@@ -220,7 +220,17 @@ def commands(runs):
         seed, source = run["seed"], run["eval"].get("source", {})
         if source.get("baseline"):
             ckpt = seed_pattern(source.get("checkpoint", "CHECKPOINT"), seed)
-            cmd = ["python", "eval.py", ckpt, "--baseline", source["baseline"], "--out", seed_pattern(run["dir"], seed)]
+            shift = run["eval"].get("eval_shift", 0)  # explicit: the checkpoint's own args may say another
+            cmd = [
+                "python",
+                "eval.py",
+                ckpt,
+                "--baseline",
+                source["baseline"],
+                *(["--eval-shift", str(shift)] if shift else []),
+                "--out",
+                seed_pattern(run["dir"], seed),
+            ]
             lines = [shlex.join(cmd)]
         elif run["args"] is not None:
             out = seed_pattern(run["args"].get("out", run["dir"]), seed)
@@ -233,7 +243,10 @@ def commands(runs):
                 "--out",
                 out,
             ]
-            lines = [shlex.join(train), shlex.join(["python", "eval.py", f"{out}/last.pt", "--out", out])]
+            # An evaluation at another shift than the run logged with (the recipe changed after it trained).
+            shift = run["eval"].get("eval_shift", run["args"].get("eval_shift", 0))
+            override = ["--eval-shift", str(shift)] if shift != run["args"].get("eval_shift", 0) else []
+            lines = [shlex.join(train), shlex.join(["python", "eval.py", f"{out}/last.pt", *override, "--out", out])]
         else:
             lines = [f"(no last.pt in {run['dir']}: command unknown)"]
         variants.setdefault(tuple(lines), []).append(seed)

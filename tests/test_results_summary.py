@@ -254,3 +254,21 @@ def test_tables_and_curves(tmp_path, capsys):
     for data in ("omniglot", "tll"):
         png = plots / f"{data}_curves.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_commands_name_an_evaluation_shift_other_than_the_runs_own(tmp_path):
+    """A run trained when the recipe logged at --eval-shift 1 and evaluated later at 3: its eval command says 3;
+    a baseline's says its shift; a run evaluated at its own shift gets no flag."""
+    summarize = load_summarize()
+    args = byol.fill_defaults(byol.parse_args(["--eval-shift", "1", "--out", str(tmp_path / "byol-s0")]))
+    saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    run = {"seed": 0, "row": "byol", "method": "byol", "dir": str(tmp_path / "byol-s0"), "args": saved}
+    for shift, flag in [(3, "--eval-shift 3 "), (1, "")]:
+        (line,) = summarize.commands([{**run, "eval": {"eval_shift": shift, "source": {}}}])
+        assert "python byol.py --eval-shift 1 --seed S" in line
+        assert f"python eval.py {tmp_path}/byol-sS/last.pt {flag}--out" in line
+    source = {"baseline": "random", "checkpoint": str(tmp_path / "byol-s0" / "last.pt")}
+    (line,) = summarize.commands(
+        [{**run, "row": "baseline-random", "args": None, "eval": {"eval_shift": 3, "source": source}}]
+    )
+    assert f"--baseline random --eval-shift 3 --out {tmp_path}/byol-sS`" in line
