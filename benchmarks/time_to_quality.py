@@ -322,6 +322,8 @@ def ratio_line(a, b, results, level):
     if hit_b is None:
         budget_b = results[b]["curve"][-1]["train_s"]
         return f"- {a} / {b}: < {hit_a[0] / budget_b:.2f}x ({b} did not reach {level:.2f} in its {budget_b:.0f} s)"
+    if hit_b[0] == 0:  # the untrained network is already there: no ratio to take
+        return f"- {b} starts at or above {level:.2f} (epoch 0); pick a higher --level"
     return f"- {a} / {b}: {hit_a[0] / hit_b[0]:.2f}x"
 
 

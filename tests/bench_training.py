@@ -73,10 +73,10 @@ def test_peers_train_the_same_conv4():
     bargs = training.byol_args(CFGS["conv4"])
     assert (bargs.arch, bargs.width, bargs.optimizer, bargs.hidden_dim) == (
         "conv4",
-        8,
+        [8, 8, 8, 8],
         "adamw",
         1024,
-    )  # the default recipe
+    )  # the default recipe at --width 8
     ours = training.our_model(bargs, torch.device("cpu"), channels_last=False).encoder.state_dict()
     net, feature_dim, hidden_layer = training.peer_backbone(bargs)
     assert (feature_dim, hidden_layer) == (8, -1)
@@ -115,7 +115,9 @@ def test_phases_of_our_step(bench_table):
     assert tuple(phases) == training.PHASES and all(math.isfinite(ms) and ms > 0 for ms in phases.values()), phases
     assert 0.5 * sum(phases.values()) < result["step_ms"] < 2 * sum(phases.values()), result
     assert (
-        result["steps_per_epoch"] == 2720 // 16 and result["eval_every"] == 5 and result["eval_s"] > 0
+        result["steps_per_epoch"] == 2720 // 16
+        and result["eval_every"] == training.byol.RECIPES["omniglot"]["eval_every"]
+        and result["eval_s"] > 0
     )  # byol.py's recipe
     shares = [share for _, _, share in result["top_ops"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-6, result["top_ops"]
@@ -149,3 +151,17 @@ def test_fused_kernels_in_a_step(bench_table):
     rows = training.run_kernels_section(cfg, DEVICE)
     assert_timed(rows)
     bench_table("fused kernels in a real step", training.kernels_table(rows))
+
+
+def test_time_to_quality_has_no_ratio_when_the_untrained_network_is_already_there():
+    start = {
+        "curve": [{"epoch": 0, "train_s": 0.0, "val_one_shot": 0.2}, {"epoch": 1, "train_s": 5.0, "val_one_shot": 0.3}]
+    }
+    later = {
+        "curve": [{"epoch": 0, "train_s": 0.0, "val_one_shot": 0.05}, {"epoch": 1, "train_s": 4.0, "val_one_shot": 0.3}]
+    }
+    line = time_to_quality.ratio_line("ours", "byol-pytorch", {"ours": later, "byol-pytorch": start}, 0.1)
+    assert line == "- byol-pytorch starts at or above 0.10 (epoch 0); pick a higher --level"
+    assert time_to_quality.ratio_line("ours", "byol-pytorch", {"ours": start, "byol-pytorch": later}, 0.1) == (
+        "- ours / byol-pytorch: 0.00x"
+    )
