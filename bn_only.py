@@ -908,7 +908,7 @@ def augmented_copies(images, indices, args, chunk=64):
 
 
 def conv4_widths(width):
-    """--width as conv4's four block widths: one number (or a 1-list) for all four, or four of them."""
+    """--width as conv4's four block widths, from one number for all four or four of them (an int, a list or "32,64,128,256")."""
     parts = width.split(",") if isinstance(width, str) else [width] if isinstance(width, int) else list(width)
     try:
         widths = [int(w) for w in parts]
