@@ -909,7 +909,7 @@ def augmented_copies(images, indices, args, chunk=64):
 
 def conv4_widths(width):
     """--width as conv4's four block widths, from one number for all four or four of them (an int, a list or "32,64,128,256")."""
-    parts = width.split(",") if isinstance(width, str) else [width] if isinstance(width, int) else list(width)
+    parts = width if isinstance(width, (list, tuple)) else str(width).split(",")
     try:
         widths = [int(w) for w in parts]
     except ValueError:
