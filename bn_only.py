@@ -139,6 +139,9 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--stem", default=None, choices=["small", "imagenet"],
                    help="resnets: small is a 3x3 stride-1 conv with no max-pool (CIFAR variant). "
                         "Default: small for images of 64 px or less without --pretrained, else imagenet")
+    g.add_argument("--bn-stats", default="per-view", choices=["per-view", "joint"],
+                   help="batch norm's statistics in training: per-view normalises each view of the pairs by its own batch, as "
+                        "in the papers (1.13x faster on a CPU); joint passes both views at once and normalises over both")
     g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
     g.add_argument("--init", type=Path, default=None, help="start the encoder from a local state dict")
     g.add_argument("--freeze-encoder", action="store_true",
@@ -254,6 +257,11 @@ def mlp(in_dim, hidden_dim, out_dim, bn=True, output_bn=False):
     return nn.Sequential(*layers)
 
 
+def both_views(net, x1, x2, joint_bn):
+    """net applied to each view: one at a time (batch norm per view), or in one pass over both (joint_bn)."""
+    return net(torch.cat([x1, x2])).chunk(2) if joint_bn else (net(x1), net(x2))
+
+
 class BNOnly(nn.Module):
     """A single network trained on positive pairs with batch norm as its only defence.
 
@@ -262,18 +270,19 @@ class BNOnly(nn.Module):
     """
 
     def __init__(self, encoder, feature_dim, hidden_dim=4096, proj_dim=256, bn=True, bn_placement="hidden",
-                 predictor=False, stop_grad=False):
+                 predictor=False, stop_grad=False, joint_bn=False):
         super().__init__()
+        self.joint_bn = joint_bn
         self.encoder = encoder
         self.projector = mlp(feature_dim, hidden_dim, proj_dim, bn, output_bn=bn_placement == "all")
         self.predictor = mlp(proj_dim, hidden_dim, proj_dim, bn) if predictor else nn.Identity()
         self.stop_grad = stop_grad
 
     def forward(self, x1, x2):
-        # One view at a time, as in BYOL and SimSiam: batch norm normalises each view by its own statistics,
-        # and the smaller working set steps 1.13x faster on a CPU than both views in one pass (BENCHMARKS.md).
-        z1, z2 = (self.projector(self.encoder(x)) for x in (x1, x2))
-        p1, p2 = self.predictor(z1), self.predictor(z2)
+        # By default one view at a time, as in BYOL and SimSiam: batch norm normalises each view by its own
+        # statistics, and the smaller working set steps 1.13x faster on a CPU than both views in one pass (BENCHMARKS.md).
+        z1, z2 = both_views(lambda x: self.projector(self.encoder(x)), x1, x2, self.joint_bn)
+        p1, p2 = both_views(self.predictor, z1, z2, self.joint_bn)
         if self.stop_grad:
             z1, z2 = z1.detach(), z2.detach()
         return symmetric_cosine_loss(p1, p2, z1, z2)
@@ -287,7 +296,7 @@ class BNOnly(nn.Module):
 
 def build_model(args):
     return BNOnly(*build_run_encoder(args), args.hidden_dim, args.proj_dim, not args.no_bn, args.bn_placement,
-                  args.predictor, args.stop_grad)
+                  args.predictor, args.stop_grad, args.bn_stats == "joint")
 
 
 def check_method_args(args):

@@ -135,6 +135,9 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--stem", default=None, choices=["small", "imagenet"],
                    help="resnets: small is a 3x3 stride-1 conv with no max-pool (CIFAR variant). "
                         "Default: small for images of 64 px or less without --pretrained, else imagenet")
+    g.add_argument("--bn-stats", default="per-view", choices=["per-view", "joint"],
+                   help="batch norm's statistics in training: per-view normalises each view of the pairs by its own batch, as "
+                        "in the papers (1.13x faster on a CPU); joint passes both views at once and normalises over both")
     g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
     g.add_argument("--init", type=Path, default=None, help="start the encoder from a local state dict")
     g.add_argument("--freeze-encoder", action="store_true",
@@ -244,6 +247,11 @@ def mlp(in_dim, hidden_dim, out_dim):
     )
 
 
+def both_views(net, x1, x2, joint_bn):
+    """net applied to each view: one at a time (batch norm per view), or in one pass over both (joint_bn)."""
+    return net(torch.cat([x1, x2])).chunk(2) if joint_bn else (net(x1), net(x2))
+
+
 class BYOL(nn.Module):
     """Bootstrap Your Own Latent around any encoder.
 
@@ -252,8 +260,9 @@ class BYOL(nn.Module):
     Call update_target(tau) after each optimiser step.
     """
 
-    def __init__(self, encoder, feature_dim, hidden_dim=4096, proj_dim=256):
+    def __init__(self, encoder, feature_dim, hidden_dim=4096, proj_dim=256, joint_bn=False):
         super().__init__()
+        self.joint_bn = joint_bn
         self.encoder = encoder
         self.projector = mlp(feature_dim, hidden_dim, proj_dim)
         self.predictor = mlp(proj_dim, hidden_dim, proj_dim)
@@ -262,11 +271,11 @@ class BYOL(nn.Module):
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
     def forward(self, x1, x2):
-        # One view at a time, as in the paper: batch norm normalises each view by its own statistics, and
-        # the smaller working set steps 1.13x faster on a CPU than both views in one pass (BENCHMARKS.md).
-        p1, p2 = (self.predictor(self.projector(self.encoder(x))) for x in (x1, x2))
+        # By default one view at a time, as in the paper: batch norm normalises each view by its own statistics,
+        # and the smaller working set steps 1.13x faster on a CPU than both views in one pass (BENCHMARKS.md).
+        p1, p2 = both_views(lambda x: self.predictor(self.projector(self.encoder(x))), x1, x2, self.joint_bn)
         with torch.no_grad():
-            z1, z2 = (self.target_projector(self.target_encoder(x)) for x in (x1, x2))
+            z1, z2 = both_views(lambda x: self.target_projector(self.target_encoder(x)), x1, x2, self.joint_bn)
         return symmetric_cosine_loss(p1, p2, z1, z2)
 
     @torch.no_grad()
@@ -289,7 +298,7 @@ def target_tau(step, total_steps, base_tau):
 
 
 def build_model(args):
-    return BYOL(*build_run_encoder(args), args.hidden_dim, args.proj_dim)
+    return BYOL(*build_run_encoder(args), args.hidden_dim, args.proj_dim, args.bn_stats == "joint")
 
 
 def check_method_args(args):

@@ -131,6 +131,9 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--stem", default=None, choices=["small", "imagenet"],
                    help="resnets: small is a 3x3 stride-1 conv with no max-pool (CIFAR variant). "
                         "Default: small for images of 64 px or less without --pretrained, else imagenet")
+    g.add_argument("--bn-stats", default="per-view", choices=["per-view", "joint"],
+                   help="batch norm's statistics in training: per-view normalises each view of the pairs by its own batch, as "
+                        "in the papers (1.13x faster on a CPU); joint passes both views at once and normalises over both")
     g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
     g.add_argument("--init", type=Path, default=None, help="start the encoder from a local state dict")
     g.add_argument("--freeze-encoder", action="store_true",
@@ -249,6 +252,11 @@ def predictor_mlp(dim, pred_dim):
     )
 
 
+def both_views(net, x1, x2, joint_bn):
+    """net applied to each view: one at a time (batch norm per view), or in one pass over both (joint_bn)."""
+    return net(torch.cat([x1, x2])).chunk(2) if joint_bn else (net(x1), net(x2))
+
+
 class SimSiam(nn.Module):
     """Simple Siamese network around any encoder.
 
@@ -256,17 +264,18 @@ class SimSiam(nn.Module):
     detached (stop-gradient). -cos is an affine map of the fused kernel's 2 - 2cos.
     """
 
-    def __init__(self, encoder, feature_dim, proj_dim=2048, pred_dim=512):
+    def __init__(self, encoder, feature_dim, proj_dim=2048, pred_dim=512, joint_bn=False):
         super().__init__()
+        self.joint_bn = joint_bn
         self.encoder = encoder
         self.projector = projector_mlp(feature_dim, proj_dim)
         self.predictor = predictor_mlp(proj_dim, pred_dim)
 
     def forward(self, x1, x2):
-        # One view at a time, as in the paper: batch norm normalises each view by its own statistics, and
-        # the smaller working set steps 1.13x faster on a CPU than both views in one pass (BENCHMARKS.md).
-        z1, z2 = (self.projector(self.encoder(x)) for x in (x1, x2))
-        p1, p2 = self.predictor(z1), self.predictor(z2)
+        # By default one view at a time, as in the paper: batch norm normalises each view by its own statistics,
+        # and the smaller working set steps 1.13x faster on a CPU than both views in one pass (BENCHMARKS.md).
+        z1, z2 = both_views(lambda x: self.projector(self.encoder(x)), x1, x2, self.joint_bn)
+        p1, p2 = both_views(self.predictor, z1, z2, self.joint_bn)
         z1, z2 = z1.detach(), z2.detach()
         # (2 - 2cos(p1, z2)) + (2 - 2cos(p2, z1)) = 4 - 2(c1 + c2); SimSiam's loss is -(c1 + c2) / 2.
         return symmetric_cosine_loss(p1, p2, z1, z2) / 4 - 1
@@ -279,7 +288,7 @@ class SimSiam(nn.Module):
 
 
 def build_model(args):
-    return SimSiam(*build_run_encoder(args), args.proj_dim, args.pred_dim)
+    return SimSiam(*build_run_encoder(args), args.proj_dim, args.pred_dim, args.bn_stats == "joint")
 
 
 def check_method_args(args):

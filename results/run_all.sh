@@ -175,6 +175,26 @@ with zipfile.ZipFile("data/omniglot/images_background_small2.zip") as zf:
             (out / f"{alphabet}_{character}" / drawing).write_bytes(zf.read(name))
 PY
     fi
+    # Validation for the folder recipe's choices: its 125 training classes (seed 0's split) as folders of
+    # their own, of which the same recipe holds out 25; the 31 test classes are never read.
+    val_folders="$OUT/generic/small2-val-folders"
+    if [[ ! -d "$val_folders" ]]; then
+        log "write the training classes of $folders (seed 0) into $val_folders"
+        "$PYTHON" - "$folders" "$val_folders" <<'PY'
+import shutil, sys
+from pathlib import Path
+from byol import split_items
+folders, out = Path(sys.argv[1]), Path(sys.argv[2])
+classes = sorted(d.name for d in folders.iterdir() if d.is_dir())  # the order of byol.py's load_folder
+train, _ = split_items(len(classes), 0.2, 0)
+for i in train:
+    shutil.copytree(folders / classes[i], out / classes[i])
+PY
+    fi
+    for bn_stats in per-view joint; do
+        train generic "val-folder-byol-$bn_stats" 0 byol --data folder --data-dir "$val_folders" --epochs "$E_GENERIC" \
+            --eval-every 1 --bn-stats "$bn_stats"
+    done
     train generic folder-byol 0 byol --data folder --data-dir "$folders" --epochs "$E_GENERIC" --eval-every 1
     baseline generic pixels 0 folder-byol
     if [[ -d "$TLL_DIR/left" ]]; then

@@ -447,6 +447,10 @@ def test_byol_wraps_any_encoder_and_only_the_online_network_learns():
         q1, q2 = model.predictor(model.projector(model.encoder(torch.cat([x1, x2])))).chunk(2)
         y1, y2 = model.target_projector(model.target_encoder(torch.cat([x1, x2]))).chunk(2)
         assert not torch.allclose(model(x1, x2), d(q1, y2) + d(q2, y1), atol=1e-3)
+        # ... which is what joint_bn=True (--bn-stats joint) computes
+        joint = byol.BYOL(*tiny_encoder(), hidden_dim=16, proj_dim=8, joint_bn=True)
+        joint.load_state_dict(model.state_dict())
+        assert torch.allclose(joint(x1, x2), d(q1, y2) + d(q2, y1), atol=1e-5)
 
 
 def test_byol_update_target():
@@ -523,6 +527,22 @@ def test_simsiam_loss_range_and_stop_gradient():
         assert not torch.allclose(model(x1, x2), manual(True, per_view=False), atol=1e-3)
     assert close(g, grads(model, manual(True)))
     assert not close(g, grads(model, manual(False)))  # the check can tell the two apart
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("bn_stats", ["per-view", "joint"])
+def test_bn_stats_sets_how_many_images_each_batch_norm_sees(name, bn_stats):
+    module = MODULES[name]
+    flags = ["--proj-dim", "8", "--pred-dim", "4"] if name == "simsiam" else ["--hidden-dim", "16", "--proj-dim", "8"]
+    extra = ["--predictor"] if name == "bn_only" else []  # its predictor has batch norm too
+    model = module.build_model(args_for(module, [*flags, *extra, "--image-size", "16", "--width", "8", "--bn-stats", bn_stats]))
+    seen = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.register_forward_pre_hook(lambda m, inputs: seen.append(len(inputs[0])))
+    x1, x2 = views(5, 16)
+    model(x1, x2)
+    assert len(seen) >= 6 and set(seen) == ({10} if bn_stats == "joint" else {5})
 
 
 def test_simsiam_fix_pred_lr_keeps_predictor_lr():
