@@ -12,7 +12,7 @@
 #   omniglot (embedded data, each script's recipe: what `python byol.py` runs with no argument):
 #     byol.py, simsiam.py, bn_only.py                       for each seed in SEEDS
 #     bn_only.py ablations (ABLATIONS): --no-bn; --bn-placement all; --predictor;
-#                           --stop-grad                      for each seed in ABLATION_SEEDS
+#                           --stop-grad; --bn-stats joint    for each seed in ABLATION_SEEDS
 #     byol.py --epochs E_LONG (the documented longer recipe) for each seed in LONG_SEEDS
 #     eval.py --baseline pixels / random / random-bn, on the split of byol's run of each seed
 #   tll (TLL_DIR, with left/ and right/ or left.zip and right.zip; skipped when missing):
@@ -21,19 +21,20 @@
 #     eval.py --baseline pixels / random / random-bn, as for omniglot
 #   generic (the generic recipes on data laid out the way users have it, at a CPU budget):
 #     byol.py --data folder on images_background_small2.zip written out as one folder per character
-#       (OUT/generic/small2-folders; 156 classes, 20% of them held out) --epochs E_GENERIC
+#       (OUT/generic/small2-folders; 156 classes, 20% of them held out) --epochs E_GENERIC, after its
+#       validation: --bn-stats per-view and joint on seed 0's 125 training classes (OUT/generic/small2-val-folders)
 #     byol.py --data pairs on a CSV of TLL_DIR's left/right pairs (OUT/generic/tll-pairs.csv) --epochs E_GENERIC
 #     each against its untrained network (epoch 0 of its log) and eval.py --baseline pixels on its split
 #   then: python results/summarize.py OUT > results/tables.md  (and results/<data>_curves.png)
 #
 # Run directories: OUT/<data>/<row>-s<seed>, rows byol, simsiam, bn_only, bn_only-no-bn,
-# bn_only-predictor, bn_only-stop-grad, bn_only-bn-all, byol-e<E_LONG>,
+# bn_only-predictor, bn_only-stop-grad, bn_only-bn-all, bn_only-joint-bn, byol-e<E_LONG>,
 # baseline-pixels, baseline-random, baseline-random-bn. A run whose eval.json exists is skipped (so the
 # script resumes where it stopped), unless FORCE=1; an unfinished training run with a
 # last.pt is continued with --resume (bit-identical on CPU), one without is restarted.
 #
 # Variables (environment):
-#   SEEDS="0 1 2"  ABLATION_SEEDS="0"  ABLATIONS="no-bn bn-all predictor stop-grad"  DATASETS="omniglot tll"
+#   SEEDS="0 1 2"  ABLATION_SEEDS="0 1 2"  ABLATIONS="no-bn bn-all predictor stop-grad joint-bn"  DATASETS="omniglot tll generic"
 #   OUT=results/runs  (a variable set to " " runs none of its rows)
 #   LONG_SEEDS="0"  E_LONG=120  TLL_SEEDS="0"
 #   TLL_DIR=../shared/data/tll-dev  E_TLL=30  E_GENERIC=5  THREADS=$(nproc)  FORCE=0  PYTHON=python
@@ -42,8 +43,8 @@
 set -euo pipefail
 
 SEEDS="${SEEDS:-0 1 2}"
-ABLATION_SEEDS="${ABLATION_SEEDS:-0}"
-ABLATIONS="${ABLATIONS:-no-bn bn-all predictor stop-grad}"
+ABLATION_SEEDS="${ABLATION_SEEDS:-0 1 2}"
+ABLATIONS="${ABLATIONS:-no-bn bn-all predictor stop-grad joint-bn}"
 DATASETS="${DATASETS:-omniglot tll generic}"
 TLL_DIR="${TLL_DIR:-../shared/data/tll-dev}"
 OUT="${OUT:-results/runs}"
@@ -128,7 +129,8 @@ if wants omniglot; then
                 bn-all) train omniglot bn_only-bn-all "$seed" bn_only --bn-placement all ;;
                 predictor) train omniglot bn_only-predictor "$seed" bn_only --predictor ;;
                 stop-grad) train omniglot bn_only-stop-grad "$seed" bn_only --stop-grad ;;
-                *) log "error: unknown ablation $ablation (no-bn, bn-all, predictor, stop-grad)"; exit 2 ;;
+                joint-bn) train omniglot bn_only-joint-bn "$seed" bn_only --bn-stats joint ;;
+                *) log "error: unknown ablation $ablation (no-bn, bn-all, predictor, stop-grad, joint-bn)"; exit 2 ;;
             esac
         done
     done
