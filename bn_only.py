@@ -8,13 +8,14 @@ One shared encoder + projector, no target network, no EMA, no predictor and no
 stop-gradient: the loss 2 - 2cos between the two views' projections sends
 gradients into both sides. Batch norm in the projector is the only thing that
 could keep the outputs from collapsing to a constant. Switches for the ablation
-(--no-bn, --bn-placement, --predictor, --stop-grad) turn the pieces on and off;
+(--no-bn, --bn-placement, --predictor, --stop-grad, --bn-stats) turn the pieces on and off;
 --predictor --stop-grad together make it SimSiam-like, a sanity row.
 
 Run:
     python bn_only.py                                # embedded Omniglot, CPU-sized
     python bn_only.py --no-bn                        # ablation: no BN in the heads
     python bn_only.py --bn-placement all             # also a non-affine BN on the output
+    python bn_only.py --bn-stats joint               # BN over both views at once (default: per view)
     python bn_only.py --predictor --stop-grad        # SimSiam-like sanity row
     python bn_only.py --data tll --epochs 100  # TLL in data/tll (or --data-dir DIR)
     python bn_only.py --data pairs --pairs-csv my_pairs.csv

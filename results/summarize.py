@@ -100,6 +100,11 @@ def flat_metrics(result):
         for k in (1, 5, 10):
             out[f"r@{k}"] = (l2r[f"recall@{k}"] + r2l[f"recall@{k}"]) / 2
         out["r@1_l2r"], out["r@1_r2l"] = l2r["recall@1"], r2l["recall@1"]
+    # Held-out classes (class folders): every held-out image is a query, not only one pair per class.
+    for block, key in (("metric_learning", "r_precision"), ("metric_learning", "precision@1"),
+                       ("classification", "knn@20"), ("classification", "linear_probe")):
+        if key in m.get(block, {}):
+            out[key] = m[block][key]
     source = result.get("source", {})
     if not source.get("baseline") and isinstance(source.get("epoch"), int):
         out["epochs"] = source["epoch"]
@@ -288,6 +293,12 @@ def columns_for(rows):
             ("r@1_l2r", "R@1 l→r", "{:.4f}"),
             ("r@1_r2l", "R@1 r→l", "{:.4f}"),
         ]
+    cols += [
+        ("r_precision", "R-Precision", "{:.4f}"),
+        ("precision@1", "P@1", "{:.4f}"),
+        ("knn@20", "kNN@20", "{:.4f}"),
+        ("linear_probe", "linear probe", "{:.4f}"),
+    ]
     cols += [
         ("log_std", "train proj collapse_std", "{:.2e}"),
         ("log_rank", "train proj eff. rank", "{:.1f}"),

@@ -272,3 +272,23 @@ def test_commands_name_an_evaluation_shift_other_than_the_runs_own(tmp_path):
         [{**run, "row": "baseline-random", "args": None, "eval": {"eval_shift": 3, "source": source}}]
     )
     assert f"--baseline random --eval-shift 3 --out {tmp_path}/byol-sS`" in line
+
+
+def test_held_out_class_rows_show_r_precision_and_rows_without_it_a_dash(tmp_path, capsys):
+    """Class folders are judged on every held-out image (R-Precision, P@1, kNN@20, linear probe), pairs on R@k."""
+    out = tmp_path / "runs" / "generic"
+    folders = {
+        "retrieval": retrieval((0.3, 0.6, 0.9), (0.5, 0.7, 0.9)),
+        "metric_learning": {"queries": 620, "precision@1": 0.629, "r_precision": 0.35, "map@r": 0.2},
+        "classification": {"protocol": "x", "reference_images": 1, "query_images": 1, "knn@20": 0.561,
+                           "knn@200": 0.4, "linear_probe": 0.784},
+        "collapse": {"projector": collapse(0.03, 40.0, 256)},
+    }
+    write_run(out / "folder-byol-s0", "generic", 0, metrics=folders)
+    write_run(out / "pairs-byol-s0", "generic", 0, metrics={"retrieval": retrieval((0.1, 0.2, 0.3), (0.1, 0.2, 0.3))})
+    assert load_summarize().main([str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots")]) == 0
+    text = capsys.readouterr().out
+    assert "| R@1 r→l | R-Precision | P@1 | kNN@20 | linear probe | proj collapse_std |" in text
+    rows = table_rows(text)
+    assert rows["folder-byol"][5:9] == ["0.3500", "0.6290", "0.5610", "0.7840"]
+    assert rows["pairs-byol"][5:9] == ["–", "–", "–", "–"]
