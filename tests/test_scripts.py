@@ -545,6 +545,13 @@ def test_bn_stats_sets_how_many_images_each_batch_norm_sees(name, bn_stats):
     assert len(seen) >= 6 and set(seen) == ({10} if bn_stats == "joint" else {5})
 
 
+def test_bad_bn_stats_names_the_flag_and_its_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        byol.parse_args(["--bn-stats", "both"])
+    assert exit_info.value.code == 2
+    assert "argument --bn-stats: invalid choice: 'both' (choose from 'per-view', 'joint')" in capsys.readouterr().err
+
+
 def test_simsiam_fix_pred_lr_keeps_predictor_lr():
     args = args_for(
         simsiam, ["--fix-pred-lr", "--proj-dim", "16", "--pred-dim", "8", "--image-size", "16", "--lr", "0.1"]
