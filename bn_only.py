@@ -269,6 +269,7 @@ class BNOnly(nn.Module):
 
     forward(x1, x2) returns D(p1, z2') + D(p2, z1') with D = 2 - 2cos. By default
     p = z (no predictor) and z' = z (no stop-gradient): gradients reach both views.
+    joint_bn=True passes both views through the networks at once (batch norm over both).
     """
 
     def __init__(self, encoder, feature_dim, hidden_dim=4096, proj_dim=256, bn=True, bn_placement="hidden",

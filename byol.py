@@ -259,6 +259,7 @@ class BYOL(nn.Module):
     forward(x1, x2) returns the symmetric loss D(p1, z2') + D(p2, z1') with
     D = 2 - 2cos, where p is the online prediction and z' the target projection.
     Call update_target(tau) after each optimiser step.
+    joint_bn=True passes both views through the networks at once (batch norm over both).
     """
 
     def __init__(self, encoder, feature_dim, hidden_dim=4096, proj_dim=256, joint_bn=False):

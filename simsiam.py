@@ -263,6 +263,7 @@ class SimSiam(nn.Module):
 
     forward(x1, x2) returns D(p1, z2) / 2 + D(p2, z1) / 2 with D = -cos and z
     detached (stop-gradient). -cos is an affine map of the fused kernel's 2 - 2cos.
+    joint_bn=True passes both views through the networks at once (batch norm over both).
     """
 
     def __init__(self, encoder, feature_dim, proj_dim=2048, pred_dim=512, joint_bn=False):
