@@ -22,7 +22,8 @@
 #   generic (the generic recipes on data laid out the way users have it, at a CPU budget):
 #     byol.py --data folder on images_background_small2.zip written out as one folder per character
 #       (OUT/generic/small2-folders; 156 classes, 20% of them held out) --epochs E_GENERIC, after its
-#       validation: --bn-stats per-view and joint on seed 0's 125 training classes (OUT/generic/small2-val-folders)
+#       validation: --bn-stats per-view and joint, seeds 0 and 1, on seed 0's 125 training classes
+#       (OUT/generic/small2-val-folders)
 #     byol.py --data pairs on a CSV of TLL_DIR's left/right pairs (OUT/generic/tll-pairs.csv) --epochs E_GENERIC
 #     each against its untrained network (epoch 0 of its log) and eval.py --baseline pixels on its split
 #   then: python results/summarize.py OUT > results/tables.md  (and results/<data>_curves.png)
@@ -193,9 +194,11 @@ for i in train:
     shutil.copytree(folders / classes[i], out / classes[i])
 PY
     fi
-    for bn_stats in per-view joint; do
-        train generic "val-folder-byol-$bn_stats" 0 byol --data folder --data-dir "$val_folders" --epochs "$E_GENERIC" \
-            --eval-every 1 --bn-stats "$bn_stats"
+    for seed in 0 1; do  # two draws of the 25 validation classes
+        for bn_stats in per-view joint; do
+            train generic "val-folder-byol-$bn_stats" "$seed" byol --data folder --data-dir "$val_folders" \
+                --epochs "$E_GENERIC" --eval-every 1 --bn-stats "$bn_stats"
+        done
     done
     train generic folder-byol 0 byol --data folder --data-dir "$folders" --epochs "$E_GENERIC" --eval-every 1
     baseline generic pixels 0 folder-byol
