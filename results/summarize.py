@@ -298,8 +298,6 @@ def columns_for(rows):
         ("precision@1", "P@1", "{:.4f}"),
         ("knn@20", "kNN@20", "{:.4f}"),
         ("linear_probe", "linear probe", "{:.4f}"),
-    ]
-    cols += [
         ("log_std", "train proj collapse_std", "{:.2e}"),
         ("log_rank", "train proj eff. rank", "{:.1f}"),
         ("proj_std", "proj collapse_std", "{:.2e}"),
