@@ -5,7 +5,7 @@ as its users drive it. Same encoder, data, batch, optimiser, evaluation and cade
   ours          byol.train() itself: `python byol.py`'s default recipe (conv4, 28 px, batch 128,
                 AdamW, 1024/256 MLPs, tau 0.996 rising to 1, handwriting augmentation) on the embedded
                 Omniglot, where a positive pair is one character drawn by two people. Only
-                --eval-every 1 is added (the recipe's 5 would give a coarser curve; evaluating never
+                --eval-every 1 is added (the recipe's 9 would give a coarser curve; evaluating never
                 changes training).
   byol-pytorch  its BYOL class with its own defaults: its augmentation (the SimCLR/BYOL torchvision
                 pipeline, one random draw per batch) at image_size 28 (the images are grayscale as
@@ -70,7 +70,8 @@ def parse_args(argv=None):
         choices=["both", *IMPLS],
         help="both: the two side by side, as child processes with --threads threads each",
     )
-    p.add_argument("--level", type=float, default=0.55, help="validation one-shot accuracy to reach")
+    p.add_argument("--level", type=float, default=0.70,
+                   help="validation one-shot accuracy to reach (the untrained conv4 scores about 0.37 with the recipe's test-time shifts)")
     p.add_argument(
         "--budget-s",
         type=float,

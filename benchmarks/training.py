@@ -24,6 +24,11 @@ Sections (--only picks some; all by default):
            augmentation, forward, backward, optimiser (+ scheduler), EMA, each timed on its own;
            the torch ops that take the most time; and byol.py's evaluate() on the real evaluation
            data, per epoch at the recipe's --eval-every
+  convs    each convolution of our encoder alone, at the input shape it sees in a step (one view's
+           batch), channels_last (as byol.py trains) and contiguous: forward, and forward + backward,
+           in ms and GFLOP/s, against the GFLOP/s of a 2048 x 2048 x 2048 matmul on the same device; then
+           the convolutions' share of a BYOL step at those rates (each view forward + backward through
+           the online encoder, forward through the target): the time no memory format saves
   kernels  CUDA only: fused Triton kernels against the PyTorch reference inside a real step,
            resnet18 and resnet50
 
@@ -72,7 +77,7 @@ sys.path.insert(0, str(REPO))
 import byol  # noqa: E402
 from kernels import backend  # noqa: E402
 
-SECTIONS = ("step", "epoch", "augment", "phases", "kernels")
+SECTIONS = ("step", "epoch", "augment", "phases", "convs", "kernels")
 BYOL_PYTORCH_MISSING = "byol-pytorch is not installed: pip install -e '.[bench]'"
 LIGHTLY_MISSING = "lightly is not installed: pip install -e '.[bench]'"
 FLOOR = "floor: forward + backward only"
@@ -920,6 +925,105 @@ def run_phases_section(cfg, device):
     }
 
 
+# ----------------------------------------------------------------------------- the convolutions alone
+
+
+def encoder_convs(bargs, device, channels_last):
+    """[(conv, input shape)] for each nn.Conv2d of our encoder in the order a forward pass calls them,
+    with one view's batch of --image-size images."""
+    encoder = our_model(bargs, device, channels_last).encoder
+    seen = []
+    hooks = [
+        m.register_forward_hook(lambda m, inputs, output: seen.append((m, inputs[0].shape)))
+        for m in encoder.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    x = byol.normalize(random_images(bargs.batch_size, bargs.image_size, device, bargs.seed))
+    with torch.no_grad():
+        encoder(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def conv_flops(conv, input_shape):
+    """Multiply-adds x 2 of one forward call: output elements x (input channels / groups) x kernel area."""
+    b, _, h, w = input_shape
+    out_h = (h + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+    out_w = (w + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
+    k = conv.kernel_size[0] * conv.kernel_size[1] * conv.in_channels // conv.groups
+    return 2 * b * out_h * out_w * conv.out_channels * k
+
+
+def median_seconds(fn, device, warmup, repeats):
+    return statistics.median(time_steps(lambda _: fn(), warmup, repeats, device))
+
+
+def time_conv(conv, x, cfg, device):
+    """(forward seconds, forward + backward seconds) of conv on x, medians."""
+    grad = torch.randn_like(conv(x))
+
+    def forward_backward():
+        conv.weight.grad, x.grad = None, None
+        conv(x).backward(grad)
+
+    forward_s = median_seconds(lambda: conv(x).detach(), device, cfg.warmup, cfg.repeats)
+    return forward_s, median_seconds(forward_backward, device, cfg.warmup, cfg.repeats)
+
+
+def run_convs_section(cfg, device):
+    """Each convolution of our encoder timed alone (forward; forward + backward, where the backward computes the
+    weight gradient and, after the first convolution, the input gradient), in both memory formats; and a large
+    matmul's rate on the same device, the arithmetic ceiling the convolutions are measured against."""
+    bargs = byol_args(cfg)
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    matmul_gflops = 2 * 2048**3 / median_seconds(lambda: a @ b, device, cfg.warmup, cfg.repeats) / 1e9
+    rows = []
+    for channels_last in (True, False):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        for index, (conv, shape) in enumerate(encoder_convs(bargs, device, channels_last)):
+            x = torch.randn(shape, device=device).contiguous(memory_format=fmt).requires_grad_(index > 0)
+            forward_s, both_s = time_conv(conv, x, cfg, device)
+            flops = conv_flops(conv, shape)
+            rows.append(
+                {
+                    "format": "channels_last" if channels_last else "contiguous",
+                    "conv": f"{conv.in_channels}->{conv.out_channels}, {conv.kernel_size[0]}x{conv.kernel_size[1]}, "
+                    f"stride {conv.stride[0]}, {shape[2]}x{shape[3]} in",
+                    "forward_ms": 1e3 * forward_s,
+                    "forward_gflops": flops / forward_s / 1e9,
+                    "forward_backward_ms": 1e3 * both_s,
+                    "forward_backward_gflops": flops * (3 if index > 0 else 2) / both_s / 1e9,
+                }
+            )
+    return {"matmul_gflops": matmul_gflops, "rows": rows, "images_per_step": 2 * bargs.batch_size}
+
+
+def convs_table(result):
+    """Each convolution's rate, then the convolutions of one BYOL step at those rates in each format."""
+    table = markdown(
+        ["format", "convolution (one view's batch)", "forward ms", "GFLOP/s", "forward + backward ms", "GFLOP/s"],
+        [
+            [
+                r["format"],
+                r["conv"],
+                f"{r['forward_ms']:.2f}",
+                f"{r['forward_gflops']:.1f}",
+                f"{r['forward_backward_ms']:.2f}",
+                f"{r['forward_backward_gflops']:.1f}",
+            ]
+            for r in result["rows"]
+        ],
+    )
+    lines = [f"- matmul 2048 x 2048 x 2048 on this device: {result['matmul_gflops']:.1f} GFLOP/s"]
+    for fmt in ("channels_last", "contiguous"):
+        rows = [r for r in result["rows"] if r["format"] == fmt]
+        # Two views: forward + backward through the online encoder, forward through the target encoder.
+        step_ms = 2 * sum(r["forward_backward_ms"] + r["forward_ms"] for r in rows)
+        lines.append(f"- the convolutions of one step ({result['images_per_step']} images), {fmt}: {step_ms:.1f} ms")
+    return table + "\n\n" + "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- fused kernels (CUDA)
 
 
@@ -1142,6 +1246,14 @@ def run(cfg):
         print(
             "## Where our step's time goes (byol.py's loop body on Omniglot batches, channels_last)\n\n"
             + phases_table(result)
+            + "\n"
+        )
+    if "convs" in cfg.only:
+        result = run_convs_section(cfg, device)
+        results["convs"] = result
+        print(
+            "## The convolutions alone (our encoder, each at its input shape in a step)\n\n"
+            + convs_table(result)
             + "\n"
         )
     if "kernels" in cfg.only:

@@ -9,6 +9,7 @@ recipe, width 8, 28 px, batch 16) and resnet18 (32 px, batch 32); their tables f
   pairs (resnet18);
 * augment: our batched augment_pair against torchvision's per-image transforms;
 * phases (conv4): our step by phase on Omniglot batches, its top ops, evaluate() per epoch;
+* convs (conv4): each convolution of our encoder alone, against a large matmul's GFLOP/s;
 * kernels: fused Triton vs reference inside a step (CUDA only).
 
 Then benchmarks/time_to_quality.py with both runs side by side for one epoch of a width-8 conv4.
@@ -123,6 +124,13 @@ def test_phases_of_our_step(bench_table):
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-6, result["top_ops"]
     assert any("conv" in name for name, _, _ in result["top_ops"]), result["top_ops"]  # the encoder's convolutions
     bench_table("where our step's time goes (conv4 width 8, batch 16)", training.phases_table(result))
+
+
+def test_convolutions_alone(bench_table):
+    result = training.run_convs_section(CFGS["conv4"], DEVICE)
+    assert len(result["rows"]) == 8 and result["matmul_gflops"] > 0  # conv4's 4 convolutions in 2 memory formats
+    assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > r["forward_ms"] for r in result["rows"]), result
+    bench_table("the convolutions alone (conv4 width 8, batch 16)", training.convs_table(result))
 
 
 def test_time_to_quality_runs_both_side_by_side(tmp_path, bench_table):

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import torch.utils.flop_counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -193,3 +194,61 @@ def test_lightly_step_trains_with_our_settings():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.backbone.parameters()))  # SGD stepped
     # The second step's update_momentum moved the momentum network towards the stepped online one.
     assert any(not torch.equal(a, b) for a, b in zip(momentum_before, model.backbone_momentum.parameters()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    c_in=st.integers(1, 8),
+    c_out=st.integers(1, 8),
+    kernel=st.sampled_from([1, 3, 7]),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 3),
+    size=st.integers(7, 20),
+)
+def test_conv_flops_match_torch_flop_counter(c_in, c_out, kernel, stride, padding, size):
+    conv = torch.nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False)
+    x = torch.randn(2, c_in, size, size)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        conv(x)
+    assert training.conv_flops(conv, x.shape) == counter.get_total_flops()
+
+
+def test_convs_section_times_each_convolution_of_the_encoder():
+    cfg = training.parse_args(
+        [
+            "--arch",
+            "conv4",
+            "--width",
+            "4,8,8,16",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "4",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--only",
+            "convs",
+        ]
+    )
+    result = training.run_convs_section(cfg, torch.device("cpu"))
+    convs = ["3->4", "4->8", "8->8", "8->16"]
+    assert [
+        r["conv"].split(",")[0] for r in result["rows"]
+    ] == convs * 2  # in call order, channels_last then contiguous
+    assert [r["format"] for r in result["rows"]] == ["channels_last"] * 4 + ["contiguous"] * 4
+    assert [r["conv"].split(", ")[-1] for r in result["rows"][:4]] == ["16x16 in", "8x8 in", "4x4 in", "2x2 in"]
+    for r in result["rows"]:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in r if k.endswith(("_ms", "_gflops"))), r
+    assert result["matmul_gflops"] > 0 and result["images_per_step"] == 8
+    table = training.convs_table(result)
+    expected = 2 * sum(r["forward_backward_ms"] + r["forward_ms"] for r in result["rows"][:4])
+    assert f"- the convolutions of one step (8 images), channels_last: {expected:.1f} ms" in table, table
+
+
+def test_encoder_convs_follow_a_resnet_forward():
+    cfg = training.parse_args(["--arch", "resnet18", "--image-size", "32", "--batch-size", "2", "--only", "convs"])
+    convs = training.encoder_convs(training.byol_args(cfg), torch.device("cpu"), channels_last=False)
+    assert len(convs) == 20 and tuple(convs[0][1]) == (2, 3, 32, 32)  # resnet18: the stem, 16 in blocks, 3 downsamples
+    assert convs[0][0].kernel_size == (7, 7) and tuple(convs[-1][1])[1] == 512
