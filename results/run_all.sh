@@ -12,7 +12,8 @@
 #   omniglot (embedded data, each script's recipe: what `python byol.py` runs with no argument):
 #     byol.py, simsiam.py, bn_only.py                       for each seed in SEEDS
 #     bn_only.py ablations (ABLATIONS): --no-bn; --bn-placement all; --predictor;
-#                           --stop-grad; --bn-stats joint    for each seed in ABLATION_SEEDS
+#                           --stop-grad; --bn-stats joint; --predictor --stop-grad (SimSiam-like,
+#                           the sanity row)                    for each seed in ABLATION_SEEDS
 #     byol.py --epochs E_LONG (the documented longer recipe) for each seed in LONG_SEEDS
 #     eval.py --baseline pixels / random / random-bn, on the split of byol's run of each seed
 #   tll (TLL_DIR, with left/ and right/ or left.zip and right.zip; skipped when missing):
@@ -29,13 +30,13 @@
 #   then: python results/summarize.py OUT > results/tables.md  (and results/<data>_curves.png)
 #
 # Run directories: OUT/<data>/<row>-s<seed>, rows byol, simsiam, bn_only, bn_only-no-bn,
-# bn_only-predictor, bn_only-stop-grad, bn_only-bn-all, bn_only-joint-bn, byol-e<E_LONG>,
+# bn_only-predictor, bn_only-stop-grad, bn_only-bn-all, bn_only-joint-bn, bn_only-simsiam-like, byol-e<E_LONG>,
 # baseline-pixels, baseline-random, baseline-random-bn. A run whose eval.json exists is skipped (so the
 # script resumes where it stopped), unless FORCE=1; an unfinished training run with a
 # last.pt is continued with --resume (bit-identical on CPU), one without is restarted.
 #
 # Variables (environment):
-#   SEEDS="0 1 2"  ABLATION_SEEDS="0 1 2"  ABLATIONS="no-bn bn-all predictor stop-grad joint-bn"  DATASETS="omniglot tll generic"
+#   SEEDS="0 1 2"  ABLATION_SEEDS="0 1 2"  ABLATIONS="no-bn bn-all predictor stop-grad joint-bn simsiam-like"  DATASETS="omniglot tll generic"
 #   OUT=results/runs  (a variable set to " " runs none of its rows)
 #   LONG_SEEDS="0"  E_LONG=120  TLL_SEEDS="0"
 #   TLL_DIR=../shared/data/tll-dev  E_TLL=30  E_GENERIC=5  THREADS=$(nproc)  FORCE=0  PYTHON=python
@@ -45,7 +46,7 @@ set -euo pipefail
 
 SEEDS="${SEEDS:-0 1 2}"
 ABLATION_SEEDS="${ABLATION_SEEDS:-0 1 2}"
-ABLATIONS="${ABLATIONS:-no-bn bn-all predictor stop-grad joint-bn}"
+ABLATIONS="${ABLATIONS:-no-bn bn-all predictor stop-grad joint-bn simsiam-like}"
 DATASETS="${DATASETS:-omniglot tll generic}"
 TLL_DIR="${TLL_DIR:-../shared/data/tll-dev}"
 OUT="${OUT:-results/runs}"
@@ -131,7 +132,8 @@ if wants omniglot; then
                 predictor) train omniglot bn_only-predictor "$seed" bn_only --predictor ;;
                 stop-grad) train omniglot bn_only-stop-grad "$seed" bn_only --stop-grad ;;
                 joint-bn) train omniglot bn_only-joint-bn "$seed" bn_only --bn-stats joint ;;
-                *) log "error: unknown ablation $ablation (no-bn, bn-all, predictor, stop-grad, joint-bn)"; exit 2 ;;
+                simsiam-like) train omniglot bn_only-simsiam-like "$seed" bn_only --predictor --stop-grad ;;
+                *) log "error: unknown ablation $ablation (no-bn, bn-all, predictor, stop-grad, joint-bn, simsiam-like)"; exit 2 ;;
             esac
         done
     done

@@ -60,6 +60,7 @@ ROW_ORDER = [
     "bn_only-stop-grad",
     "bn_only-bn-all",
     "bn_only-joint-bn",
+    "bn_only-simsiam-like",
 ]
 # Saved args left out of the reproduction command: where and how fast, not what.
 # Columns that should not vary over seeds: their distinct values, not mean +- std.
