@@ -70,8 +70,12 @@ def parse_args(argv=None):
         choices=["both", *IMPLS],
         help="both: the two side by side, as child processes with --threads threads each",
     )
-    p.add_argument("--level", type=float, default=0.70,
-                   help="validation one-shot accuracy to reach (the untrained conv4 scores about 0.37 with the recipe's test-time shifts)")
+    p.add_argument(
+        "--level",
+        type=float,
+        default=0.70,
+        help="validation one-shot accuracy to reach (the untrained conv4 scores about 0.37 with the recipe's test-time shifts)",
+    )
     p.add_argument(
         "--budget-s",
         type=float,
@@ -318,13 +322,15 @@ def run_both(cfg):
 def ratio_line(a, b, results, level):
     """a's time to the level over b's; a bound where only a got there (b ran out of budget)."""
     hit_a, hit_b = (time_to_level(results[x]["curve"], level) for x in (a, b))
+    untrained_there = [x for x, hit in ((a, hit_a), (b, hit_b)) if hit is not None and hit[0] == 0]
+    if untrained_there:  # no training time to compare
+        verb = "starts" if len(untrained_there) == 1 else "start"
+        return f"- {' and '.join(untrained_there)} {verb} at or above {level:.2f} (epoch 0); pick a higher --level"
     if hit_a is None:
         return f"- {a} did not reach {level:.2f}"
     if hit_b is None:
         budget_b = results[b]["curve"][-1]["train_s"]
         return f"- {a} / {b}: < {hit_a[0] / budget_b:.2f}x ({b} did not reach {level:.2f} in its {budget_b:.0f} s)"
-    if hit_b[0] == 0:  # the untrained network is already there: no ratio to take
-        return f"- {b} starts at or above {level:.2f} (epoch 0); pick a higher --level"
     return f"- {a} / {b}: {hit_a[0] / hit_b[0]:.2f}x"
 
 

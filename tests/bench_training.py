@@ -171,5 +171,10 @@ def test_time_to_quality_has_no_ratio_when_the_untrained_network_is_already_ther
     line = time_to_quality.ratio_line("ours", "byol-pytorch", {"ours": later, "byol-pytorch": start}, 0.1)
     assert line == "- byol-pytorch starts at or above 0.10 (epoch 0); pick a higher --level"
     assert time_to_quality.ratio_line("ours", "byol-pytorch", {"ours": start, "byol-pytorch": later}, 0.1) == (
-        "- ours / byol-pytorch: 0.00x"
+        "- ours starts at or above 0.10 (epoch 0); pick a higher --level"
+    )
+    both = time_to_quality.ratio_line("ours", "byol-pytorch", {"ours": start, "byol-pytorch": start}, 0.1)
+    assert both == "- ours and byol-pytorch start at or above 0.10 (epoch 0); pick a higher --level"
+    assert time_to_quality.ratio_line("ours", "byol-pytorch", {"ours": later, "byol-pytorch": later}, 0.2) == (
+        "- ours / byol-pytorch: 1.00x"
     )
