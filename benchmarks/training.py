@@ -26,7 +26,8 @@ Sections (--only picks some; all by default):
            data, per epoch at the recipe's --eval-every
   convs    each convolution of our encoder alone, at the input shape it sees in a step (one view's
            batch), channels_last (as byol.py trains) and contiguous: forward, and forward + backward,
-           in ms and GFLOP/s, against the GFLOP/s of a 2048 x 2048 x 2048 matmul on the same device; then
+           in ms and GFLOP/s, against the GFLOP/s of a 2048 x 2048 x 2048 matmul on the same device (all
+           fp32, also on CUDA, where byol.py trains in bf16); then
            the convolutions' share of a BYOL step at those rates (each view forward + backward through
            the online encoder, forward through the target): the time no memory format saves
   kernels  CUDA only: fused Triton kernels against the PyTorch reference inside a real step,
