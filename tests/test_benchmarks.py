@@ -214,24 +214,8 @@ def test_conv_flops_match_torch_flop_counter(c_in, c_out, kernel, stride, paddin
 
 
 def test_convs_section_times_each_convolution_of_the_encoder():
-    cfg = training.parse_args(
-        [
-            "--arch",
-            "conv4",
-            "--width",
-            "4,8,8,16",
-            "--image-size",
-            "16",
-            "--batch-size",
-            "4",
-            "--repeats",
-            "2",
-            "--warmup",
-            "0",
-            "--only",
-            "convs",
-        ]
-    )
+    argv = "--arch conv4 --width 4,8,8,16 --image-size 16 --batch-size 4 --repeats 2 --warmup 0 --only convs"
+    cfg = training.parse_args(argv.split())
     result = training.run_convs_section(cfg, torch.device("cpu"))
     convs = ["3->4", "4->8", "8->8", "8->16"]
     assert [
