@@ -31,6 +31,7 @@ import os
 import random
 import shutil
 import sys
+import threading
 import time
 import zipfile
 import zlib
@@ -405,8 +406,16 @@ def file_source(path):
 
 
 def zip_sources(zip_path, names):
-    zf = zipfile.ZipFile(zip_path)  # ZipFile reads are thread-safe for distinct members
-    return [(f"{zip_path}:{n}", (lambda n=n: zf.read(n))) for n in names]
+    # One ZipFile per decoding thread: on Python 3.12 and later, threads reading one shared ZipFile race and get
+    # corrupt members ("invalid stored block lengths", "Overlapped entries"; seen with 8 threads).
+    handles = threading.local()
+
+    def read(name):
+        if not hasattr(handles, "zip"):
+            handles.zip = zipfile.ZipFile(zip_path)
+        return handles.zip.read(name)
+
+    return [(f"{zip_path}:{n}", functools.partial(read, n)) for n in names]
 
 
 def open_zip(path):
