@@ -149,6 +149,11 @@ def parse_args(argv=None, use_recipe=True):
                         "in the papers (1.13x faster on a CPU); joint passes both views at once and normalises over both")
     g.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (torchvision's or timm's)")
     g.add_argument("--init", type=Path, default=None, help="start the encoder from a local state dict")
+    g.add_argument("--backbone-lr-factor", type=float, default=1.0,
+                   help="fine-tuning: the encoder's learning rate is this times the head's (e.g. 0.1 from --pretrained weights)")
+    g.add_argument("--freeze-bn-stats", action="store_true",
+                   help="fine-tuning: the encoder's batch norms keep the running statistics they started with and normalise "
+                        "with them in training too (small batches would otherwise overwrite ImageNet's)")
     g.add_argument("--freeze-encoder", action="store_true",
                    help="keep the encoder (--pretrained or --init) fixed and train only the head, on its features of each "
                         "un-augmented image, computed once and cached in the run directory; evaluation ranks the projector outputs")
@@ -212,7 +217,8 @@ def fill_defaults(args):
     if args.image_size > 1024:
         raise UserError(f"--image-size {args.image_size} is too large: the image cache holds every image at that size "
                         f"({3 * args.image_size ** 2 / 2 ** 20:.0f} MiB each); use 1024 or less")
-    for flag, value in [("--lr", args.lr), ("--weight-decay", args.weight_decay), ("--warmup-epochs", args.warmup_epochs)]:
+    for flag, value in [("--lr", args.lr), ("--weight-decay", args.weight_decay), ("--warmup-epochs", args.warmup_epochs),
+                        ("--backbone-lr-factor", args.backbone_lr_factor)]:
         if not (math.isfinite(value) and value >= 0) or (flag == "--lr" and value == 0):
             raise UserError(f"{flag} {value} must be a finite number" + (" above 0" if flag == "--lr" else " of 0 or more"))
     check_method_args(args)
@@ -1103,6 +1109,18 @@ class FrozenEncoder(nn.Module):
         self.pca_whiten.copy_(axes / variance.clamp(min=1e-6 * variance[0].item()).sqrt())
 
 
+def stay_in_eval(module, mode=True):
+    return nn.Module.train(module, False)
+
+
+def freeze_bn_stats(module):
+    """Every batch norm of module normalises with its running statistics and never updates them (eval mode for good)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train = functools.partial(stay_in_eval, m)  # what module.train(mode) calls for each child
+            m.eval()
+
+
 def build_run_encoder(args):
     """The run's encoder and its output width: build_encoder's, frozen and whitened with --freeze-encoder."""
     encoder, feature_dim = build_encoder(args.arch, args.stem, args.pretrained, args.init, args.width)
@@ -1382,6 +1400,10 @@ def build_optimizer(args, model, fixed_lr_params=()):
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in fixed]
     groups = [{"params": [p for p in trainable if p.ndim > 1]},
               {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0, "lars": False}]
+    if args.backbone_lr_factor != 1.0:  # the encoder's share of each group at its own rate (the schedule scales both)
+        encoder = {id(p) for p in model.encoder.parameters()}
+        groups = [{**g, "params": [p for p in g["params"] if (id(p) in encoder) == inside],
+                   **({"lr": args.lr * args.backbone_lr_factor} if inside else {})} for g in groups for inside in (False, True)]
     if fixed_lr_params:
         groups.append({"params": fixed_lr_params, "fix_lr": True})
     if args.optimizer == "lars":
@@ -1543,6 +1565,9 @@ def train(args):
 
     # channels_last on every device: 1.5x faster per step for conv4 on a CPU, 1.08x for resnet18.
     model = build_model(args).to(device, memory_format=torch.channels_last)
+    if args.freeze_bn_stats:
+        for encoder in {id(m): m for m in (model.encoder, getattr(model, "target_encoder", model.encoder))}.values():
+            freeze_bn_stats(encoder)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_method_optimizer(args, model)

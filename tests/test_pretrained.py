@@ -116,3 +116,36 @@ def test_eval_baseline_pretrained_takes_a_timm_backbone(tmp_path, capsys):
                   "--image-size", "32", "--all-pairs", "--out", str(tmp_path / "ev")])
     out = capsys.readouterr().out
     assert rc == 0 and "pretrained baseline (tf_efficientnet_lite0" in out, out
+
+
+def test_backbone_lr_factor_scales_the_encoder_groups_only():
+    args = byol.fill_defaults(byol.parse_args(["--data", "tll", "--arch", "conv4", "--width", "8", "--hidden-dim", "16",
+                                               "--proj-dim", "8", "--backbone-lr-factor", "0.1"]))
+    model = byol.build_model(args)
+    optimizer = byol.build_method_optimizer(args, model)
+    encoder = {id(p) for p in model.encoder.parameters()}
+    seen = set()
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        seen |= ids
+        if ids:
+            assert ids <= encoder or not ids & encoder, "a group mixes encoder and head"
+            assert group["lr"] == pytest.approx(args.lr * (0.1 if ids <= encoder else 1.0))
+    assert seen == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_freeze_bn_stats_keeps_the_encoders_running_statistics(tmp_path):
+    torch.set_num_threads(1)
+    data = make_tll(tmp_path / "tll", n=16, size=24)
+    out = tmp_path / "run"
+    flags = [*tiny_flags("byol", data, out, batch_size=4), "--arch", "conv4", "--width", "8", "--freeze-bn-stats"]
+    args = byol.fill_defaults(byol.parse_args(flags))
+    torch.manual_seed(args.seed)
+    start = byol.build_model(args).state_dict()  # the run's own initial weights (same seed, same build)
+    model, history, _ = byol.train(args)
+    after = model.state_dict()
+    stats = [k for k in start if "encoder" in k and ("running_" in k or "num_batches" in k)]
+    assert stats and all(torch.equal(start[k], after[k]) for k in stats), "an encoder's BN statistics moved"
+    moved = [k for k in start if k.startswith("projector") and "running_mean" in k]
+    assert moved and not all(torch.equal(start[k], after[k]) for k in moved), "the head's BN should still learn"
+    assert all(not m.training for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
