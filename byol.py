@@ -1615,7 +1615,7 @@ def train(args):
         history.append({"epoch": 0, **untrained})
         logger.log(history[-1])
         if is_main:
-            print(f"{'pretrained' if args.pretrained else 'untrained'}: {format_metrics(untrained)}")
+            print(f"{'pretrained' if args.pretrained and not args.freeze_encoder else 'untrained'}: {format_metrics(untrained)}")
 
     stop_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
     for epoch in range(start_epoch, stop_epoch):
