@@ -1429,9 +1429,7 @@ RUN_LOCK = []  # the open lock file of this process's run (one run at a time per
 def lock_run_dir(out):
     """Holds `out` for this run: an exclusive lock on out/.lock, which the OS releases when the process ends, however
     it ends. A second run into the same folder, started while the first runs, is refused."""
-    for f in RUN_LOCK:  # this process's previous run has ended
-        f.close()
-    RUN_LOCK.clear()
+    release_run_dir()  # this process's previous run has ended
     f = open(out / ".lock", "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1440,6 +1438,12 @@ def lock_run_dir(out):
         raise UserError(f"--out {out} is in use by another run (it holds {out / '.lock'}); wait for that run to end, "
                         "or pass another --out") from None
     RUN_LOCK.append(f)
+
+
+def release_run_dir():
+    for f in RUN_LOCK:
+        f.close()
+    RUN_LOCK.clear()
 
 
 def rank0_verdict(check, world):
@@ -1558,7 +1562,8 @@ def train(args):
         check_resumed_data(ckpt, data, args)
     steps_per_epoch = len(data.anchors) // args.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.anchors)} training anchors; lower --batch-size")
+        fix = "lower --batch-size" if len(data.anchors) >= 2 * world else "add data, or lower --holdout"  # 2: batch norm
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.anchors)} training anchors; {fix}")
     data_key = images_key(data.images)  # before the cache moves to the GPU
     cache_on_device(data, device)
 
@@ -1749,6 +1754,8 @@ def main(argv=None):
         kept = f"the last good checkpoint is kept in {out}" if (out / "last.pt").exists() else "no checkpoint was written"
         print(f"{METHOD}.py: error: {e}; stopped, {kept}", file=sys.stderr)
         return 1
+    finally:
+        release_run_dir()  # the OS would at exit; a caller in the same process may start another run
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run directory: {args.out}")
         print(summary(history))
