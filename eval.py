@@ -1188,13 +1188,15 @@ def run(opts):
     pictures = []
     if not opts.no_pictures and "left" in extras:
         try:
+            pyplot()
+        except UserError as e:  # no matplotlib: the metrics still count
+            print(f"note: {e}; skipped the pictures", file=sys.stderr)
+        else:
             retrieval_grid(out / "retrieval_grid.png", data, extras)
             pictures.append(str(out / "retrieval_grid.png"))
             if "similarity" in metrics:
                 similarity_hist(out / "similarity_hist.png", positive, random)
                 pictures.append(str(out / "similarity_hist.png"))
-        except UserError as e:  # no matplotlib: the metrics still count
-            print(f"note: {e}; skipped the pictures", file=sys.stderr)
     result["pictures"] = pictures
     write_atomic(out / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     print_table(result)
