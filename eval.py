@@ -45,11 +45,15 @@ Checkpoints are unpickled: evaluate only files you trust.
 
 import argparse
 import csv
+import hashlib
 import importlib
 import json
 import math
+import os
+import re
 import sys
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -588,6 +592,40 @@ def separation(positive, random):
     return {"positive_mean": positive.mean().item(), "random_mean": random.mean().item(), "auc": auc}
 
 
+# ----------------------------------------------------------------------------- writing files
+
+
+def write_atomic(path, write):
+    """write(tmp) fills a temporary file beside `path`, which then replaces it: a full disk or a kill never leaves
+    half a file. A failed write (torch.save reports a full disk as a RuntimeError) is one line."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.partial{path.suffix}")  # the suffix kept: savefig reads the format from it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = (getattr(e, "strerror", None) or str(e) or e.__class__.__name__).splitlines()[0]
+        raise UserError(f"could not write {path} ({reason}); free space, then run again") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_out(out, inputs=(), overwrite=False, suffixes=None):
+    """--out names a new file, not a folder, an input or (without --overwrite) an existing file; checked before the work."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name a file in it, e.g. {out / ('out' + (suffixes or ['.npz'])[0])}")
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        raise UserError(f"--out {out} must end in one of {', '.join(suffixes)}: that suffix picks the picture's format")
+    if not out.exists():
+        return
+    if any(p is not None and Path(p).exists() and os.path.samefile(p, out) for p in inputs):
+        raise UserError(f"--out {out} is one of the inputs; name another file")
+    if not overwrite:
+        raise UserError(f"--out {out} exists; add --overwrite to replace it, or name another file")
+
+
 # ----------------------------------------------------------------------------- pictures
 
 
@@ -629,7 +667,7 @@ def retrieval_grid(path, data, extras, rows=8, seed=0):
             ax.set_title(title, fontsize=7)
             outline(ax, "limegreen" if is_match else "lightgray", 3 if is_match else 0.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
 
@@ -644,7 +682,7 @@ def similarity_hist(path, positive, random):
     ax.set_ylabel("density")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
 
@@ -703,7 +741,7 @@ def plot_curves(run_dir, out=None):
     fig.tight_layout()
     out = Path(out) if out is not None else path.parent
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "curves.png", dpi=100)
+    write_atomic(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
     return out / "curves.png"
 
@@ -714,6 +752,7 @@ def plot_curves(run_dir, out=None):
 EMBED_CHUNK = 1024  # images decoded at a time: only one chunk of uint8 images is ever in memory, plus the embeddings
 GRID_PX = 96  # the search grid's picture size
 GRID_ROWS = 16  # queries drawn in the search grid (all of them are printed)
+GRID_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")  # what search --out may end in: matplotlib writes these
 
 
 def parse_tool_args(argv):
@@ -745,6 +784,7 @@ def parse_tool_args(argv):
         p.add_argument("--eval-shift", type=int, default=None, metavar="N",
                        help="test-time shifts, as evaluation's (0: each image alone; default: the checkpoint's, else the "
                             "omniglot recipe's); search embeds its queries the same way")
+        p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         p.add_argument("--batch-size", type=int, default=256)
         p.add_argument("--workers", type=int, default=4, help="threads that decode images")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -764,12 +804,14 @@ def parse_tool_args(argv):
                        help="embed --query with this checkpoint (default: the recorded one)")
         p.add_argument("--top-k", type=int, default=5)
         p.add_argument("--out", type=Path, default=None, help="the grid PNG (default: EMBEDDINGS-search.png next to the .npz)")
+        p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         p.add_argument("--memory-mb", type=float, default=512, help="budget for one block of similarities")
         p.add_argument("--workers", type=int, default=4, help="threads that decode images")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     else:
         p.add_argument("checkpoint", type=Path, help="last.pt of a run")
         p.add_argument("--out", type=Path, default=None, help="default: encoder.pt next to the checkpoint; the sidecar: OUT.json")
+        p.add_argument("--overwrite", action="store_true", help="replace --out and its sidecar if they exist")
     return p.parse_intermixed_args(argv[1:])  # intermixed: embed CKPT --layer projector IMAGES works too
 
 
@@ -819,7 +861,7 @@ def image_sources(mod, images):
     images = images.absolute()  # names that still work from another directory
     exts = mod.IMAGE_EXTENSIONS
     if images.is_dir():
-        sources = [mod.file_source(p) for p in sorted(images.rglob("*")) if p.suffix.lower() in exts and p.is_file()]
+        sources = [mod.file_source(p) for p in mod.image_files(images)]
     elif images.suffix.lower() == ".zip" and images.is_file():
         names = sorted(n for n in mod.open_zip(images).namelist() if n.lower().endswith(exts) and not n.startswith("__MACOSX/"))
         sources = mod.zip_sources(images, names)
@@ -837,13 +879,14 @@ def image_sources(mod, images):
 
 def image_source(mod, path, what):
     """(name, read bytes) of an image file, or of ZIP:MEMBER (how embed names the images of a zip)."""
-    zip_path, sep, member = str(path).partition(".zip:")
-    if sep and not Path(path).exists() and Path(zip_path + ".zip").is_file():
-        zf = mod.open_zip(zip_path + ".zip")
+    split = re.match(r"(.*?\.zip):(.*)", str(path), re.IGNORECASE)  # X.ZIP too: embed keeps the name's case
+    if split and not Path(path).exists() and Path(split[1]).is_file():
+        archive, member = split.groups()
+        zf = mod.open_zip(archive)
         try:
             zf.getinfo(member)
         except KeyError:
-            raise UserError(f"{what} {path}: {zip_path}.zip holds no {member}") from None
+            raise UserError(f"{what} {path}: {archive} holds no {member}") from None
         return str(path), lambda: zf.read(member)
     if not Path(path).is_file():
         raise UserError(f"{what} {path} does not exist; check the path")
@@ -888,6 +931,7 @@ def run_embed(opts):
     name = f"embeddings-{opts.images.stem}" + ("-projector" if layer == "projector" else "")
     name += f"-baseline-{opts.baseline}" if opts.baseline else ""
     out = opts.out or (opts.checkpoint.parent if opts.checkpoint else Path(".")) / f"{name}.npz"
+    check_out(out, [opts.checkpoint, opts.images, *(Path(n) for n, _ in sources)], opts.overwrite)
     mod.require_writable(out.parent)  # before the work
     start = time.perf_counter()
     embeddings = embed_sources(mod, model.to(device), sources, layer, args.image_size, device, opts.batch_size,
@@ -895,12 +939,29 @@ def run_embed(opts):
     meta = {"written_by": "eval.py embed", "images": str(opts.images.absolute()), "layer": layer, "eval_shift": shift,
             "checkpoint": str(opts.checkpoint.absolute()) if opts.checkpoint else None, "baseline": opts.baseline,
             "method": ckpt["method"] if ckpt else None, "epoch": ckpt.get("epoch") if ckpt else None,
-            "arch": args.arch, "width": args.width, "stem": args.stem, "image_size": args.image_size, "seed": args.seed}
-    with open(out, "wb") as f:  # a file object: numpy would add .npz to any other name
-        np.savez(f, embeddings=embeddings.numpy(), paths=np.array([n for n, _ in sources]), meta=np.array(json.dumps(meta)))
+            "arch": args.arch, "width": args.width, "stem": args.stem, "image_size": args.image_size, "seed": args.seed,
+            "weights": weights_key(model)}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: numpy would add .npz to any other name
+            np.savez(f, embeddings=embeddings.numpy(), paths=np.array([n for n, _ in sources]), meta=np.array(json.dumps(meta)))
+
+    write_atomic(out, write)
     print(f"embedded {len(sources)} images of {opts.images} with {describe(meta)}: {embeddings.shape[1]} dimensions, "
           f"in {time.perf_counter() - start:.1f} s")
     print(f"wrote {out}")
+
+
+def weights_key(model):
+    """A hash of every weight and buffer of the model that embedded: search checks its queries use the same one."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+META_KEYS = ("layer", "checkpoint", "baseline", "method", "epoch", "arch", "width", "stem", "image_size", "seed")
 
 
 def read_embeddings(path):
@@ -911,11 +972,11 @@ def read_embeddings(path):
         with np.load(path, allow_pickle=False) as f:
             meta = json.loads(f["meta"].item())
             embeddings, paths = torch.from_numpy(f["embeddings"]), f["paths"].tolist()
-    except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: a .npy, one bare array
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:  # TypeError: a .npy; BadZipFile: truncated
         raise UserError(f"EMBEDDINGS {path} is not a file of python eval.py embed ({e.__class__.__name__}); "
                         "write one with it") from None
     if not (isinstance(meta, dict) and meta.get("written_by") == "eval.py embed" and embeddings.ndim == 2
-            and len(paths) == len(embeddings)):
+            and len(paths) == len(embeddings) and all(k in meta for k in META_KEYS)):
         raise UserError(f"EMBEDDINGS {path} is not a file of python eval.py embed; write one with it")
     return embeddings, paths, meta
 
@@ -948,7 +1009,7 @@ def search_grid(path, plt, mod, query_sources, paths, scores, indices, what):
             ax.set_title(title, fontsize=7)
             outline(ax, "lightgray", 0.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
 
@@ -960,6 +1021,7 @@ def run_search(opts):
     embeddings, paths, meta = read_embeddings(opts.embeddings)
     listed = f"an image that {opts.embeddings} lists,"
     out = opts.out or opts.embeddings.with_name(f"{opts.embeddings.stem}-search.png")
+    check_out(out, [opts.embeddings, *(opts.query or []), *paths], opts.overwrite, GRID_FORMATS)
     if opts.index is not None:
         mod = import_method(meta["method"] or "byol", f"EMBEDDINGS {opts.embeddings}")  # its decode_image, for the grid
         bad = [i for i in opts.index if not 0 <= i < len(paths)]
@@ -973,6 +1035,10 @@ def run_search(opts):
                             "pass its new location with --checkpoint")
         model_flags = {} if checkpoint else {k: meta[k] for k in ("arch", "width", "stem", "image_size", "seed")}
         mod, _, args, model = load_model(checkpoint, meta["baseline"], meta["layer"], **model_flags)
+        if meta.get("weights") not in (None, weights_key(model)):  # None: a file older than the check
+            raise UserError(f"{checkpoint} is not the model {opts.embeddings} was embedded with (its weights differ from "
+                            f"those of {meta['checkpoint']} at epoch {meta['epoch']}); pass that one with --checkpoint, "
+                            "or embed again")
         device = mod.pick_device(opts.device, 0)
         query_sources = [image_source(mod, q, "--query") for q in opts.query]
         queries = embed_sources(mod, model.to(device), query_sources, meta["layer"], args.image_size, device, 256,
@@ -1002,6 +1068,11 @@ def run_export(opts):
         raise UserError(f"CHECKPOINT {opts.checkpoint} is a --freeze-encoder run: its encoder is the --init or --pretrained "
                         "one it started from, and what it learned is its projector; use python eval.py embed --layer projector")
     out = opts.out or opts.checkpoint.parent / "encoder.pt"
+    if out.suffix.lower() == ".json":
+        raise UserError(f"--out {out}: the sidecar is written to OUT.json, the same file; name the weights e.g. "
+                        f"{out.with_suffix('.pt')}")
+    for path in (out, out.with_suffix(".json")):
+        check_out(path, [opts.checkpoint], opts.overwrite)
     mod.require_writable(out.parent)
     encoder = model.encoder
     with torch.no_grad():
@@ -1009,7 +1080,7 @@ def run_export(opts):
     # A timm backbone is exported as timm's own model (its keys, its mean and std): it loads with timm.create_model.
     timm_net = isinstance(encoder, mod.TimmBackbone)
     mean, std = (encoder.mean, encoder.std) if timm_net else (mod.IMAGENET_MEAN, mod.IMAGENET_STD)
-    torch.save((encoder.net if timm_net else encoder).state_dict(), out)
+    write_atomic(out, lambda tmp: torch.save((encoder.net if timm_net else encoder).state_dict(), tmp))
     conv4 = args.arch == "conv4"
     sidecar = {"checkpoint": str(opts.checkpoint.absolute()), "method": ckpt["method"], "epoch": ckpt.get("epoch"),
                "arch": args.arch, "width": args.width if conv4 else None, "stem": None if conv4 else args.stem,
@@ -1018,7 +1089,7 @@ def run_export(opts):
                "mean": list(mean), "std": list(std)}
     if timm_net:
         sidecar["load"] = f"timm.create_model({args.arch!r}, num_classes=0).load_state_dict(torch.load(PATH))"
-    out.with_suffix(".json").write_text(json.dumps(sidecar, indent=1) + "\n")
+    write_atomic(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=1) + "\n"))
     shape = f"conv4, widths {','.join(map(str, args.width))}" if conv4 else f"{args.arch}, {args.stem} stem"
     print(f"wrote the online encoder of {opts.checkpoint} ({shape}, {args.image_size} px, {feature_dim} features): "
           f"{out} and {out.with_suffix('.json')}")
@@ -1124,15 +1195,17 @@ def run(opts):
     pictures = []
     if not opts.no_pictures and "left" in extras:
         try:
+            pyplot()
+        except UserError as e:  # no matplotlib: the metrics still count
+            print(f"note: {e}; skipped the pictures", file=sys.stderr)
+        else:
             retrieval_grid(out / "retrieval_grid.png", data, extras)
             pictures.append(str(out / "retrieval_grid.png"))
             if "similarity" in metrics:
                 similarity_hist(out / "similarity_hist.png", positive, random)
                 pictures.append(str(out / "similarity_hist.png"))
-        except UserError as e:  # no matplotlib: the metrics still count
-            print(f"note: {e}; skipped the pictures", file=sys.stderr)
     result["pictures"] = pictures
-    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(out / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     print_table(result)
     print(f"wrote {out / 'eval.json'}" + "".join(f", {p}" for p in pictures))
     return result

@@ -22,6 +22,7 @@ Use the method without this CLI:
 
 import argparse
 import csv
+import fcntl
 import functools
 import hashlib
 import io
@@ -204,6 +205,11 @@ def fill_defaults(args):
         if value < low:
             raise UserError(f"{flag} {value} is too small; use {low} or more")
     args.width = conv4_widths(args.width)
+    if args.arch == "conv4" and args.image_size < 16:
+        raise UserError(f"--image-size {args.image_size} is too small for conv4, whose four 2x2 max-pools need 16 px; "
+                        "use 16 or more")
+    if not 0 <= args.seed < 2 ** 32:  # numpy's seeds
+        raise UserError(f"--seed {args.seed} must lie in [0, 2**32)")
     check_eval_shift(args.eval_shift, args.image_size)
     if args.image_size > 1024:
         raise UserError(f"--image-size {args.image_size} is too large: the image cache holds every image at that size "
@@ -360,9 +366,12 @@ class PairData:
 def to_rgb(img):
     """RGB as a viewer shows it: EXIF orientation applied, 16-bit scaled to 8, transparency on white."""
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        peak = 65535 if img.mode.startswith("I;16") else max(1, img.getextrema()[1])
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) * (255 / peak)).clip(0, 255).round().astype(np.uint8))
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # Floats (mode F) usually lie in [0, 1]; integers and other floats are scaled by their peak.
+        high = img.getextrema()[1]
+        peak = 65535 if img.mode.startswith("I;16") else 1.0 if img.mode == "F" and high <= 1 else max(1, high)
+        x = np.nan_to_num(np.asarray(img, dtype=np.float64) * (255 / peak))
+        img = Image.fromarray(x.clip(0, 255).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
     return img.convert("RGB")
@@ -380,8 +389,10 @@ def decode_image(read_bytes, name, size):
             left, top = (w - size) // 2, (h - size) // 2
             img = img.crop((left, top, left + size, top + size))
             return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-    except (OSError, UnidentifiedImageError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError) as e:
-        # RuntimeError: an encrypted zip member; BadZipFile: a bad CRC; zlib.error: corrupt deflate data.
+    except (OSError, UnidentifiedImageError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError,
+            Image.DecompressionBombError) as e:
+        # RuntimeError: an encrypted zip member; BadZipFile: a bad CRC; zlib.error: corrupt deflate data;
+        # DecompressionBombError: more pixels than Pillow agrees to decode (a small file can claim billions).
         raise UserError(f"cannot read image {name} ({e.__class__.__name__}: {e}); replace or remove that file") from None
 
 
@@ -411,6 +422,22 @@ def decode_all(sources, size, workers):
 
 def file_source(path):
     return str(path), Path(path).read_bytes
+
+
+def image_files(root):
+    """Every image file under `root`, sorted: symlinked folders followed (each real folder once), hidden files and
+    folders (.thumbs) left out, and regular files only (reading a FIFO named like an image would wait forever)."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        paths = (Path(top) / f for f in files if not f.startswith("."))
+        found += [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted(found)
 
 
 def zip_sources(zip_path, names):
@@ -592,7 +619,7 @@ def list_side(root, side):
     folder, archive = root / side, root / f"{side}.zip"
     exts = IMAGE_EXTENSIONS
     if folder.is_dir():
-        return {p.name: file_source(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in exts}
+        return {p.name: file_source(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in exts and p.is_file()}
     if archive.is_file():
         zf = open_zip(archive)
         members = sorted(n for n in zf.namelist() if n.lower().endswith(exts))
@@ -680,9 +707,8 @@ def load_folder(args):
     """Class subfolders: a positive pair is two images of one class. Unlabelled images (--labels none): two
     augmentations of one image."""
     root = require_dir(args.data_dir)
-    exts = IMAGE_EXTENSIONS
     if args.labels == "none":
-        files = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in exts and p.is_file()]
+        files = image_files(root)
         if not files:
             raise UserError(f"--data-dir {root} holds no images; the dataset is empty")
         if int(os.environ.get("RANK", 0)) == 0:
@@ -690,8 +716,8 @@ def load_folder(args):
                   "of one image (--pairs aug); held-out images are judged by aug_copy_recall@1")
         images = decode_all([file_source(p) for p in files], args.image_size, args.workers)
         return unlabelled_data(images, [str(p) for p in files], args)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    files = [(p, c) for c in classes for p in sorted((root / c).rglob("*")) if p.suffix.lower() in exts]
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = [(p, c) for c in classes for p in image_files(root / c)]
     if not files:
         raise UserError(f"--data-dir {root} holds no images in class subfolders (--labels folders; --labels none takes every "
                         "image of the tree); the dataset is empty")
@@ -1053,11 +1079,18 @@ def build_encoder(arch="resnet18", stem="imagenet", pretrained=False, init=None,
             raise UserError(f"--init {init} starts with a {given}x{given} conv, the {stem} stem with a {built}x{built} one; "
                             f"pass --stem {'imagenet' if stem == 'small' else 'small'}")
         try:
-            missing, _ = net.load_state_dict(state, strict=False)
+            missing, unused = net.load_state_dict(state, strict=False)
         except Exception as e:
             raise UserError(f"--init {init} is not a state dict for {arch} ({e.__class__.__name__}); check the file") from None
-        if len(missing) == len(net.state_dict()):
-            raise UserError(f"--init {init} holds none of {arch}'s weights; pass a state dict saved from {arch}")
+        # BN's num_batches_tracked is never reported missing: count what loaded instead.
+        expected = [k for k in net.state_dict() if not k.endswith("num_batches_tracked")]
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing:
+            raise UserError(f"--init {init} holds {len(expected) - len(missing)} of the {len(expected)} tensors of {arch} "
+                            f"(missing e.g. {missing[0]}); pass a state dict saved from {arch}")
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"--init {init}: loaded all {len(expected)} tensors of {arch}"
+                  + (f"; {len(unused)} of its tensors are not {arch}'s and were left out" if unused else ""))
     return net, feature_dim
 
 
@@ -1178,7 +1211,7 @@ def frozen_features(encoder, data, args, device, is_main, fit_pca, batch_size=25
         cache = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # none yet, or unreadable: computed again
         cache = None
-    if cache is not None and cache.get("key") == key:
+    if isinstance(cache, dict) and cache.get("key") == key:
         features = cache["features"]
         if is_main:
             print(f"reusing cached features: {path} ({len(features)} images)")
@@ -1190,8 +1223,8 @@ def frozen_features(encoder, data, args, device, is_main, fit_pca, batch_size=25
         if is_main:
             try:
                 save_atomic({"key": key, "features": features}, path)
-            except OSError as e:
-                raise UserError(f"could not write {path} ({e.strerror or e}); free space, then run again") from None
+            except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+                raise UserError(f"could not write {path} ({write_error(e)}); free space, then run again") from None
             why = "made by other weights or from other images" if cache is not None else "none yet"
             print(f"cached the frozen encoder's features of {len(features)} images in {seconds:.1f} s (previous cache: {why}): {path}")
     if fit_pca and args.pca_dim:
@@ -1345,6 +1378,8 @@ def evaluate(model, data, device, max_images=2048, embedding="encoder", shift=0)
         metrics["aug_copy_recall@1"] = copy_recall_at_1(copies, embed(originals), owner)
     # Collapse is judged on the projector outputs of images the network trains on.
     sample = data.anchors[torch.randperm(len(data.anchors), generator=torch.Generator().manual_seed(1))[:max_images // 2]]
+    if len(sample) < 2:  # a spread needs two outputs
+        return metrics
     _, proj = embed_images(model, inputs[sample], device)
     metrics["collapse_std"] = collapse_std(proj)
     metrics["healthy_std"] = 1 / math.sqrt(proj.shape[1])
@@ -1417,6 +1452,11 @@ def constant_lr(step):
     return 1.0
 
 
+def write_error(e):
+    """What went wrong in a write, in one line: OSError's reason, or the first line of torch.save's RuntimeError."""
+    return (getattr(e, "strerror", None) or str(e) or e.__class__.__name__).splitlines()[0]
+
+
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
     path = Path(path)
@@ -1460,15 +1500,58 @@ class Diverged(Exception):
 
 
 def prepare_run_dir(out, resuming, overwrite):
-    """Before any data loads: the run directory can be written, and a new run never takes another's place."""
-    if not resuming and ((out / "last.pt").exists() or (out / "log.jsonl").exists()):
-        if not overwrite:
-            raise UserError(f"--out {out} already holds a run; continue it with --resume {out / 'last.pt'}, "
-                            "or add --overwrite to replace it")
-        for name in ("last.pt", "log.jsonl", "split.json"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "tb", ignore_errors=True)
+    """Before any data loads: the run directory can be written, no other run is using it, and a new run never takes
+    another's place. A folder without a checkpoint (a run stopped in its first epoch) holds no run: it is reused."""
     require_writable(out)
+    lock_run_dir(out)
+    if resuming:
+        return
+    if (out / "last.pt").exists() and not overwrite:
+        raise UserError(f"--out {out} already holds a run; continue it with --resume {out / 'last.pt'}, "
+                        "or add --overwrite to replace it")
+    for name in ("last.pt", "log.jsonl", "split.json"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)
+
+
+RUN_LOCK = []  # the open lock file of this process's run (one run at a time per process)
+
+
+def lock_run_dir(out):
+    """Holds `out` for this run: an exclusive lock on out/.lock, which the OS releases when the process ends, however
+    it ends. A second run into the same folder, started while the first runs, is refused."""
+    release_run_dir()  # this process's previous run has ended
+    f = open(out / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"--out {out} is in use by another run (it holds {out / '.lock'}); wait for that run to end, "
+                        "or pass another --out") from None
+    RUN_LOCK.append(f)
+
+
+def release_run_dir():
+    for f in RUN_LOCK:
+        f.close()
+    RUN_LOCK.clear()
+
+
+def rank0_verdict(check, world):
+    """Runs check() on rank 0 and gives its UserError, if any, to every rank: one rank stopping alone would leave the
+    others waiting for it in their first collective."""
+    error = None
+    if int(os.environ.get("RANK", 0)) == 0:
+        try:
+            check()
+        except UserError as e:
+            error = str(e)
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
 
 
 def require_writable(out):
@@ -1491,7 +1574,7 @@ class Logger:
         self.writer = None
         if enabled and (out / "log.jsonl").exists():
             lines = (out / "log.jsonl").read_text().splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= after_epoch]
+            kept = [line for line in lines if (epoch := log_epoch(line)) is not None and epoch <= after_epoch]
             (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
         if enabled:
             try:
@@ -1505,13 +1588,27 @@ class Logger:
     def log(self, record):
         if not self.enabled:
             return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.writer.add_scalar(k, v, record["epoch"])
-            self.writer.flush()
+        try:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.writer:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        self.writer.add_scalar(k, v, record["epoch"])
+                self.writer.flush()
+        except Exception as e:  # a full disk; TensorBoard's writer raises errors of its own kinds
+            last = self.jsonl.parent / "last.pt"
+            then = f"--resume {last}" if last.exists() else "run again"
+            raise UserError(f"could not write the log in {self.jsonl.parent} ({write_error(e)}); free space, then {then}") from None
+
+
+def log_epoch(line):
+    """The epoch of one line of log.jsonl, or None for a blank line or one half-written by a killed run."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("epoch", 0) if isinstance(record, dict) else None
 
 
 def format_metrics(m):
@@ -1523,6 +1620,7 @@ def train(args):
     if args.resume is not None:
         ckpt = load_checkpoint(args.resume)
         keep = {k: getattr(args, k) for k in ("resume", "stop_after_epochs", "device", "no_progress", "workers")}
+        check_resume_flags(args, keep)
         # A flag newer than the checkpoint takes its plain default (not the recipe's): that is how the run trained.
         args = argparse.Namespace(**{**vars(parse_args([], use_recipe=False)), **ckpt["args"], **keep})
         args.out = run_dir(args)
@@ -1537,6 +1635,9 @@ def train(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    if args.batch_size // world < 2:
+        raise UserError(f"--batch-size {args.batch_size}: batch norm needs 2 or more pairs per process; use --batch-size "
+                        f"{2 * world} or more")
     if args.reference_kernels:
         force_reference(True)
     torch.manual_seed(args.seed)
@@ -1545,13 +1646,16 @@ def train(args):
     is_main = rank == 0
     if args.freeze_encoder:
         check_frozen_training(args, is_main)
-    if is_main:
-        prepare_run_dir(args.out, resuming=ckpt is not None, overwrite=args.overwrite)
+    rank0_verdict(lambda: prepare_run_dir(args.out, resuming=ckpt is not None, overwrite=args.overwrite), world)
 
     data = load_data(args)
+    if ckpt is not None:
+        check_resumed_data(ckpt, data, args)
     steps_per_epoch = len(data.anchors) // args.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.anchors)} training anchors; lower --batch-size")
+        fix = "lower --batch-size" if len(data.anchors) >= 2 * world else "add data, or lower --holdout"  # 2: batch norm
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.anchors)} training anchors; {fix}")
+    data_key = images_key(data.images)  # before the cache moves to the GPU
     cache_on_device(data, device)
 
     # channels_last on every device: 1.5x faster per step for conv4 on a CPU, 1.08x for resnet18.
@@ -1602,6 +1706,8 @@ def train(args):
         logger.log(history[-1])
         if is_main:
             print(f"{'pretrained' if args.pretrained and not args.freeze_encoder else 'untrained'}: {format_metrics(untrained)}")
+            if name is None:
+                print(f"warning: nothing held out can be scored: {no_metric_advice(args, data)}", file=sys.stderr)
 
     stop_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
     for epoch in range(start_epoch, stop_epoch):
@@ -1649,15 +1755,53 @@ def train(args):
             try:
                 save_atomic({"method": METHOD, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                              "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "epoch": epoch + 1, "step": global_step + 1, "rng": rng_state(), "split": data.split, "history": history},
+                             "epoch": epoch + 1, "step": global_step + 1, "rng": rng_state(), "split": data.split,
+                             "data_key": data_key, "history": history},
                             args.out / "last.pt")
-            except OSError as e:
+            except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
                 kept = f"the checkpoint of epoch {epoch} is kept" if epoch > start_epoch or ckpt is not None else "no checkpoint was written yet"
-                raise UserError(f"could not write {args.out / 'last.pt'} ({e.strerror or e}); {kept}: free space, then "
+                raise UserError(f"could not write {args.out / 'last.pt'} ({write_error(e)}); {kept}: free space, then "
                                 f"--resume {args.out / 'last.pt'}") from None
     if world > 1:
         dist.destroy_process_group()
     return model, history, args
+
+
+def check_resume_flags(args, keep):
+    """--resume continues the run as its checkpoint describes: any other flag given with it is refused, not ignored."""
+    defaults = vars(parse_args(["--data", args.data]))
+    given = [k for k, v in vars(args).items() if k not in keep and k != "data" and v != defaults[k]]
+    if given:
+        flags = " ".join("--" + k.replace("_", "-") for k in given)
+        raise UserError(f"--resume continues the run with its own settings; drop {flags} (only --stop-after-epochs, "
+                        "--device, --workers and --no-progress apply), or start a new run to change them")
+
+
+def images_key(images):
+    """A hash of the decoded images (their number, order and content): a resumed run checks its data is the run's."""
+    h = hashlib.sha256(f"{tuple(images.shape)}".encode())
+    h.update(images.contiguous().numpy())
+    return h.hexdigest()
+
+
+def check_resumed_data(ckpt, data, args):
+    """The data a run resumes on must be the data it trained on: else held-out images move into training."""
+    old = ckpt.get("data_key")  # older checkpoints: their split alone
+    if data.split != ckpt.get("split", data.split) or (old is not None and old != images_key(data.images)):
+        where = f"--pairs-csv {args.pairs_csv}" if args.data == "pairs" else f"--data-dir {args.data_dir}"
+        raise UserError(f"--resume {args.resume}: {where} no longer holds the images the run trained on (its images or "
+                        "held-out split differ); restore them, or start a new run")
+
+
+def no_metric_advice(args, data):
+    """Why the held-out split gives no quality metric, and what would help."""
+    if args.holdout == 0:
+        return "--holdout is 0; raise --holdout"
+    if data.labels is not None and len(data.labels.unique()) == 1:
+        return "the data has a single class, which cannot be both trained on and held out; add classes"
+    if data.test_images is not None and data.test_images.any():
+        return "each held-out class has a single image, and two are needed to score; add images"
+    return f"--holdout {args.holdout} holds out nothing of so few items; raise --holdout or add data"
 
 
 def load_checkpoint(path):
@@ -1675,14 +1819,17 @@ def load_checkpoint(path):
 
 def summary(history):
     """Trained against untrained, on the same held-out data."""
-    first, last = history[0], history[-1]
+    first = history[0]
     name = quality_name(first)
-    if name is None or name not in last:
-        return ("warning: no held-out quality metric: the held-out split has no pairs, runs or labelled images "
-                "to score; raise --holdout")
+    if name is None:
+        return "warning: no held-out quality metric: the held-out split has no pairs, runs or labelled images to score"
+    last = next(r for r in reversed(history) if name in r)  # the last evaluation (the run may stop between two)
+    if last is first:
+        return f"{name}: {first[name]:.3f} untrained; the run stopped before its first evaluation (--eval-every)"
     frozen = first.get(f"frozen_encoder_{name}")  # --freeze-encoder
     start = "pretrained" if f"baseline_pretrained_{name}" in first else "untrained"
-    return f"{name}: {last[name]:.3f} trained vs {first[name]:.3f} {start}" + (
+    when = "" if last is history[-1] else f" (epoch {last['epoch']}, the last evaluation)"
+    return f"{name}: {last[name]:.3f} trained{when} vs {first[name]:.3f} {start}" + (
         "" if frozen is None else f" (projector outputs; the frozen features it trains on: {frozen:.3f})")
 
 
@@ -1694,14 +1841,18 @@ def main(argv=None):
         print(f"{METHOD}.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{METHOD}.py: interrupted; continue from the last checkpoint with: python {METHOD}.py --resume "
-              f"{run_dir(args) / 'last.pt'}", file=sys.stderr)
+        last = run_dir(args) / "last.pt"
+        then = (f"continue from the last checkpoint with: python {METHOD}.py --resume {last}" if last.exists()
+                else "no checkpoint was written yet; run the same command again to start over")
+        print(f"{METHOD}.py: interrupted; {then}", file=sys.stderr)
         return 130
     except Diverged as e:
         out = run_dir(args)
         kept = f"the last good checkpoint is kept in {out}" if (out / "last.pt").exists() else "no checkpoint was written"
         print(f"{METHOD}.py: error: {e}; stopped, {kept}", file=sys.stderr)
         return 1
+    finally:
+        release_run_dir()  # the OS would at exit; a caller in the same process may start another run
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run directory: {args.out}")
         print(summary(history))
