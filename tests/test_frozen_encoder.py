@@ -80,7 +80,7 @@ def test_runs_succeed_and_say_what_they_rank(runs):
         assert "ranking projector outputs (frozen encoder, trained head)" in out
     assert "cached the frozen encoder's features of 40 images" in runs["a"][1]
     assert "reusing cached features" in runs["c"][1]  # the resumed run reads B's cache
-    assert "frozen_encoder_recall@1=" in runs["a"][1]  # epoch 0 also scores the frozen features alone
+    assert "frozen features (the head's input)" in runs["a"][1]  # epoch 0 also scores the frozen features alone
     assert "(projector outputs; the frozen features it trains on:" in runs["a"][1].splitlines()[-1]
 
 
