@@ -187,7 +187,7 @@ def run_args(opts, mod, ckpt):
     # The script's defaults for this data (its recipe), so that args it added later are present.
     args = mod.parse_args(["--data", opts.data or (saved["data"] if saved else "omniglot")])
     if saved:
-        vars(args).update(saved)  # the model; for its own data also the data and split
+        vars(args).update({"val_fraction": 0.0, **saved})  # the model; for its own data also the data and split (older runs carved no validation)
     own_data = saved is not None and opts.data in (None, saved["data"])
     if own_data:
         if opts.labels is not None:
@@ -226,7 +226,7 @@ def run_args(opts, mod, ckpt):
     if opts.all_pairs:
         if args.data not in ("tll", "pairs"):
             raise UserError(f"--all-pairs needs explicit pairs (--data tll or pairs), not --data {args.data}")
-        args.holdout = 0.0
+        args.holdout = args.val_fraction = 0.0  # every pair a training pair, none carved off: all of them evaluated
     args.data_dir = Path(args.data_dir) if args.data_dir is not None else None
     args.pairs_csv = Path(args.pairs_csv) if args.pairs_csv is not None else None
     args.workers, args.download = opts.workers, opts.download
@@ -450,31 +450,6 @@ def collapse_stats(mod, z):
             "healthy_std": 1 / math.sqrt(z.shape[1]), "effective_rank": mod.effective_rank(z)}
 
 
-def classification_split(data, seed, max_images):
-    """(reference, query) image indices for kNN and the probe, and how they were chosen.
-
-    CIFAR-10/STL-10 hold out images of the training classes: reference = training images.
-    Folder data hold out whole classes, unseen in training: their images are split in
-    half per class, one half the reference, the other the queries.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    train, test = (~data.test_images).nonzero().flatten(), data.test_images.nonzero().flatten()
-    if set(data.labels[test].tolist()) <= set(data.labels[train].tolist()):
-        ref, query, protocol = train, test, "training images -> held-out images"
-    else:
-        ref, query = [], []
-        for c in data.labels[test].unique():
-            members = test[data.labels[test] == c]
-            members = members[torch.randperm(len(members), generator=gen)]
-            ref.append(members[: (len(members) + 1) // 2])
-            query.append(members[(len(members) + 1) // 2:])
-        ref, query, protocol = torch.cat(ref), torch.cat(query), "held-out classes, half of each class -> other half"
-    if max_images is not None:
-        ref = ref[torch.randperm(len(ref), generator=gen)[:max_images]].sort().values
-        query = query[torch.randperm(len(query), generator=gen)[:max_images]].sort().values
-    return ref, query, protocol
-
-
 class Embeddings:
     """Embeds each needed image once; rows are looked up by image index."""
 
@@ -497,7 +472,7 @@ def evaluate(opts, mod, model, data, args, device):
     pairs = data.test_pairs
     labelled = data.labels is not None and data.test_images is not None and bool(data.test_images.any())
     if labelled:
-        ref, query, protocol = classification_split(data, args.seed, opts.max_images)
+        ref, query, protocol = mod.knn_split(data, opts.max_images)  # the training log's split: the same kNN
         # Ranking metrics on the held-out images: the query images, or all of the held-out classes.
         held_out = query if protocol.startswith("training") else torch.cat([ref, query]).sort().values
     copied = data.copies is not None and len(data.copies) > 0  # unlabelled folders
@@ -537,8 +512,9 @@ def evaluate(opts, mod, model, data, args, device):
         if len(ref) and len(query):
             r, q = emb(ref, which), emb(query, which)
             r_labels, q_labels = data.labels[ref].to(r.device), data.labels[query].to(r.device)
-            for k in KNN_KS:
-                cls[f"knn@{k}"] = knn_accuracy(mod, r, r_labels, q, q_labels, k, min(1024, rows_for(len(r))))
+            voted = torch.isin(q_labels, r_labels)  # queries of a class kNN can vote for, as in the training log
+            for k in [] if not voted.any() else sorted({mod.knn_k(r_labels, q_labels[voted], k) for k in KNN_KS}):  # k <= the smallest class's references
+                cls[f"knn@{k}"] = knn_accuracy(mod, r, r_labels, q[voted], q_labels[voted], k, min(1024, rows_for(len(r))))
             cls["linear_probe"] = linear_probe(r, r_labels, q, q_labels)
         metrics["classification"] = cls
         if len(held_out):
@@ -1097,6 +1073,28 @@ def run_export(opts):
 
 # ----------------------------------------------------------------------------- main
 
+# Where each training-log quality metric sits in eval.py's metrics (kNN: "classification/knn@k").
+LOG_METRIC = {"one_shot": ("one_shot", "20way"), "val_one_shot": ("val_one_shot", "20way"),
+              "r_precision": ("metric_learning", "r_precision"), "recall@1": ("retrieval", "left_to_right", "recall@1"),
+              "aug_copy_recall@1": ("aug_copy_retrieval", "aug_copy_recall@1")}
+
+
+def run_baselines(mod, ckpt, metrics):
+    """The baselines the run logged at epoch 0 (untrained, raw pixels, ...) on this same held-out data, beside
+    this evaluation's value of the run's quality metric, and the run's warning when it beats none of them."""
+    first = (ckpt.get("history") or [{}])[0]
+    name = mod.quality_name(first)
+    path = ("classification", name) if name and name.startswith("knn@") else LOG_METRIC.get(name)
+    value = metrics
+    for key in path or ["missing"]:
+        value = value.get(key) if isinstance(value, dict) else None
+    if value is None:
+        return None
+    text, warning = mod.against_baselines(name, value, first)
+    return {"metric": name, "trained": value, "baselines": {k: v for k, v in first.items() if k.startswith("baseline_")},
+            "line": f"{name}: {value:.3f} trained vs {text}" if text else None, "warning": warning}
+
+
 
 def default_embedding(opts, args):
     """What the run learned: a --freeze-encoder run's projector outputs (its encoder never trained), else the encoder's."""
@@ -1135,6 +1133,11 @@ def print_table(result):
     width = max((len(k) for k, _ in rows), default=0)
     for key, value in rows:
         print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+    verdict = result.get("against_baselines")
+    if verdict and verdict["line"]:
+        print(f"{verdict['line']} (baselines: the run's epoch 0, same held-out data)")
+        if verdict["warning"]:
+            print(verdict["warning"])
     t = result["seconds"]
     print(f"embedded {t['images_embedded']} images in {t['embed_s']:.1f} s; metrics in {t['metrics_s']:.2f} s")
 
@@ -1192,6 +1195,8 @@ def run(opts):
         "metrics": metrics,
         "seconds": timing,
     }
+    if ckpt is not None and opts.baseline is None and own_data and not opts.all_pairs:
+        result["against_baselines"] = run_baselines(mod, ckpt, metrics)
     pictures = []
     if not opts.no_pictures and "left" in extras:
         try:

@@ -112,6 +112,9 @@ def parse_args(argv=None, use_recipe=True):
                    help="natural: positives are the dataset's own pairs; aug: two augmentations of one image")
     g.add_argument("--download", action="store_true", help="download tll/cifar10/stl10 into --data-dir")
     g.add_argument("--holdout", type=float, default=0.2, help="fraction of pairs (or classes, or unlabelled images) held out for evaluation")
+    g.add_argument("--val-fraction", type=float, default=0.0,
+                   help="fraction of the training pairs (classes, unlabelled images) carved off as validation: scored every "
+                        "evaluation, it picks best.pt and stops early (--patience); the held-out test split never chooses")
     g.add_argument("--image-size", type=int, default=64, help="training resolution")
     g.add_argument("--workers", type=int, default=4, help="threads that decode images once at start-up")
     g = p.add_argument_group("augmentation")
@@ -153,7 +156,9 @@ def parse_args(argv=None, use_recipe=True):
                    help="--freeze-encoder: PCA-whiten the features to this many dimensions, fitted on the training images (0: off)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch of positive pairs")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch of positive pairs (default: the recipe's {RECIPES[data].get('batch_size', 64)}, lowered "
+                        "to the largest power of two that gives the training data at least two steps per epoch)")
     g.add_argument("--optimizer", default="sgd", choices=["lars", "adamw", "sgd"], help="LARS as in the paper for large batches; SGD or AdamW for small ones")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: BASE_LR[optimizer] * batch-size / 256)")
     g.add_argument("--weight-decay", type=float, default=None, help="default: 1.5e-6 lars, 1e-4 sgd, 1e-6 adamw")
@@ -169,13 +174,16 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--stop-after-epochs", type=int, default=None, help="stop after this many epochs of this invocation (time-limited jobs)")
     g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar updates (each costs one host sync)")
     g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
+    g.add_argument("--patience", type=int, default=0,
+                   help="stop when the validation metric (--val-fraction; Omniglot: val_one_shot) has not improved for this "
+                        "many evaluations (0: train every epoch); best.pt keeps the best validation epoch either way")
     g.add_argument("--eval-shift", type=int, default=0, metavar="N",
                    help="test-time augmentation: an image's embedding is the mean of the normalised embeddings of the image and "
                         "of its copies shifted N pixels left, right, up and down (edge pixels repeated); 0: the image alone")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_method_args(p.add_argument_group(f"method ({METHOD})"))
-    if use_recipe:
-        p.set_defaults(**RECIPES[data])
+    if use_recipe:  # the recipe's batch size is a ceiling, fitted to the data once it is loaded (fit_to_data)
+        p.set_defaults(**{k: v for k, v in RECIPES[data].items() if k != "batch_size"})
     return p.parse_args(argv)
 
 
@@ -192,15 +200,15 @@ def fill_defaults(args):
         args.stem = "small" if args.image_size <= 64 and not args.pretrained else "imagenet"
     if args.warmup_epochs is None:
         args.warmup_epochs = min(10.0, 0.1 * args.epochs)
-    if args.lr is None:
+    if args.lr is None and args.batch_size is not None:  # else fit_to_data sets both once the data is loaded
         args.lr = BASE_LR[args.optimizer] * args.batch_size / 256
     if args.weight_decay is None:
         args.weight_decay = {"lars": 1.5e-6, "sgd": 1e-4, "adamw": 1e-6}[args.optimizer]
     if args.out is None:
         args.out = run_dir(args)
-    for flag, value, low in [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+    for flag, value, low in [("--epochs", args.epochs, 1), ("--batch-size", 1 if args.batch_size is None else args.batch_size, 1),
                              ("--image-size", args.image_size, 8), ("--log-every", args.log_every, 1),
-                             ("--eval-every", args.eval_every, 1), ("--workers", args.workers, 1),
+                             ("--eval-every", args.eval_every, 1), ("--workers", args.workers, 1), ("--patience", args.patience, 0),
                              ("--stop-after-epochs", 1 if args.stop_after_epochs is None else args.stop_after_epochs, 1)]:
         if value < low:
             raise UserError(f"{flag} {value} is too small; use {low} or more")
@@ -214,14 +222,16 @@ def fill_defaults(args):
     if args.image_size > 1024:
         raise UserError(f"--image-size {args.image_size} is too large: the image cache holds every image at that size "
                         f"({3 * args.image_size ** 2 / 2 ** 20:.0f} MiB each); use 1024 or less")
-    for flag, value in [("--lr", args.lr), ("--weight-decay", args.weight_decay), ("--warmup-epochs", args.warmup_epochs),
-                        ("--backbone-lr-factor", args.backbone_lr_factor)]:
+    for flag, value in [("--lr", 1.0 if args.lr is None else args.lr), ("--weight-decay", args.weight_decay),
+                        ("--warmup-epochs", args.warmup_epochs), ("--backbone-lr-factor", args.backbone_lr_factor)]:
         if not (math.isfinite(value) and value >= 0) or (flag == "--lr" and value == 0):
             raise UserError(f"{flag} {value} must be a finite number" + (" above 0" if flag == "--lr" else " of 0 or more"))
     check_method_args(args)
     check_frozen_encoder_args(args)
     if not 0.0 <= args.holdout < 1.0:
         raise UserError(f"--holdout {args.holdout} must lie in [0, 1)")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UserError(f"--val-fraction {args.val_fraction} must lie in [0, 1)")
     if args.data != "folder" and args.labels != "auto":
         raise UserError(f"--labels {args.labels} applies to --data folder only; drop it for --data {args.data}")
     if args.data == "folder" and args.labels == "auto" and args.data_dir is not None and Path(args.data_dir).is_dir():
@@ -361,6 +371,7 @@ class PairData:
     features: torch.Tensor = None  # --freeze-encoder: the frozen encoder's features of `images` ([N, D] float)
     copies: torch.Tensor = None  # unlabelled folders: uint8 augmented copies of held-out images, for aug_copy_recall@1
     copy_of: torch.Tensor = None  # [K] the image index each copy was made from
+    validation: "PairData" = None  # --val-fraction: the same images, its held-out part carved from the training part
 
 
 def to_rgb(img):
@@ -481,9 +492,20 @@ def split_items(n, holdout, seed):
     return sorted(order[n_test:]), sorted(order[:n_test])
 
 
-def pairs_data(images, names, left, right, holdout, seed, pairs_mode):
+def carve_validation(train, fraction, seed, least=2):
+    """(train, validation): validation items carved from the training items alone, never from the test split; none
+    unless both sides keep `least` items (a ranking among fewer says nothing)."""
+    n_val = max(least, int(round(len(train) * fraction))) if fraction > 0 else 0
+    if n_val == 0 or len(train) - n_val < least:
+        return train, []
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 2)).tolist()
+    return sorted(train[i] for i in order[n_val:]), sorted(train[i] for i in order[:n_val])
+
+
+def pairs_data(images, names, left, right, holdout, seed, pairs_mode, val_fraction=0.0):
     """Data whose positives are explicit (left[i], right[i]) pairs."""
     train, test = split_items(len(left), holdout, seed)
+    train, val = carve_validation(train, val_fraction, seed)
     if not train:
         raise UserError("no training pairs left after the hold-out; lower --holdout or add pairs")
     left_t, right_t = torch.tensor(left), torch.tensor(right)
@@ -498,15 +520,20 @@ def pairs_data(images, names, left, right, holdout, seed, pairs_mode):
         group_sizes=torch.full((len(anchors),), groups.shape[1]), anchor_pos=torch.zeros(len(anchors), dtype=torch.long),
         test_pairs=torch.stack([left_t[test], right_t[test]], 1).reshape(-1, 2),
         split={"test_pairs": [[names[left[i]], names[right[i]]] for i in test]},
+        validation=None if not val else PairData(
+            images=images, names=names, anchors=anchors, groups=groups, group_sizes=torch.full((len(anchors),), groups.shape[1]),
+            anchor_pos=torch.zeros(len(anchors), dtype=torch.long), test_pairs=torch.stack([left_t[val], right_t[val]], 1),
+            split={"val_pairs": [[names[left[i]], names[right[i]]] for i in val]}),
     )
 
 
-def grouped_data(images, names, labels, holdout, seed, pairs_mode, class_names=None):
-    """Data whose positives are the images of one class; whole classes are held out."""
+def grouped_data(images, names, labels, holdout, seed, pairs_mode, class_names=None, val_fraction=0.0):
+    """Data whose positives are the images of one class; whole classes are held out (test and validation)."""
     labels = torch.as_tensor(labels)
     classes = labels.unique().tolist()
     train_cls, test_cls = split_items(len(classes), holdout, seed)
-    train_cls, test_cls = [classes[i] for i in train_cls], [classes[i] for i in test_cls]
+    train_cls, val_cls = carve_validation(train_cls, val_fraction, seed)
+    train_cls, test_cls, val_cls = [classes[i] for i in train_cls], [classes[i] for i in test_cls], [classes[i] for i in val_cls]
     members = {c: (labels == c).nonzero().flatten() for c in classes}
     anchors = torch.cat([members[c] for c in train_cls]) if train_cls else torch.empty(0, dtype=torch.long)
     if pairs_mode == "aug":
@@ -525,12 +552,18 @@ def grouped_data(images, names, labels, holdout, seed, pairs_mode, class_names=N
         if len(m) >= 2:
             test_pairs.append(m[:2])
     test_pairs = torch.stack(test_pairs) if test_pairs else torch.empty(0, 2, dtype=torch.long)
-    is_test = torch.zeros(len(labels), dtype=torch.bool)
+    is_test, is_val = torch.zeros(len(labels), dtype=torch.bool), torch.zeros(len(labels), dtype=torch.bool)
     for c in test_cls:
         is_test[members[c]] = True
+    for c in val_cls:
+        is_val[members[c]] = True
+    name = lambda cs: [class_names[c] if class_names else str(c) for c in cs]  # noqa: E731
     return PairData(
         images=images, names=names, anchors=anchors, groups=groups, group_sizes=sizes, anchor_pos=pos,
-        test_pairs=test_pairs, labels=labels, test_images=is_test, split={"test_classes": [class_names[c] if class_names else str(c) for c in test_cls]},
+        test_pairs=test_pairs, labels=labels, test_images=is_test, split={"test_classes": name(test_cls)},
+        validation=None if not val_cls else PairData(
+            images=images, names=names, anchors=anchors, groups=groups, group_sizes=sizes, anchor_pos=pos,
+            test_pairs=torch.empty(0, 2, dtype=torch.long), labels=labels, test_images=is_val, split={"val_classes": name(val_cls)}),
     )
 
 
@@ -650,7 +683,8 @@ def load_tll(args):
     sources = [left[k] for k in keys] + [right[k] for k in keys]
     images = decode_all(sources, args.image_size, args.workers)
     n = len(keys)
-    return pairs_data(images, [s[0] for s in sources], list(range(n)), list(range(n, 2 * n)), args.holdout, args.seed, args.pairs)
+    return pairs_data(images, [s[0] for s in sources], list(range(n)), list(range(n, 2 * n)), args.holdout, args.seed, args.pairs,
+                      args.val_fraction)
 
 
 def load_pairs_csv(args):
@@ -683,24 +717,31 @@ def load_pairs_csv(args):
     images = decode_all([file_source(f) for f in files], args.image_size, args.workers)
     left = [index[str(resolve(r[0]))] for r in rows]
     right = [index[str(resolve(r[1]))] for r in rows]
-    return pairs_data(images, files, left, right, args.holdout, args.seed, args.pairs)
+    return pairs_data(images, files, left, right, args.holdout, args.seed, args.pairs, args.val_fraction)
 
 
 def unlabelled_data(images, names, args, max_copied=2048):
     """Data without classes or pairs: a positive is two augmentations of one image. Held-out images (at most
     max_copied, a seeded draw) get two augmented copies each, to be found again among the held-out originals."""
     train, test = split_items(len(images), args.holdout, args.seed)
+    train, val = carve_validation(train, args.val_fraction, args.seed)
     anchors = torch.tensor(train, dtype=torch.long)
-    is_test = torch.zeros(len(images), dtype=torch.bool)
-    is_test[test] = True
-    copied = torch.tensor(test, dtype=torch.long)
-    copied = copied[torch.randperm(len(copied), generator=torch.Generator().manual_seed(args.seed))[:max_copied]].sort().values
-    copies, copy_of = augmented_copies(images, copied, args)
-    return PairData(
-        images=images, names=names, anchors=anchors, groups=anchors[:, None], group_sizes=torch.ones(len(anchors), dtype=torch.long),
-        anchor_pos=torch.zeros(len(anchors), dtype=torch.long), test_pairs=torch.empty(0, 2, dtype=torch.long),
-        test_images=is_test, copies=copies, copy_of=copy_of, split={"test_images": [names[i] for i in test]},
-    )
+
+    def held_out(items, key):
+        is_held = torch.zeros(len(images), dtype=torch.bool)
+        is_held[items] = True
+        copied = torch.tensor(items, dtype=torch.long)
+        copied = copied[torch.randperm(len(copied), generator=torch.Generator().manual_seed(args.seed))[:max_copied]].sort().values
+        copies, copy_of = augmented_copies(images, copied, args)
+        return PairData(
+            images=images, names=names, anchors=anchors, groups=anchors[:, None], group_sizes=torch.ones(len(anchors), dtype=torch.long),
+            anchor_pos=torch.zeros(len(anchors), dtype=torch.long), test_pairs=torch.empty(0, 2, dtype=torch.long),
+            test_images=is_held, copies=copies, copy_of=copy_of, split={key: [names[i] for i in items]},
+        )
+
+    data = held_out(test, "test_images")
+    data.validation = held_out(val, "val_images") if val else None
+    return data
 
 
 def load_folder(args):
@@ -723,7 +764,9 @@ def load_folder(args):
                         "image of the tree); the dataset is empty")
     images = decode_all([file_source(p) for p, _ in files], args.image_size, args.workers)
     labels = [classes.index(c) for _, c in files]
-    return grouped_data(images, [str(p) for p, _ in files], labels, args.holdout, args.seed, args.pairs, classes)
+    data = grouped_data(images, [str(p) for p, _ in files], labels, args.holdout, args.seed, args.pairs, classes, args.val_fraction)
+    data.test_pairs = data.test_pairs[:0]  # a pair per held-out class is noise: R-Precision ranks every held-out image
+    return data
 
 
 def load_torchvision(args):
@@ -762,6 +805,8 @@ def load_data(args):
     loader = {"omniglot": load_omniglot, "tll": load_tll, "pairs": load_pairs_csv, "folder": load_folder,
               "cifar10": load_torchvision, "stl10": load_torchvision}[args.data]
     data = loader(args)
+    if data.validation is not None:
+        data.split.update(data.validation.split)  # saved with the run: what chose best.pt
     if len(data.anchors) == 0:
         raise UserError(f"--data {args.data}: no training images after the hold-out; the dataset is empty")
     return data
@@ -1338,11 +1383,36 @@ def effective_rank(z):
     return math.exp(-(p * (p + 1e-12).log()).sum().item())
 
 
-def evaluate(model, data, device, max_images=2048, embedding="encoder", shift=0):
-    """Quality metrics on held-out data, ranking `embedding` (encoder features or projector outputs) of each image
-    (shift: of its shifted copies, see embed_images), and collapse metrics (of each image alone). Where the images
-    have cached features (--freeze-encoder), those stand in for them."""
-    pick = ("encoder", "projector").index(embedding)  # embed_images returns (encoder features, projector outputs)
+def knn_split(data, max_images=None, seed=0):
+    """(reference, query) image indices for kNN, and how they were chosen; the training log and eval.py share it, so
+    that they agree for the same weights. Held-out images of training classes (CIFAR-10, STL-10): the reference is
+    the training images. Whole classes held out (folders): each class's images split in half, reference and queries."""
+    gen = torch.Generator().manual_seed(seed)
+    train, test = (~data.test_images).nonzero().flatten(), data.test_images.nonzero().flatten()
+    if set(data.labels[test].tolist()) <= set(data.labels[train].tolist()):
+        ref, query, protocol = train, test, "training images -> held-out images"
+    else:
+        ref, query = [], []
+        for c in data.labels[test].unique():
+            members = test[data.labels[test] == c]
+            members = members[torch.randperm(len(members), generator=gen)]
+            ref.append(members[: (len(members) + 1) // 2])
+            query.append(members[(len(members) + 1) // 2:])
+        ref, query, protocol = torch.cat(ref), torch.cat(query), "held-out classes, half of each class -> other half"
+    if max_images is not None:
+        ref = ref[torch.randperm(len(ref), generator=gen)[:max_images]].sort().values
+        query = query[torch.randperm(len(query), generator=gen)[:max_images]].sort().values
+    return ref, query, protocol
+
+
+def knn_k(ref_labels, query_labels, k=20):
+    """k, at most the smallest reference count of a queried class: beyond it, kNN outvotes a small class by design."""
+    counts = torch.bincount(ref_labels)[query_labels.unique()]
+    return max(1, min(k, int(counts.min()))) if len(counts) else k
+
+
+def scores(model, data, device, max_images=2048, pick=0, shift=0):
+    """The quality metrics of `data`'s held-out part, ranking output `pick` (0: encoder features, 1: projector)."""
     inputs = data.images if data.features is None else data.features
 
     def embed(idx):
@@ -1357,26 +1427,35 @@ def evaluate(model, data, device, max_images=2048, embedding="encoder", shift=0)
     if data.val_runs:
         metrics["val_one_shot"] = one_shot_accuracy(model, data.val_runs, device, pick, shift)
     if data.labels is not None and data.test_images is not None and data.test_images.sum() > 1:
-        gen = torch.Generator().manual_seed(0)
-        test_idx = data.test_images.nonzero().flatten()
-        test_idx = held = test_idx[torch.randperm(len(test_idx), generator=gen)[:max_images]]
-        train_idx = (~data.test_images & torch.isin(data.labels, data.labels[test_idx])).nonzero().flatten()
-        if len(train_idx) == 0:  # whole classes held out: half of their images are the reference
-            train_idx, test_idx = test_idx[0::2], test_idx[1::2]
-        train_idx = train_idx[torch.randperm(len(train_idx), generator=gen)[:4 * max_images]]
-        test_idx = test_idx[torch.isin(data.labels[test_idx], data.labels[train_idx])]  # a class kNN can vote for
-        if len(test_idx):
-            ftrain, ftest = embed(train_idx), embed(test_idx)
-            metrics["knn@20"] = knn_accuracy(ftrain, data.labels[train_idx].to(device), ftest, data.labels[test_idx].to(device))
+        ref, query, protocol = knn_split(data, max_images)
+        query = query[torch.isin(data.labels[query], data.labels[ref])]  # a class kNN can vote for
+        if len(ref) and len(query):
+            k = knn_k(data.labels[ref], data.labels[query])
+            metrics[f"knn@{k}"] = knn_accuracy(embed(ref), data.labels[ref].to(device), embed(query), data.labels[query].to(device), k=k)
         # Every held-out image queries all the others: with whole classes held out, a few pairs say little.
-        precision = r_precision(embed(held), data.labels[held].to(device))
+        held = query if protocol.startswith("training") else torch.cat([ref, query]).sort().values
+        precision = r_precision(embed(held), data.labels[held].to(device)) if len(held) > 1 else None
         if precision is not None:
             metrics["r_precision"] = precision
     if data.copies is not None and len(data.copies):  # unlabelled: each copy looks for its original among the held-out ones
         originals, owner = data.copy_of.unique(return_inverse=True)
         copies = embed_images(model, data.copies, device, shift=shift)[pick]
         metrics["aug_copy_recall@1"] = copy_recall_at_1(copies, embed(originals), owner)
+    return metrics
+
+
+def evaluate(model, data, device, max_images=2048, embedding="encoder", shift=0):
+    """Quality metrics on held-out data, and as val_<metric> on the validation part (--val-fraction), ranking
+    `embedding` (encoder features or projector outputs) of each image (shift: of its shifted copies, see embed_images),
+    and collapse metrics (of each image alone). Where the images have cached features (--freeze-encoder), those
+    stand in for them."""
+    pick = ("encoder", "projector").index(embedding)  # embed_images returns (encoder features, projector outputs)
+    metrics = scores(model, data, device, max_images, pick, shift)
+    if data.validation is not None:
+        validation = replace(data.validation, features=data.features)
+        metrics.update({f"val_{k}": v for k, v in scores(model, validation, device, max_images, pick, shift).items()})
     # Collapse is judged on the projector outputs of images the network trains on.
+    inputs = data.images if data.features is None else data.features
     sample = data.anchors[torch.randperm(len(data.anchors), generator=torch.Generator().manual_seed(1))[:max_images // 2]]
     if len(sample) < 2:  # a spread needs two outputs
         return metrics
@@ -1388,7 +1467,49 @@ def evaluate(model, data, device, max_images=2048, embedding="encoder", shift=0)
 
 
 def quality_name(metrics):
-    return next((k for k in ("one_shot", "r_precision", "recall@1", "knn@20", "aug_copy_recall@1") if k in metrics), None)
+    """The held-out metric a run is judged by: the first of these that the data has."""
+    knn = [k for k in metrics if k.startswith("knn@")]
+    return next((k for k in ("one_shot", "r_precision", "recall@1", *knn, "aug_copy_recall@1") if k in metrics), None)
+
+
+class Pixels(nn.Module):
+    """The normalised pixels as the embedding, shaped like the methods for embed_images: the floor to beat."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.projector = nn.Flatten(), nn.Identity()
+
+
+def baselines(model, data, device, embedding, shift, untrained):
+    """The epoch-0 record's baseline_<who>_<metric> entries, on the held-out and validation data the run is
+    scored on: the untrained network (`untrained`: its evaluate()), the raw pixels and, with --freeze-encoder, the
+    frozen features the head trains on. <who> is one word, so that other baselines join by key."""
+    quality = [k for k in untrained if k not in ("collapse_std", "healthy_std", "effective_rank")]
+    found = {f"baseline_untrained_{k}": untrained[k] for k in quality}
+    pixels = evaluate(Pixels(), replace(data, features=None), device, shift=shift)
+    found.update({f"baseline_pixels_{k}": pixels[k] for k in quality if k in pixels})
+    if embedding == "projector":  # --freeze-encoder: the frozen features themselves, what the trained head must beat
+        frozen = evaluate(model, data, device, embedding="encoder", shift=shift)
+        found.update({f"baseline_frozen_{k}": frozen[k] for k in quality if k in frozen})
+    return found
+
+
+BASELINE_NAMES = {"untrained": "untrained", "pixels": "raw pixels", "pretrained": "frozen pretrained features",
+                  "frozen": "frozen features (the head's input)"}
+
+
+def against_baselines(name, trained, first):
+    """(the baselines of metric `name` in the epoch-0 record `first`, as text; a warning when `trained` does not
+    beat the best of them, else None)."""
+    found = {k.split("_")[1]: v for k, v in first.items() if k.startswith("baseline_") and k.split("_", 2)[2:] == [name]}
+    if not found:
+        return "", None
+    text = ", ".join(f"{v:.3f} {BASELINE_NAMES.get(who, who)}" for who, v in found.items())
+    best = max(found, key=found.get)
+    warning = None if trained > found[best] else (
+        f"warning: trained {name} {trained:.3f} does not beat {BASELINE_NAMES.get(best, best)} {found[best]:.3f} on the "
+        "held-out data: use the baseline, or change the recipe")
+    return text, warning
 
 
 # ----------------------------------------------------------------------------- training
@@ -1509,7 +1630,7 @@ def prepare_run_dir(out, resuming, overwrite):
     if (out / "last.pt").exists() and not overwrite:
         raise UserError(f"--out {out} already holds a run; continue it with --resume {out / 'last.pt'}, "
                         "or add --overwrite to replace it")
-    for name in ("last.pt", "log.jsonl", "split.json"):
+    for name in ("last.pt", "best.pt", "log.jsonl", "split.json"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "tb", ignore_errors=True)
 
@@ -1611,8 +1732,34 @@ def log_epoch(line):
     return record.get("epoch", 0) if isinstance(record, dict) else None
 
 
+def warn_collapse(record):
+    """A plain warning for a collapsed representation, or one of low effective rank (a few directions in d)."""
+    dim = round(record["healthy_std"] ** -2)
+    name = quality_name(record)
+    detail = (f"collapse_std={record['collapse_std']:.2e} (about {record['healthy_std']:.3f} when healthy), "
+              f"effective_rank={record['effective_rank']:.1f} of {dim}" + (f", {name}={record[name]:.3f}" if name else ""))
+    if record["collapse_std"] < 0.1 * record["healthy_std"]:
+        print(f"warning: the representation looks collapsed: {detail}", file=sys.stderr)
+    elif record["effective_rank"] < dim / 16:
+        print(f"warning: the representation spans few directions (effective rank below {dim / 16:g}): {detail}", file=sys.stderr)
+
+
 def format_metrics(m):
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+def fit_to_data(args, num_anchors, world, is_main):
+    """Defaults that follow the data's size: without --batch-size, the recipe's batch, lowered to the largest power of
+    two that leaves the training anchors at least two steps per epoch (and a multiple of the processes)."""
+    if args.batch_size is None:
+        ceiling = RECIPES[args.data].get("batch_size", 64)
+        fitted = max(2, 2 ** int(math.log2(max(1, num_anchors // 2))))
+        args.batch_size = max(world, min(ceiling, fitted) // world * world)
+        if is_main and args.batch_size < ceiling:
+            print(f"batch size {args.batch_size}: the recipe's {ceiling}, lowered for the {num_anchors} training anchors "
+                  "(at least two steps per epoch; --batch-size sets it)")
+    if args.lr is None:
+        args.lr = BASE_LR[args.optimizer] * args.batch_size / 256
 
 
 def train(args):
@@ -1633,7 +1780,7 @@ def train(args):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.batch_size % world:
+    if args.batch_size is not None and args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     if args.batch_size // world < 2:
         raise UserError(f"--batch-size {args.batch_size}: batch norm needs 2 or more pairs per process; use --batch-size "
@@ -1651,6 +1798,10 @@ def train(args):
     data = load_data(args)
     if ckpt is not None:
         check_resumed_data(ckpt, data, args)
+    fit_to_data(args, len(data.anchors), world, is_main)
+    if is_main and args.val_fraction > 0 and data.validation is None and args.data not in ("cifar10", "stl10"):
+        print(f"note: --val-fraction {args.val_fraction} leaves too few training items for a validation split of two "
+              "beside two to train on; no validation, best.pt or early stopping in this run", file=sys.stderr)
     steps_per_epoch = len(data.anchors) // args.batch_size
     if steps_per_epoch == 0:
         fix = "lower --batch-size" if len(data.anchors) >= 2 * world else "add data, or lower --holdout"  # 2: batch norm
@@ -1671,6 +1822,8 @@ def train(args):
     # A group marked fix_lr (SimSiam's --fix-pred-lr) keeps its learning rate.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [constant_lr if g.get("fix_lr") else schedule for g in optimizer.param_groups])
     history, start_epoch = [], 0
+    # Early stopping on the validation metric, saved with each checkpoint so that a resumed run keeps counting.
+    stopping = {"metric": None, "best": -math.inf, "best_epoch": 0, "stale": 0, "stopped": False}
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -1680,6 +1833,7 @@ def train(args):
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         history, start_epoch = ckpt["history"], ckpt["epoch"]
+        stopping = ckpt.get("early_stopping", stopping)
     # --freeze-encoder: the encoder's features once per image; the head then trains on them, and evaluation ranks
     # the projector outputs (the encoder never learns: the head does).
     if args.freeze_encoder:
@@ -1695,21 +1849,26 @@ def train(args):
     if is_main:
         (args.out / "split.json").write_text(json.dumps(data.split, indent=1))
     logger = Logger(args.out, is_main, after_epoch=start_epoch)
-    if ckpt is None:
+    if ckpt is None:  # epoch 0: the untrained network, and the baselines any training must beat, on the same data
         untrained = evaluate(model, data, device, embedding=ranked, shift=args.eval_shift)
-        name = quality_name(untrained)
-        if args.freeze_encoder and name:  # the frozen features themselves: what the trained head must beat
-            untrained[f"frozen_encoder_{name}"] = evaluate(model, data, device, embedding="encoder", shift=args.eval_shift)[name]
-        elif args.pretrained and name:  # epoch 0 is the frozen pretrained features: the bar a fine-tuned encoder must clear
-            untrained[f"baseline_pretrained_{name}"] = untrained[name]
-        history.append({"epoch": 0, **untrained})
+        record = {"epoch": 0, **untrained, **baselines(model, data, device, ranked, args.eval_shift, untrained)}
+        if args.pretrained and not args.freeze_encoder:  # epoch 0 is the frozen pretrained features, not an untrained network
+            record = {k.replace("baseline_untrained_", "baseline_pretrained_"): v for k, v in record.items()}
+        history.append(record)
         logger.log(history[-1])
+        name = quality_name(untrained)
+        stopping["metric"] = f"val_{name}" if f"val_{name}" in untrained else None
         if is_main:
             print(f"{'pretrained' if args.pretrained and not args.freeze_encoder else 'untrained'}: {format_metrics(untrained)}")
             if name is None:
                 print(f"warning: nothing held out can be scored: {no_metric_advice(args, data)}", file=sys.stderr)
+            text = against_baselines(name, untrained[name], history[0])[0] if name else ""
+            if text:
+                print(f"baselines of {name}: {text}")
 
     stop_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
+    if stopping["stopped"]:
+        stop_epoch = start_epoch  # this run already stopped early: nothing left to train
     for epoch in range(start_epoch, stop_epoch):
         order = epoch_order(len(data.anchors), args.seed, epoch)
         loss_sum = torch.zeros((), device=device)
@@ -1745,23 +1904,34 @@ def train(args):
             record.update(evaluate(model, data, device, embedding=ranked, shift=args.eval_shift))
         history.append(record)
         logger.log(record)
+        # Every rank scores the same validation data, so every rank takes the same decision.
+        improved = stopping["metric"] in record and record[stopping["metric"]] > stopping["best"]
+        if improved:
+            stopping.update(best=record[stopping["metric"]], best_epoch=epoch + 1, stale=0)
+        elif stopping["metric"] in record:
+            stopping["stale"] += 1
+            stopping["stopped"] = 0 < args.patience <= stopping["stale"]
         if is_main:
             print(f"epoch {epoch + 1}/{args.epochs} {format_metrics(record)}")
-            if "collapse_std" in record and record["collapse_std"] < 0.1 * record["healthy_std"]:
-                name = quality_name(record)
-                print(f"warning: the representation looks collapsed: collapse_std={record['collapse_std']:.2e} "
-                      f"(about {record['healthy_std']:.3f} when healthy), effective_rank={record['effective_rank']:.1f}"
-                      + (f", {name}={record[name]:.3f}" if name else ""), file=sys.stderr)
-            try:
-                save_atomic({"method": METHOD, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "epoch": epoch + 1, "step": global_step + 1, "rng": rng_state(), "split": data.split,
-                             "data_key": data_key, "history": history},
-                            args.out / "last.pt")
-            except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-                kept = f"the checkpoint of epoch {epoch} is kept" if epoch > start_epoch or ckpt is not None else "no checkpoint was written yet"
-                raise UserError(f"could not write {args.out / 'last.pt'} ({write_error(e)}); {kept}: free space, then "
-                                f"--resume {args.out / 'last.pt'}") from None
+            if "collapse_std" in record:
+                warn_collapse(record)
+            state = {"method": METHOD, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "epoch": epoch + 1, "step": global_step + 1, "rng": rng_state(), "split": data.split,
+                     "data_key": data_key, "history": history, "early_stopping": stopping}
+            # best.pt first: were the run killed between the two, the older last.pt replays this epoch and writes both.
+            for path in ([args.out / "best.pt"] if improved else []) + [args.out / "last.pt"]:
+                try:
+                    save_atomic(state, path)
+                except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+                    kept = f"the checkpoint of epoch {epoch} is kept" if epoch > start_epoch or ckpt is not None else "no checkpoint was written yet"
+                    raise UserError(f"could not write {path} ({write_error(e)}); {kept}: free space, then "
+                                    f"--resume {args.out / 'last.pt'}") from None
+            if stopping["stopped"]:
+                print(f"early stop: {stopping['metric']} has not improved for {stopping['stale']} evaluations (--patience "
+                      f"{args.patience}); best.pt holds epoch {stopping['best_epoch']} ({stopping['best']:.4f})")
+        if stopping["stopped"]:
+            break
     if world > 1:
         dist.destroy_process_group()
     return model, history, args
@@ -1818,7 +1988,8 @@ def load_checkpoint(path):
 
 
 def summary(history):
-    """Trained against untrained, on the same held-out data."""
+    """The trained metric on the held-out test data beside every baseline of the epoch-0 record; with validation,
+    the trained metric is best.pt's (the best validation epoch: chosen on validation, never on the test)."""
     first = history[0]
     name = quality_name(first)
     if name is None:
@@ -1826,11 +1997,15 @@ def summary(history):
     last = next(r for r in reversed(history) if name in r)  # the last evaluation (the run may stop between two)
     if last is first:
         return f"{name}: {first[name]:.3f} untrained; the run stopped before its first evaluation (--eval-every)"
-    frozen = first.get(f"frozen_encoder_{name}")  # --freeze-encoder
-    start = "pretrained" if f"baseline_pretrained_{name}" in first else "untrained"
-    when = "" if last is history[-1] else f" (epoch {last['epoch']}, the last evaluation)"
-    return f"{name}: {last[name]:.3f} trained{when} vs {first[name]:.3f} {start}" + (
-        "" if frozen is None else f" (projector outputs; the frozen features it trains on: {frozen:.3f})")
+    val = f"val_{name}"
+    scored = [r for r in history[1:] if val in r and name in r]
+    chosen = max(scored, key=lambda r: r[val]) if scored else last  # the first of equals, as train() keeps it
+    text, warning = against_baselines(name, chosen[name], first)
+    when = "" if scored or last is history[-1] else f" (epoch {last['epoch']}, the last evaluation)"
+    line = f"{name}: {chosen[name]:.3f} trained{when} vs {text or f'{first[name]:.3f} untrained'}"
+    if scored:
+        line += f" (best.pt: epoch {chosen['epoch']}, chosen on {val} {chosen[val]:.3f}; last epoch {last[name]:.3f})"
+    return line + (f"\n{warning}" if warning else "")
 
 
 def main(argv=None):

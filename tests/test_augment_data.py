@@ -250,9 +250,10 @@ def test_folder_knn_metric_can_be_nonzero(folder_dir):
     model = nn.Module()
     model.encoder, model.projector = ColourEncoder(table), nn.Identity()
     metrics = byol.evaluate(model, d, "cpu")
-    assert metrics["recall@1"] == 1.0  # the one held-out class: its pair is nearest
-    if "knn@20" in metrics:
-        assert metrics["knn@20"] > 0.5, metrics
+    assert "recall@1" not in metrics  # one pair per held-out class is noise: R-Precision ranks every held-out image
+    assert metrics["r_precision"] == 1.0
+    knn = [k for k in metrics if k.startswith("knn@")]
+    assert knn and all(metrics[k] > 0.5 for k in knn), metrics
 
 
 # ----------------------------------------------------------------------------- Omniglot

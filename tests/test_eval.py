@@ -144,17 +144,17 @@ def test_knn_and_linear_probe_on_separable_features():
     assert ev.linear_probe(feats[train], shuffled[train], feats[test], shuffled[test]) < 0.7
 
 
-def test_classification_split_protocols():
+def test_knn_split_protocols():
     labels = torch.arange(6).repeat_interleave(5)
     # Whole classes held out (folder data): reference and queries come from held-out classes.
     data = SimpleNamespace(labels=labels, test_images=labels >= 4)
-    ref, query, protocol = ev.classification_split(data, seed=0, max_images=None)
+    ref, query, protocol = byol.knn_split(data, max_images=None)
     assert protocol.startswith("held-out classes")
     assert set(labels[ref].tolist()) == set(labels[query].tolist()) == {4, 5}
     assert not set(ref.tolist()) & set(query.tolist()) and len(ref) + len(query) == 10
     # Held-out images of the training classes (CIFAR/STL): training images are the reference.
     data = SimpleNamespace(labels=labels, test_images=torch.arange(30) % 5 == 0)
-    ref, query, protocol = ev.classification_split(data, seed=0, max_images=3)
+    ref, query, protocol = byol.knn_split(data, max_images=3)
     assert protocol.startswith("training") and len(ref) == len(query) == 3
     assert data.test_images[query].all() and not data.test_images[ref].any()
 
@@ -408,10 +408,10 @@ def test_checkpoint_on_labelled_folder_data(run, capsys):
     check_ranges(m)
     cls = m["classification"]
     assert cls["protocol"].startswith("held-out classes") and cls["reference_images"] == cls["query_images"] == 6
-    assert {"knn@20", "knn@200", "linear_probe"} <= set(cls)
+    # 3 references per class: k stops there (kNN@20 over 6 images would outvote a class by design)
+    assert {"knn@3", "linear_probe"} <= set(cls) and not any(k in cls for k in ("knn@20", "knn@200"))
     assert m["metric_learning"]["queries"] == 12
-    assert m["retrieval"]["pairs"] == 2  # one pair from each of the 2 held-out classes
-    check_png(out / "retrieval_grid.png")
+    assert "retrieval" not in m  # one pair per held-out class is noise: R-Precision ranks them all
 
 
 @pytest.mark.parametrize(

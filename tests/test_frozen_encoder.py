@@ -80,8 +80,9 @@ def test_runs_succeed_and_say_what_they_rank(runs):
         assert "ranking projector outputs (frozen encoder, trained head)" in out
     assert "cached the frozen encoder's features of 40 images" in runs["a"][1]
     assert "reusing cached features" in runs["c"][1]  # the resumed run reads B's cache
-    assert "frozen_encoder_recall@1=" in runs["a"][1]  # epoch 0 also scores the frozen features alone
-    assert "(projector outputs; the frozen features it trains on:" in runs["a"][1].splitlines()[-1]
+    # Epoch 0 also scores the frozen features alone, and the summary puts the trained head beside them.
+    summary = next(line for line in runs["a"][1].splitlines() if line.startswith("recall@1: "))
+    assert "frozen features (the head's input)" in summary and " untrained, " in summary
 
 
 def test_the_frozen_encoder_stays_bit_identical_and_only_the_head_trains(runs, encoders):

@@ -86,7 +86,7 @@ def test_a_tiny_run_from_lite0_reports_the_pretrained_baseline(module, tmp_path)
     name = "recall@1"
     assert first[f"baseline_pretrained_{name}"] == first[name] and math.isfinite(last[name])
     assert stdout.startswith("pretrained: ") or "\npretrained: " in stdout
-    assert f"{name}: {last[name]:.3f} trained vs {first[name]:.3f} pretrained" in stdout
+    assert f"{name}: {last[name]:.3f} trained vs {first[name]:.3f} frozen pretrained features" in stdout
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["args"]["arch"] == LITE0 and ckpt["args"]["pretrained"]
 

@@ -118,7 +118,7 @@ def _no_data_dir(tmp, tll):
 
 
 def _batch_too_large(tmp, tll):
-    return ["--data", "tll", "--data-dir", str(tll), "--batch-size", "64"], [
+    return ["--data", "tll", "--data-dir", str(tll), "--batch-size", "64", "--val-fraction", "0"], [
         "--batch-size 64",
         "16 training anchors",
         "lower --batch-size",

@@ -109,6 +109,8 @@ def tiny_flags(method, data_dir, out, epochs=1, batch_size=8, extra=()):
         str(epochs),
         "--eval-every",
         "1",
+        "--val-fraction",  # these runs test other things; tests/test_validation.py tests the validation split
+        "0",
         "--workers",
         "1",
         "--no-progress",
@@ -163,8 +165,9 @@ def load_benchmark(script):
 
 
 def args_for(module, argv):
-    """Parsed and completed arguments of `module` (no training)."""
-    return module.fill_defaults(module.parse_args([str(a) for a in argv]))
+    """Parsed and completed arguments of `module` (no training), without a validation split (tests/test_validation.py
+    tests that) unless argv asks for one."""
+    return module.fill_defaults(module.parse_args(["--val-fraction", "0", *[str(a) for a in argv]]))
 
 
 def run_main(module, argv):

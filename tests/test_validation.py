@@ -1,0 +1,217 @@
+"""Runs that validate themselves and are honest about their baselines (issue 28): validation carved from the
+training part alone, best.pt at the best validation epoch, early stopping that survives --resume, the baselines
+of the epoch-0 record and the summary's warning, and defaults that fit the data's size."""
+
+import json
+from argparse import Namespace
+
+import pytest
+import torch
+
+import byol
+import eval as ev
+from tiny_data import make_folder, make_tll, one_thread, run_main  # noqa: F401
+
+FAST = ["--image-size", "16", "--width", "8", "--hidden-dim", "32", "--proj-dim", "16", "--workers", "1", "--no-progress"]
+
+
+# ----------------------------------------------------------------------------- the validation split
+
+
+def images_of(data, which):
+    """Image indices of the held-out part (test: data; validation: data.validation) and of what training sees."""
+    held = set(which.test_pairs.flatten().tolist())
+    if which.test_images is not None:
+        held |= set(which.test_images.nonzero().flatten().tolist())
+    return held
+
+
+def seen_in_training(data):
+    return set(data.anchors.tolist()) | set(data.groups[data.groups >= 0].tolist())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_validation_classes_are_disjoint_from_test_classes_and_from_training(seed):
+    labels = torch.arange(20).repeat_interleave(3)
+    images = torch.zeros(len(labels), 3, 8, 8, dtype=torch.uint8)
+    d = byol.grouped_data(images, [str(i) for i in range(len(labels))], labels, 0.3, seed, "natural", None, 0.25)
+    test, val, train = images_of(d, d), images_of(d, d.validation), seen_in_training(d)
+    assert test and val and train
+    assert not test & val and not val & train and not test & train
+    val_classes, test_classes = set(labels[list(val)].tolist()), set(labels[list(test)].tolist())
+    assert len(val_classes) == round(14 * 0.25) and not val_classes & test_classes  # whole classes: 4 of the 14 training ones
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_validation_pairs_are_disjoint_from_test_pairs_and_from_training(seed):
+    n = 30
+    images = torch.zeros(2 * n, 3, 8, 8, dtype=torch.uint8)
+    for mode in ("natural", "aug"):
+        d = byol.pairs_data(images, [str(i) for i in range(2 * n)], list(range(n)), list(range(n, 2 * n)), 0.2, seed, mode, 0.2)
+        test, val, train = images_of(d, d), images_of(d, d.validation), seen_in_training(d)
+        assert len(d.validation.test_pairs) == round(24 * 0.2) and len(d.test_pairs) == 6
+        assert not test & val and not val & train and not test & train
+
+
+def test_validation_images_of_an_unlabelled_folder_are_disjoint(tmp_path):
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    args = byol.fill_defaults(byol.parse_args(["--data", "folder", "--image-size", "8", "--holdout", "0.25", "--val-fraction", "0.2"]))
+    d = byol.unlabelled_data(images, [str(i) for i in range(40)], args)
+    test, val, train = images_of(d, d), images_of(d, d.validation), seen_in_training(d)
+    assert len(test) == 10 and len(val) == 6 and len(train) == 24
+    assert not test & val and not val & train and not test & train
+    assert set(d.validation.copy_of.tolist()) == val  # its copies are of validation images only
+
+
+def test_too_few_classes_carve_no_validation():
+    assert byol.carve_validation([0, 1, 2], 0.2, 0) == ([0, 1, 2], [])  # two to validate would leave one to train
+    assert byol.carve_validation([0, 1, 2, 3], 0.0, 0) == ([0, 1, 2, 3], [])
+    train, val = byol.carve_validation(list(range(10)), 0.2, 0)
+    assert len(val) == 2 and sorted(train + val) == list(range(10))
+
+
+# ----------------------------------------------------------------------------- best.pt, early stopping, resume
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("folder"), classes=12, per_class=6)
+
+
+def folder_run(folder, out, *extra):
+    # Seed 1: validation peaks at epoch 2 of 6 here, so that best.pt is not last.pt.
+    return ["--data", "folder", "--data-dir", folder, "--out", out, "--eval-every", "1", "--seed", "1", *FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(folder, tmp_path_factory, one_thread):  # noqa: F811
+    base = tmp_path_factory.mktemp("runs")
+    whole = run_main(byol, folder_run(folder, base / "whole", "--epochs", "6", "--patience", "0"))
+    stopped = run_main(byol, folder_run(folder, base / "stopped", "--epochs", "6", "--patience", "1"))
+    first = run_main(byol, folder_run(folder, base / "split", "--epochs", "6", "--patience", "0", "--stop-after-epochs", "3"))
+    second = run_main(byol, ["--resume", base / "split" / "last.pt", "--no-progress"])
+    return {"base": base, "whole": whole, "stopped": stopped, "first": first, "second": second}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_best_pt_is_the_best_validation_epoch(runs):
+    assert runs["whole"][0] == 0, runs["whole"][2]
+    last, best = load(runs["base"] / "whole" / "last.pt"), load(runs["base"] / "whole" / "best.pt")
+    scored = [r for r in last["history"][1:] if "val_r_precision" in r]
+    assert len(scored) == 6
+    top = max(scored, key=lambda r: r["val_r_precision"])  # the first of equals
+    assert best["epoch"] == top["epoch"] < last["epoch"] == 6
+    assert best["early_stopping"]["best"] == top["val_r_precision"] == best["history"][-1]["val_r_precision"]
+    assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+    # The summary reports best.pt's test metric, chosen on validation, beside the last epoch's.
+    assert f"r_precision: {top['r_precision']:.3f} trained vs " in runs["whole"][1]
+    assert f"best.pt: epoch {top['epoch']}, chosen on val_r_precision" in runs["whole"][1]
+
+
+def test_patience_stops_when_validation_stops_improving(runs):
+    rc, out, err = runs["stopped"]
+    assert rc == 0, err
+    last = load(runs["base"] / "stopped" / "last.pt")
+    state = last["early_stopping"]
+    scored = [r["val_r_precision"] for r in last["history"][1:]]
+    # Stopped at the first evaluation that did not beat the best before it, and not before.
+    first_stale = next(i for i in range(1, len(scored)) if scored[i] <= max(scored[:i]))
+    assert state["stopped"] and last["epoch"] == first_stale + 1 < 6  # this seed's validation stalls by then
+    assert "early stop: val_r_precision has not improved for 1 evaluations" in out
+    # A resumed run that had stopped early trains nothing more.
+    rc, out, err = run_main(byol, ["--resume", runs["base"] / "stopped" / "last.pt", "--no-progress"])
+    assert rc == 0 and load(runs["base"] / "stopped" / "last.pt")["epoch"] == last["epoch"], err
+
+
+def test_resume_keeps_the_early_stopping_state(runs):
+    assert runs["first"][0] == 0 and runs["second"][0] == 0, runs["second"][2]
+    whole, split = load(runs["base"] / "whole" / "last.pt"), load(runs["base"] / "split" / "last.pt")
+    assert split["early_stopping"] == whole["early_stopping"]  # the count and the best carried over the resume
+    assert load(runs["base"] / "split" / "best.pt")["epoch"] == load(runs["base"] / "whole" / "best.pt")["epoch"]
+    log = [json.loads(line) for line in (runs["base"] / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(7))
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def test_the_epoch_0_record_holds_the_baselines_on_the_same_held_out_data(runs, capsys):
+    first = load(runs["base"] / "whole" / "last.pt")["history"][0]
+    for metric in ("r_precision", "val_r_precision"):
+        assert first[f"baseline_untrained_{metric}"] == first[metric]
+        assert 0 <= first[f"baseline_pixels_{metric}"] <= 1
+    assert "baselines of r_precision: " in runs["whole"][1] and " raw pixels" in runs["whole"][1]
+    # eval.py's raw pixels on the run's own split give the logged pixel baseline.
+    ev.main([str(runs["base"] / "whole" / "last.pt"), "--baseline", "pixels", "--no-pictures", "--eval-shift", "0"])
+    pixels = json.loads((runs["base"] / "whole" / "eval-baseline-pixels" / "eval.json").read_text())
+    assert pixels["metrics"]["metric_learning"]["r_precision"] == pytest.approx(first["baseline_pixels_r_precision"])
+    # eval.py on the checkpoint prints the trained value beside them.
+    capsys.readouterr()
+    ev.main([str(runs["base"] / "whole" / "best.pt"), "--no-pictures"])
+    printed = capsys.readouterr().out
+    assert "(baselines: the run's epoch 0, same held-out data)" in printed and "raw pixels" in printed
+
+
+def history(trained, **baselines):
+    first = {"epoch": 0, "r_precision": baselines.get("untrained", 0.3), **{f"baseline_{k}_r_precision": v for k, v in baselines.items()}}
+    first["baseline_pixels_val_r_precision"] = 0.99  # another metric's baseline: never compared with this one
+    return [first, {"epoch": 1, "r_precision": trained}]
+
+
+def test_summary_warns_when_the_trained_metric_beats_no_baseline():
+    text = byol.summary(history(0.45, untrained=0.44, pixels=0.54))
+    assert text.splitlines()[0] == "r_precision: 0.450 trained vs 0.440 untrained, 0.540 raw pixels"
+    assert text.splitlines()[1].startswith("warning: trained r_precision 0.450 does not beat raw pixels 0.540")
+    # A baseline another helper adds (frozen pretrained features) joins by its key alone.
+    text = byol.summary(history(0.60, untrained=0.44, pixels=0.54, pretrained=0.70))
+    assert "0.700 frozen pretrained features" in text and "does not beat frozen pretrained features 0.700" in text
+    # Above every baseline: no warning; level with one is not above it.
+    assert "warning" not in byol.summary(history(0.60, untrained=0.44, pixels=0.54))
+    assert "warning" in byol.summary(history(0.54, untrained=0.44, pixels=0.54))
+
+
+# ----------------------------------------------------------------------------- defaults that fit the data
+
+
+@pytest.mark.parametrize("anchors, world, expected", [(77, 1, 32), (3000, 1, 128), (4, 1, 2), (48, 1, 16), (77, 2, 32), (5, 4, 4)])
+def test_the_batch_follows_the_data_without_a_flag(anchors, world, expected):
+    args = Namespace(batch_size=None, data="folder", lr=None, optimizer="adamw")
+    byol.fit_to_data(args, anchors, world, is_main=False)
+    assert args.batch_size == expected and args.batch_size % world == 0
+    assert anchors // args.batch_size >= 2 or anchors < 4 * world  # two steps an epoch wherever the data has them
+    assert args.lr == pytest.approx(byol.BASE_LR["adamw"] * expected / 256)
+    given = Namespace(batch_size=100, data="folder", lr=None, optimizer="adamw")
+    byol.fit_to_data(given, anchors, world, is_main=False)
+    assert given.batch_size == 100  # a flag is never overridden
+
+
+def test_the_folder_recipe_starts_on_77_training_anchors(tmp_path, one_thread):  # noqa: F811
+    root = make_folder(tmp_path / "data", classes=14, per_class=11)  # 7 classes held out, 77 images left to train
+    rc, out, err = run_main(byol, ["--data", "folder", "--data-dir", root, "--holdout", "0.5", "--val-fraction", "0",
+                                   "--epochs", "1", "--out", tmp_path / "run", *FAST])
+    assert rc == 0, err
+    assert "batch size 32: the recipe's 128, lowered for the 77 training anchors" in out
+
+
+def test_a_low_effective_rank_gets_a_plain_warning(capsys):
+    healthy = {"collapse_std": 0.05, "healthy_std": 0.0625, "effective_rank": 40.0, "r_precision": 0.6}
+    byol.warn_collapse(healthy)
+    assert capsys.readouterr().err == ""
+    byol.warn_collapse({**healthy, "effective_rank": 9.0})
+    assert "warning: the representation spans few directions" in capsys.readouterr().err
+    byol.warn_collapse({**healthy, "collapse_std": 1e-4})
+    assert "warning: the representation looks collapsed" in capsys.readouterr().err
+
+
+def test_the_logged_knn_and_r_precision_agree_with_eval(runs):
+    last = load(runs["base"] / "whole" / "last.pt")
+    record = last["history"][-1]
+    ev.main([str(runs["base"] / "whole" / "last.pt"), "--no-pictures"])
+    result = json.loads((runs["base"] / "whole" / "eval.json").read_text())
+    knn = [k for k in record if k.startswith("knn@")]
+    assert knn == ["knn@3"]  # 6 images per held-out class: 3 references, so k stops at 3
+    assert result["metrics"]["classification"]["knn@3"] == pytest.approx(record["knn@3"])
+    assert result["metrics"]["metric_learning"]["r_precision"] == pytest.approx(record["r_precision"])
