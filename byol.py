@@ -1771,7 +1771,7 @@ def fit_to_data(args, num_anchors, world, is_main):
     if args.batch_size is None:
         ceiling = RECIPES[args.data].get("batch_size", 64)
         fitted = max(2, 2 ** int(math.log2(max(1, num_anchors // 2))))
-        args.batch_size = max(world, min(ceiling, fitted) // world * world)
+        args.batch_size = max(2 * world, min(ceiling, fitted) // world * world)  # batch norm: 2 per process
         if is_main and args.batch_size < ceiling:
             print(f"batch size {args.batch_size}: the recipe's {ceiling}, lowered for the {num_anchors} training anchors "
                   "(at least two steps per epoch; --batch-size sets it)")
@@ -1799,7 +1799,7 @@ def train(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.batch_size is not None and args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    if args.batch_size // world < 2:
+    if args.batch_size is not None and args.batch_size // world < 2:
         raise UserError(f"--batch-size {args.batch_size}: batch norm needs 2 or more pairs per process; use --batch-size "
                         f"{2 * world} or more")
     if args.reference_kernels:

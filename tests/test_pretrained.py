@@ -120,7 +120,8 @@ def test_eval_baseline_pretrained_takes_a_timm_backbone(tmp_path, capsys):
 
 def test_backbone_lr_factor_scales_the_encoder_groups_only():
     args = byol.fill_defaults(byol.parse_args(["--data", "tll", "--arch", "conv4", "--width", "8", "--hidden-dim", "16",
-                                               "--proj-dim", "8", "--backbone-lr-factor", "0.1"]))
+                                               "--proj-dim", "8", "--backbone-lr-factor", "0.1",
+                                               "--batch-size", "64"]))
     model = byol.build_model(args)
     optimizer = byol.build_method_optimizer(args, model)
     encoder = {id(p) for p in model.encoder.parameters()}

@@ -55,7 +55,7 @@ def test_validation_pairs_are_disjoint_from_test_pairs_and_from_training(seed):
 
 def test_validation_images_of_an_unlabelled_folder_are_disjoint(tmp_path):
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
-    args = byol.fill_defaults(byol.parse_args(["--data", "folder", "--image-size", "8", "--holdout", "0.25", "--val-fraction", "0.2"]))
+    args = byol.fill_defaults(byol.parse_args(["--data", "folder", "--image-size", "8", "--arch", "resnet18", "--holdout", "0.25", "--val-fraction", "0.2"]))
     d = byol.unlabelled_data(images, [str(i) for i in range(40)], args)
     test, val, train = images_of(d, d), images_of(d, d.validation), seen_in_training(d)
     assert len(test) == 10 and len(val) == 6 and len(train) == 24
@@ -176,7 +176,7 @@ def test_summary_warns_when_the_trained_metric_beats_no_baseline():
 # ----------------------------------------------------------------------------- defaults that fit the data
 
 
-@pytest.mark.parametrize("anchors, world, expected", [(77, 1, 32), (3000, 1, 128), (4, 1, 2), (48, 1, 16), (77, 2, 32), (5, 4, 4)])
+@pytest.mark.parametrize("anchors, world, expected", [(77, 1, 32), (3000, 1, 128), (4, 1, 2), (48, 1, 16), (77, 2, 32), (9, 4, 8)])
 def test_the_batch_follows_the_data_without_a_flag(anchors, world, expected):
     args = Namespace(batch_size=None, data="folder", lr=None, optimizer="adamw")
     byol.fit_to_data(args, anchors, world, is_main=False)
