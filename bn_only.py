@@ -222,9 +222,6 @@ def fill_defaults(args):
         if value < low:
             raise UserError(f"{flag} {value} is too small; use {low} or more")
     args.width = conv4_widths(args.width)
-    if args.arch == "conv4" and args.image_size < 16:
-        raise UserError(f"--image-size {args.image_size} is too small for conv4, whose four 2x2 max-pools need 16 px; "
-                        "use 16 or more")
     if not 0 <= args.seed < 2 ** 32:  # numpy's seeds
         raise UserError(f"--seed {args.seed} must lie in [0, 2**32)")
     check_eval_shift(args.eval_shift, args.image_size)
@@ -1229,6 +1226,13 @@ def check_frozen_encoder_args(args):
         raise UserError(f"--pca-dim {args.pca_dim} is more than the {feature_dim} features of {args.arch}; use {feature_dim} or less")
 
 
+def check_conv4_size(arch, image_size):
+    """conv4 halves its maps four times (the pixels baseline, which never builds one, takes any size)."""
+    if arch == "conv4" and image_size < 16:
+        raise UserError(f"--image-size {image_size} is too small for conv4, whose four 2x2 max-pools need 16 px; "
+                        "use 16 or more")
+
+
 def check_frozen_training(args, is_main):
     """What training with --freeze-encoder needs (evaluation does not), before any data loads."""
     if args.pairs == "aug" or args.data in ("cifar10", "stl10"):
@@ -1794,6 +1798,7 @@ def train(args):
     if args.batch_size is not None and args.batch_size // world < 2:
         raise UserError(f"--batch-size {args.batch_size}: batch norm needs 2 or more pairs per process; use --batch-size "
                         f"{2 * world} or more")
+    check_conv4_size(args.arch, args.image_size)
     if args.reference_kernels:
         force_reference(True)
     torch.manual_seed(args.seed)

@@ -298,6 +298,7 @@ def build_eval_model(opts, mod, ckpt, args):
         raise UserError("--embedding projector needs a trained checkpoint; a baseline has no projector")
     if opts.baseline == "pixels":
         return Baseline(nn.Flatten())  # the normalised pixels themselves: what any learned similarity must beat
+    mod.check_conv4_size(args.arch, args.image_size)
     if opts.baseline in ("random", "random-bn"):
         torch.manual_seed(args.seed)  # the same draw as a run's untrained network (its epoch 0)
         return Baseline(mod.build_encoder(args.arch, args.stem, width=args.width)[0])

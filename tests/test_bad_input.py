@@ -88,6 +88,8 @@ def test_ctrl_c_is_one_line_with_the_resume_command(monkeypatch, capsys, tmp_pat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(byol, "train", interrupted)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")  # an epoch was saved (without one: test_bad_input_probe2, case 18)
     assert byol.main(["--out", str(tmp_path / "run")]) == 130
     one_line(capsys, "interrupted", f"--resume {tmp_path / 'run' / 'last.pt'}")
 

@@ -189,7 +189,7 @@ def test_search_finds_the_query_itself_first(run, tmp_path, capsys, monkeypatch)
     # The checkpoint moved: --checkpoint finds it; the baselines rebuild from what the file records.
     moved = tmp_path / "moved.pt"
     moved.write_bytes(run.ckpt.read_bytes())
-    assert search([npz, "--query", paths[3], "--checkpoint", moved], capsys)[0][2] == paths[3]
+    assert search([npz, "--query", paths[3], "--checkpoint", moved, "--overwrite"], capsys)[0][2] == paths[3]
     pixels = tmp_path / "pixels.npz"
     embed(["--baseline", "pixels", run.tll, "--image-size", "8", "--out", pixels], capsys)
     assert search([pixels, "--query", paths[5]], capsys)[0][2] == paths[5]
