@@ -366,7 +366,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(diverged_run):
     assert len(errors) == 1 and "loss became nan in epoch 2" in errors[0] and "last good checkpoint" in errors[0], r[
         "stderr"
     ]
-    assert sorted(p.name for p in r["out"].iterdir()) == ["last.pt", "log.jsonl", "split.json", "tb"]
+    assert sorted(p.name for p in r["out"].iterdir()) == [".lock", "last.pt", "log.jsonl", "split.json", "tb"]
     ckpt = torch.load(r["out"] / "last.pt", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 2 and len(ckpt["history"]) == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
