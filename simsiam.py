@@ -1804,13 +1804,14 @@ def train(args):
     if ckpt is not None:
         check_resumed_data(ckpt, data, args)
     fit_to_data(args, len(data.anchors), world, is_main)
-    if is_main and args.val_fraction > 0 and data.validation is None and args.data not in ("cifar10", "stl10"):
-        print(f"note: --val-fraction {args.val_fraction} leaves too few training items for a validation split of two "
-              "beside two to train on; no validation, best.pt or early stopping in this run", file=sys.stderr)
+    # Refused before the validation note, so that data too small to train on gets one line.
     steps_per_epoch = len(data.anchors) // args.batch_size
     if steps_per_epoch == 0:
         fix = "lower --batch-size" if len(data.anchors) >= 2 * world else "add data, or lower --holdout"  # 2: batch norm
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.anchors)} training anchors; {fix}")
+    if is_main and args.val_fraction > 0 and data.validation is None and args.data not in ("cifar10", "stl10"):
+        print(f"note: --val-fraction {args.val_fraction} leaves too few training items for a validation split of two "
+              "beside two to train on; no validation, best.pt or early stopping in this run", file=sys.stderr)
     data_key = images_key(data.images)  # before the cache moves to the GPU
     cache_on_device(data, device)
 

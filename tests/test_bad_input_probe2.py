@@ -486,10 +486,12 @@ def test_19_a_run_stopped_between_evaluations_reports_the_last_one(tll, tmp_path
     out = tmp_path / "run"
     assert byol.main(tiny_flags("byol", tll, out, epochs=4, extra=["--eval-every", "2", "--stop-after-epochs", "1"])) == 0
     printed = capsys.readouterr().out
-    assert "warning" not in printed and "recall@1:" in printed and "stopped before its first evaluation" in printed
+    assert "no held-out quality metric" not in printed and "recall@1:" in printed
+    assert "stopped before its first evaluation" in printed
     assert byol.main(["--resume", str(out / "last.pt"), "--no-progress", "--stop-after-epochs", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "warning" not in printed and "trained (epoch 2, the last evaluation) vs" in printed
+    # The trained metric may or may not beat the pixels on tiny data; what must not appear is the holdout warning.
+    assert "no held-out quality metric" not in printed and "trained (epoch 2, the last evaluation) vs" in printed
 
 
 def test_19_a_single_class_is_not_told_to_raise_holdout(tmp_path, capsys):
