@@ -119,6 +119,10 @@ def parse_args(argv=None, use_recipe=True):
                    help="natural: positives are the dataset's own pairs; aug: two augmentations of one image")
     g.add_argument("--download", action="store_true", help="download tll/cifar10/stl10 into --data-dir")
     g.add_argument("--holdout", type=float, default=0.2, help="fraction of pairs (or classes, or unlabelled images) held out for evaluation")
+    g.add_argument("--per-group", type=int, default=0, metavar="K",
+                   help="batch composition: each batch holds K anchors of each of batch-size/K groups (classes, characters), "
+                        "so that K - 1 others of an anchor's group share its batch (K=1: none); 0: a plain shuffle. "
+                        "In-batch negatives then meet K - 1 false negatives each (contrastive.py)")
     g.add_argument("--val-fraction", type=float, default=0.0,
                    help="fraction of the training pairs (classes, unlabelled images) carved off as validation: scored every "
                         "evaluation, it picks best.pt and stops early (--patience); the held-out test split never chooses")
@@ -216,6 +220,7 @@ def fill_defaults(args):
     for flag, value, low in [("--epochs", args.epochs, 1), ("--batch-size", 1 if args.batch_size is None else args.batch_size, 1),
                              ("--image-size", args.image_size, 8), ("--log-every", args.log_every, 1),
                              ("--eval-every", args.eval_every, 1), ("--workers", args.workers, 1), ("--patience", args.patience, 0),
+                             ("--per-group", args.per_group, 0),
                              ("--stop-after-epochs", 1 if args.stop_after_epochs is None else args.stop_after_epochs, 1)]:
         if value < low:
             raise UserError(f"{flag} {value} is too small; use {low} or more")
@@ -835,6 +840,37 @@ def step_generator(seed, step, device, stream=0):
 
 def epoch_order(num_anchors, seed, epoch):
     return torch.randperm(num_anchors, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def per_group_order(data, seed, epoch, batch_size, per_group):
+    """An epoch's anchors in batches of batch_size / per_group blocks, each block per_group anchors of one group,
+    and no group twice in a batch. The groups are shuffled and their blocks dealt round-robin to the batches: a
+    group's blocks sit side by side in the deal, so they land in different batches (a group with more blocks than
+    there are batches gives up the rest). A group's last partial block, and the last blocks dealt, skip the epoch."""
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    group_of = data.groups[:, 0]
+    groups = group_of.unique()
+    blocks = []  # per group, its anchors shuffled and cut into blocks
+    for c in groups[torch.randperm(len(groups), generator=g)]:
+        members = (group_of == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        blocks.append(members[: len(members) // per_group * per_group].view(-1, per_group))
+    per_batch = batch_size // per_group
+    num_batches = sum(len(b) for b in blocks) // per_batch
+    while any(len(b) > num_batches for b in blocks):  # no group twice in a batch
+        blocks = [b[:num_batches] for b in blocks]
+        num_batches = sum(len(b) for b in blocks) // per_batch
+    if num_batches == 0:
+        return torch.empty(0, dtype=torch.long)
+    dealt = torch.cat(blocks)[: num_batches * per_batch]
+    return torch.cat([dealt[i::num_batches].flatten() for i in range(num_batches)])
+
+
+def batch_groups(data, order, step, batch_size, rank, world, device):
+    """The group (class, character, or the pair itself) of each pair in this rank's share of the batch: the
+    identities that a method with negatives tells apart. data.groups[:, 0], a group's first member, names it."""
+    idx = order[step * batch_size: (step + 1) * batch_size].view(world, -1)[rank]
+    return data.groups[idx, 0].to(device, non_blocking=True)
 
 
 def make_pair_batch(data, order, step, batch_size, rank, world, seed, global_step, device):
@@ -1821,8 +1857,16 @@ def train(args):
     if ckpt is not None:
         check_resumed_data(ckpt, data, args)
     fit_to_data(args, len(data.anchors), world, is_main)
+    if args.per_group and args.batch_size % (args.per_group * world):
+        raise UserError(f"--per-group {args.per_group}: --batch-size {args.batch_size} must be a multiple of it "
+                        f"(times the {world} processes)")
+    order_of = functools.partial(per_group_order, data, batch_size=args.batch_size, per_group=args.per_group) if args.per_group \
+        else lambda seed, epoch: epoch_order(len(data.anchors), seed, epoch)
     # Refused before the validation note, so that data too small to train on gets one line.
-    steps_per_epoch = len(data.anchors) // args.batch_size
+    steps_per_epoch = len(order_of(args.seed, 0)) // args.batch_size
+    if steps_per_epoch == 0 and args.per_group:
+        raise UserError(f"--per-group {args.per_group} leaves no batch of {args.batch_size // args.per_group} groups of "
+                        f"{args.per_group} anchors each in this data; lower --per-group or --batch-size")
     if steps_per_epoch == 0:
         fix = "lower --batch-size" if len(data.anchors) >= 2 * world else "add data, or lower --holdout"  # 2: batch norm
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.anchors)} training anchors; {fix}")
@@ -1867,6 +1911,7 @@ def train(args):
     ranked = "projector" if args.freeze_encoder else "encoder"
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     step_fn = torch.compile(net) if args.compile else net
+    takes_groups = getattr(model, "takes_groups", False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     if is_main:
@@ -1893,7 +1938,7 @@ def train(args):
     if stopping["stopped"]:
         stop_epoch = start_epoch  # this run already stopped early: nothing left to train
     for epoch in range(start_epoch, stop_epoch):
-        order = epoch_order(len(data.anchors), args.seed, epoch)
+        order = order_of(args.seed, epoch)
         loss_sum = torch.zeros((), device=device)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main or args.no_progress, leave=False)
         start = time.perf_counter()
@@ -1905,8 +1950,10 @@ def train(args):
             else:
                 v1, v2 = augment_pair(x1, x2, step_generator(args.seed, global_step, device, stream=1 + rank), args)
                 v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+            # A method with negatives (contrastive.py) also takes each pair's group: who is a negative of whom.
+            groups = (batch_groups(batch_source, order, step, args.batch_size, rank, world, device),) if takes_groups else ()
             with autocast:
-                loss = step_fn(v1, v2)
+                loss = step_fn(v1, v2, *groups)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -63,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-METHODS = ("byol", "simsiam", "bn_only")  # the scripts whose checkpoints eval.py reads
+METHODS = ("byol", "simsiam", "bn_only", "contrastive")  # the scripts whose checkpoints eval.py reads
 HERE = Path(__file__).resolve().parent
 RECALL_KS = (1, 5, 10)
 KNN_KS = (20, 200)

@@ -1,7 +1,7 @@
-"""Keep the shared parts of the three training scripts word for word the same.
+"""Keep the shared parts of the four training scripts word for word the same.
 
 byol.py is the source. Its blocks between "# >>> shared: NAME" and "# <<< shared: NAME"
-are written into the same-named blocks of simsiam.py and bn_only.py; everything outside
+are written into the same-named blocks of simsiam.py, bn_only.py and contrastive.py; everything outside
 the blocks (docstring, imports, recipes, the method) is each script's own.
 
     python .ci/sync_shared.py           # copy byol.py's shared blocks into the other two
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = "byol.py"
-TARGETS = ("simsiam.py", "bn_only.py")
+TARGETS = ("simsiam.py", "bn_only.py", "contrastive.py")
 BLOCK = re.compile(r"^# >>> shared: (\w+).*?^# <<< shared: \1\n", re.S | re.M)
 
 
@@ -42,7 +42,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a target's shared blocks differ")
     p.add_argument(
-        "--root", type=Path, default=ROOT, help="the folder holding the three scripts (default: this repository)"
+        "--root", type=Path, default=ROOT, help="the folder holding the scripts (default: this repository)"
     )
     args = p.parse_args(argv)
     source_text = (args.root / SOURCE).read_text()

@@ -281,13 +281,13 @@ def sync(*argv):
     return subprocess.run([sys.executable, str(REPO / ".ci" / "sync_shared.py"), *argv], capture_output=True, text=True)
 
 
-def test_the_three_scripts_share_their_machinery_word_for_word():
+def test_the_four_scripts_share_their_machinery_word_for_word():
     result = sync("--check")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_sync_check_catches_a_drifted_copy_and_sync_mends_it(tmp_path):
-    for name in ("byol.py", "simsiam.py", "bn_only.py"):
+    for name in ("byol.py", "simsiam.py", "bn_only.py", "contrastive.py"):
         shutil.copy(REPO / name, tmp_path / name)
     text = (tmp_path / "simsiam.py").read_text()
     drifted = text.replace(
@@ -297,7 +297,7 @@ def test_sync_check_catches_a_drifted_copy_and_sync_mends_it(tmp_path):
     (tmp_path / "simsiam.py").write_text(drifted)
     result = sync("--check", "--root", str(tmp_path))
     assert result.returncode == 1 and "simsiam.py" in result.stderr and "# drift" in result.stdout
-    assert "bn_only.py" not in result.stderr
+    assert "bn_only.py" not in result.stderr and "contrastive.py" not in result.stderr
     assert sync("--root", str(tmp_path)).returncode == 0
     assert (tmp_path / "simsiam.py").read_text() == text
     # The method's own part is left alone.

@@ -542,7 +542,8 @@ def test_bn_stats_sets_how_many_images_each_batch_norm_sees(name, bn_stats):
             m.register_forward_pre_hook(lambda m, inputs: seen.append(len(inputs[0])))
     x1, x2 = views(5, 16)
     model(x1, x2)
-    assert len(seen) >= 6 and set(seen) == ({10} if bn_stats == "joint" else {5})
+    # conv4 has four batch norms and every projector one: at least five calls, each of the expected size.
+    assert len(seen) >= 5 and set(seen) == ({10} if bn_stats == "joint" else {5})
 
 
 def test_bad_bn_stats_names_the_flag_and_its_choices(capsys):

@@ -19,11 +19,12 @@ from PIL import Image, ImageDraw
 
 import bn_only
 import byol
+import contrastive
 import simsiam
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("byol", "simsiam", "bn_only")
-MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only}
+SCRIPTS = ("byol", "simsiam", "bn_only", "contrastive")
+MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only, "contrastive": contrastive}
 
 
 def random_image(rng, size=24):

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# results/negatives.sh: positives only against negatives on the embedded Omniglot (issue #29), every run the
+# omniglot recipe of its script (45 epochs; 35 for SimSiam), so that the loss is what differs.
+#
+# Usage (from anywhere; paths are relative to the repository root):
+#     bash results/negatives.sh tune         # contrastive.py's temperature and margin, on the validation episodes
+#     bash results/negatives.sh compare      # every method, and the false-negative sweep (--per-group K)
+#     SEEDS="0 1 2" bash results/negatives.sh compare
+#     python results/negatives.py OUT        # the tables, from the runs' logs
+#
+# tune: contrastive.py --temperature T (ntxent) and --margin M (triplet, batch-hard), seed 0; chosen on
+#   val_one_shot (alphabets of small2 that training never sees), never on the 20 official test runs.
+# compare, for each seed in SEEDS:
+#   rows ntxent, ntxent-labels (--negatives labels), triplet (batch-hard), triplet-semi-hard: contrastive.py;
+#   byol, simsiam, bn_only: their scripts' own recipes;
+#   false negatives: --per-group K for K in KS (K drawings of each character per batch: K - 1 false
+#   negatives for each anchor under in-batch negatives) for the rows in FN_ROWS.
+# Run directories: OUT/<row>[-k<K>]-s<seed> (tuning: OUT/tune/<row>-s0), each with its console output and wall
+# time in OUT/...-s<seed>.txt. A run that finished is skipped, so the script resumes where it stopped.
+#
+# Variables: SEEDS="0"  KS="1 2 4 8"  FN_ROWS="byol ntxent ntxent-labels triplet"  OUT=results/runs/negatives
+#            THREADS=1  JOBS=2 (runs side by side, each on THREADS threads)  PYTHON=python
+set -euo pipefail
+
+STAGE="${1:?usage: bash results/negatives.sh tune|compare}"
+SEEDS="${SEEDS:-0}"
+KS="${KS:-1 2 4 8}"
+FN_ROWS="${FN_ROWS:-byol ntxent ntxent-labels triplet}"
+OUT="${OUT:-results/runs/negatives}"
+THREADS="${THREADS:-1}"
+JOBS="${JOBS:-2}"
+PYTHON="${PYTHON:-python}"
+
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
+
+# row_cmd ROW: the script and flags of a row
+row_cmd() {
+    case "$1" in
+        byol | simsiam | bn_only) echo "$1.py" ;;
+        ntxent) echo "contrastive.py --loss ntxent" ;;
+        ntxent-labels) echo "contrastive.py --loss ntxent --negatives labels" ;;
+        triplet) echo "contrastive.py --loss triplet --mining batch-hard" ;;
+        triplet-semi-hard) echo "contrastive.py --loss triplet --mining semi-hard" ;;
+        *) echo "negatives.sh: unknown row $1" >&2; return 1 ;;
+    esac
+}
+
+# run DIR SCRIPT FLAGS...: train into DIR unless an earlier call finished it; the console output goes to DIR.txt
+run() {
+    local dir=$1
+    shift
+    if [[ -f "$dir.txt" ]] && grep -q "^wall_s" "$dir.txt" && ! grep -q "non-zero status" "$dir.txt"; then
+        echo "skip $dir: finished"
+        return 0
+    fi
+    mkdir -p "$(dirname "$dir")"
+    echo "[$(date +%H:%M:%S)] $* --out $dir"
+    # shellcheck disable=SC2068
+    /usr/bin/time -f "wall_s %e" "$PYTHON" $@ --out "$dir" --overwrite --no-progress > "$dir.txt" 2>&1 || true
+    tail -n 2 "$dir.txt"
+}
+
+jobs_file=$(mktemp)
+trap 'rm -f "$jobs_file"' EXIT
+queue() { echo "$*" >> "$jobs_file"; }
+
+case "$STAGE" in
+    tune)
+        for t in 0.05 0.1 0.2 0.5; do queue run "$OUT/tune/ntxent-t$t-s0" contrastive.py --loss ntxent --temperature "$t" --seed 0; done
+        for m in 0.1 0.2 0.4; do queue run "$OUT/tune/triplet-m$m-s0" contrastive.py --loss triplet --margin "$m" --seed 0; done
+        ;;
+    compare)
+        for seed in $SEEDS; do
+            for row in ntxent ntxent-labels triplet triplet-semi-hard byol simsiam bn_only; do
+                queue run "$OUT/$row-s$seed" "$(row_cmd "$row")" --seed "$seed"
+            done
+            for k in $KS; do
+                for row in $FN_ROWS; do
+                    queue run "$OUT/$row-k$k-s$seed" "$(row_cmd "$row")" --per-group "$k" --seed "$seed"
+                done
+            done
+        done
+        ;;
+    *) echo "negatives.sh: unknown stage $STAGE (tune or compare)" >&2; exit 2 ;;
+esac
+
+export -f run
+export PYTHON
+# JOBS runs side by side: each line of the queue is one `run` call.
+xargs -P "$JOBS" -I{} bash -c '{}' < "$jobs_file"
