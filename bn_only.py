@@ -137,6 +137,8 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--flip-prob", type=float, default=0.5, help="horizontal flip probability; 0 for chiral characters")
     g.add_argument("--solarize-prob", type=float, default=0.2,
                    help="solarize probability of the second view; 0 where it would turn a white page black")
+    g.add_argument("--gray-prob", type=float, default=0.2,
+                   help="probability that a view turns grayscale; 0 where colour is part of what makes two images alike")
     g.add_argument("--rotation", type=float, default=0.0, help="largest random rotation, in degrees")
     g.add_argument("--shear", type=float, default=0.0, help="largest random shear, in degrees")
     g.add_argument("--stroke", type=float, default=0.0,
@@ -252,6 +254,7 @@ def fill_defaults(args):
         args.pairs = "aug"  # no class to draw a second image from
     for flag, value, low, high in [("--crop-min-scale", args.crop_min_scale, 0.01, 1.0), ("--flip-prob", args.flip_prob, 0.0, 1.0),
                                    ("--solarize-prob", args.solarize_prob, 0.0, 1.0), ("--jitter-strength", args.jitter_strength, 0.0, 10.0),
+                                   ("--gray-prob", args.gray_prob, 0.0, 1.0),
                                    ("--rotation", args.rotation, 0.0, 180.0), ("--shear", args.shear, 0.0, 60.0),
                                    ("--stroke", args.stroke, 0.0, 1.0)]:
         if not low <= value <= high:  # also false for NaN
@@ -929,7 +932,7 @@ def gray(x):
 
 
 def augment(x, gen, blur_prob, solarize_prob, crop_min_scale=0.2, jitter_strength=1.0, flip_prob=0.5,
-            rotation=0.0, shear=0.0, stroke=0.0):
+            rotation=0.0, shear=0.0, stroke=0.0, gray_prob=0.2):
     """BYOL's augmentation with per-sample random parameters, as batched tensor ops, plus the
     handwriting ones: rotation and shear (degrees, uniform in +-) and stroke thickness.
 
@@ -966,8 +969,8 @@ def augment(x, gen, blur_prob, solarize_prob, crop_min_scale=0.2, jitter_strengt
     x = ((x - gray(x).mean((2, 3), keepdim=True)) * contrast + gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
     x = ((x - gray(x)) * saturation + gray(x)).clamp(0, 1)
     x = rotate_hue(x, hue).clamp(0, 1)
-    # Grayscale with p=0.2.
-    to_gray = (torch.rand(b, generator=gen, device=dev) < 0.2).view(b, 1, 1, 1)
+    # Grayscale with p=gray_prob (BYOL's 0.2).
+    to_gray = (torch.rand(b, generator=gen, device=dev) < gray_prob).view(b, 1, 1, 1)
     x = torch.where(to_gray, gray(x).expand_as(x), x)
     # Gaussian blur, sigma in [0.1, 2] at 224 px, scaled to this resolution.
     blur = torch.rand(b, generator=gen, device=dev) < blur_prob
@@ -1016,9 +1019,9 @@ def gaussian_blur(x, sigma):
 
 def augment_pair(x1, x2, gen, args):
     """BYOL's asymmetric views: blur 1.0 / 0.1, solarize 0.0 / 0.2."""
-    handwriting = dict(rotation=args.rotation, shear=args.shear, stroke=args.stroke)
-    v1 = augment(x1, gen, 1.0, 0.0, args.crop_min_scale, args.jitter_strength, args.flip_prob, **handwriting)
-    v2 = augment(x2, gen, 0.1, args.solarize_prob, args.crop_min_scale, args.jitter_strength, args.flip_prob, **handwriting)
+    both = dict(rotation=args.rotation, shear=args.shear, stroke=args.stroke, gray_prob=args.gray_prob)
+    v1 = augment(x1, gen, 1.0, 0.0, args.crop_min_scale, args.jitter_strength, args.flip_prob, **both)
+    v2 = augment(x2, gen, 0.1, args.solarize_prob, args.crop_min_scale, args.jitter_strength, args.flip_prob, **both)
     return v1, v2
 
 

@@ -332,6 +332,7 @@ def aug_args(**overrides):
             "rotation": 0.0,
             "shear": 0.0,
             "stroke": 0.0,
+            "gray_prob": 0.2,
             **overrides,
         }
     )
@@ -399,6 +400,17 @@ def test_grayscale_sometimes_on_both_views():
         u = unstandardize(v)
         g = ((u[:, 0] - u[:, 1]).abs().flatten(1).max(1).values < 1e-4).float().mean().item()
         assert 0.12 < g < 0.28, g  # p = 0.2
+
+
+@pytest.mark.parametrize("gray_prob", [0.0, 0.5, 1.0])
+def test_gray_prob_sets_how_often_a_view_turns_gray(gray_prob):
+    """--gray-prob 0 keeps every view in colour (colour as an attribute of similarity), 1 turns every view gray."""
+    x = torch.full((400, 3, 8, 8), 25, dtype=torch.uint8)
+    x[:, 0] = 100
+    for v in byol.augment_pair(x, x, byol.step_generator(3, 0, "cpu"), aug_args(jitter_strength=0.0, gray_prob=gray_prob)):
+        u = unstandardize(v)
+        g = ((u[:, 0] - u[:, 1]).abs().flatten(1).max(1).values < 1e-4).float().mean().item()
+        assert abs(g - gray_prob) < 0.08, g
 
 
 def test_crop_min_scale_one_keeps_the_whole_image_content():
