@@ -1,4 +1,4 @@
-"""Evaluate a run of byol.py, simsiam.py or bn_only.py, or a baseline, on held-out data.
+"""Evaluate a run of byol.py, simsiam.py, bn_only.py or contrastive.py, or a baseline, on held-out data.
 
 The architecture, the data and the held-out split come from the checkpoint: eval.py
 imports the script that wrote it and rebuilds the model and the data with that
@@ -87,7 +87,7 @@ def parse_args(argv=None):
                                 epilog="Also: python eval.py embed|search|export --help (embed images, search them, "
                                        "export the encoder).")
     p.add_argument("checkpoint", nargs="?", type=Path, default=None,
-                   help="last.pt written by byol.py, simsiam.py or bn_only.py")
+                   help="last.pt written by byol.py, simsiam.py, bn_only.py or contrastive.py")
     p.add_argument("--baseline", choices=["pixels", "random", "random-bn", "pretrained"], default=None,
                    help="no trained weights: the raw pixels (at the image size); an untrained network; the same with its batch-norm statistics "
                         "re-estimated on the training images (what any training run gets for free); or "

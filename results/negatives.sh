@@ -6,6 +6,7 @@
 #     bash results/negatives.sh tune         # contrastive.py's temperature and margin, on the validation episodes
 #     bash results/negatives.sh compare      # every method, and the false-negative sweep (--per-group K)
 #     SEEDS="0 1 2" bash results/negatives.sh compare
+#     bash results/negatives.sh compositional  # pairs that share the character or the colour (results/compositional.py)
 #     python results/negatives.py OUT        # the tables, from the runs' logs
 #
 # tune: contrastive.py --temperature T (ntxent) and --margin M (triplet, batch-hard), seed 0; chosen on
@@ -15,6 +16,9 @@
 #   byol, simsiam, bn_only: their scripts' own recipes;
 #   false negatives: --per-group K for K in KS (K drawings of each character per batch: K - 1 false
 #   negatives for each anchor under in-batch negatives) for the rows in FN_ROWS.
+# compositional, for each seed in SEEDS: results/compositional.py make OUT/compositional/data (once), then rows
+#   byol, simsiam, bn_only, ntxent, triplet with --data pairs on its train.csv and its flags, then its score table
+#   (OUT/compositional/scores-s<seed>.md).
 # Run directories: OUT/<row>[-k<K>]-s<seed> (tuning: OUT/tune/<row>-s0), each with its console output and wall
 # time in OUT/...-s<seed>.txt. A run that finished is skipped, so the script resumes where it stopped.
 #
@@ -22,7 +26,7 @@
 #            THREADS=1  JOBS=2 (runs side by side, each on THREADS threads)  PYTHON=python
 set -euo pipefail
 
-STAGE="${1:?usage: bash results/negatives.sh tune|compare}"
+STAGE="${1:?usage: bash results/negatives.sh tune|compare|compositional}"
 SEEDS="${SEEDS:-0}"
 KS="${KS:-1 2 4 8}"
 FN_ROWS="${FN_ROWS:-byol ntxent ntxent-labels triplet}"
@@ -82,10 +86,28 @@ case "$STAGE" in
             done
         done
         ;;
-    *) echo "negatives.sh: unknown stage $STAGE (tune or compare)" >&2; exit 2 ;;
+    compositional)
+        data="$OUT/compositional/data"
+        [[ -d "$data" ]] || "$PYTHON" results/compositional.py make "$data"
+        read -r -a comp_flags <<< "$("$PYTHON" results/compositional.py flags)"
+        for seed in $SEEDS; do
+            for row in byol simsiam bn_only ntxent triplet; do
+                queue run "$OUT/compositional/$row-s$seed" "$(row_cmd "$row")" --data pairs --pairs-csv "$data/train.csv" "${comp_flags[*]}" --seed "$seed"
+            done
+        done
+        ;;
+    *) echo "negatives.sh: unknown stage $STAGE (tune, compare or compositional)" >&2; exit 2 ;;
 esac
 
 export -f run
 export PYTHON
 # JOBS runs side by side: each line of the queue is one `run` call.
 xargs -P "$JOBS" -I{} bash -c '{}' < "$jobs_file"
+
+if [[ "$STAGE" == compositional ]]; then
+    for seed in $SEEDS; do
+        runs=()
+        for row in byol simsiam bn_only ntxent triplet; do runs+=("$OUT/compositional/$row-s$seed"); done
+        "$PYTHON" results/compositional.py score "$OUT/compositional/data" "${runs[@]}" | tee "$OUT/compositional/scores-s$seed.md"
+    done
+fi

@@ -17,10 +17,11 @@ from PIL import Image
 
 import bn_only
 import byol
+import contrastive
 import simsiam
 from tiny_data import REPO, args_for, make_folder
 
-MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only}
+MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only, "contrastive": contrastive}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,18 @@ def test_each_recipe_is_the_default_of_its_data(name, data):
             assert args.batch_size is None, data
             mod.fit_to_data(args, 100_000, 1, is_main=False)
         assert getattr(args, key) == value, (data, key)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_script_s_generic_recipes_validate_themselves(name):
+    """folder, pairs and tll carve a validation fifth and stop after 5 evaluations without a gain, in every script
+    (the README's promise); Omniglot has its own validation episodes and carves nothing."""
+    mod = MODULES[name]
+    for data in ("folder", "pairs", "tll"):
+        args = mod.parse_args(["--data", data])
+        assert (args.val_fraction, args.patience, args.eval_every) == (0.2, 5, 5), (name, data)
+    args = mod.parse_args([])
+    assert (args.val_fraction, args.patience) == (0.0, 0), name
 
 
 def test_the_command_line_overrides_the_recipe():
