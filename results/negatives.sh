@@ -11,23 +11,27 @@
 #
 # tune: contrastive.py --temperature T (ntxent) and --margin M (triplet, batch-hard), seed 0; chosen on
 #   val_one_shot (alphabets of small2 that training never sees), never on the 20 official test runs.
-# compare, for each seed in SEEDS:
-#   rows ntxent, ntxent-labels (--negatives labels), triplet (batch-hard), triplet-semi-hard: contrastive.py;
-#   byol, simsiam, bn_only: their scripts' own recipes;
-#   false negatives: --per-group K for K in KS (K drawings of each character per batch: K - 1 false
-#   negatives for each anchor under in-batch negatives) for the rows in FN_ROWS.
+# compare: for each seed in SEEDS, the rows in ROWS:
+#     ntxent, ntxent-labels (--negatives labels), triplet (batch-hard), triplet-semi-hard: contrastive.py;
+#     byol, simsiam, bn_only: their scripts' own recipes (run_all.sh runs them too, into results/runs/omniglot:
+#     the same recipe and code path, so they are not in ROWS by default);
+#   then for each seed in FN_SEEDS, false negatives: --per-group K for K in KS (K drawings of each character per
+#   batch: K - 1 false negatives for each anchor under in-batch negatives) for the rows in FN_ROWS.
 # compositional, for each seed in SEEDS: results/compositional.py make OUT/compositional/data (once), then rows
 #   byol, simsiam, bn_only, ntxent, triplet with --data pairs on its train.csv and its flags, then its score table
 #   (OUT/compositional/scores-s<seed>.md).
 # Run directories: OUT/<row>[-k<K>]-s<seed> (tuning: OUT/tune/<row>-s0), each with its console output and wall
 # time in OUT/...-s<seed>.txt. A run that finished is skipped, so the script resumes where it stopped.
 #
-# Variables: SEEDS="0"  KS="1 2 4 8"  FN_ROWS="byol ntxent ntxent-labels triplet"  OUT=results/runs/negatives
+# Variables: SEEDS="0"  ROWS="ntxent ntxent-labels triplet triplet-semi-hard"  FN_SEEDS="$SEEDS"  KS="1 2 4 8"
+#            FN_ROWS="byol ntxent ntxent-labels triplet"  OUT=results/runs/negatives
 #            THREADS=1  JOBS=2 (runs side by side, each on THREADS threads)  PYTHON=python
 set -euo pipefail
 
 STAGE="${1:?usage: bash results/negatives.sh tune|compare|compositional}"
 SEEDS="${SEEDS:-0}"
+ROWS="${ROWS:-ntxent ntxent-labels triplet triplet-semi-hard}"
+FN_SEEDS="${FN_SEEDS:-$SEEDS}"
 KS="${KS:-1 2 4 8}"
 FN_ROWS="${FN_ROWS:-byol ntxent ntxent-labels triplet}"
 OUT="${OUT:-results/runs/negatives}"
@@ -76,9 +80,11 @@ case "$STAGE" in
         ;;
     compare)
         for seed in $SEEDS; do
-            for row in ntxent ntxent-labels triplet triplet-semi-hard byol simsiam bn_only; do
+            for row in $ROWS; do
                 queue run "$OUT/$row-s$seed" "$(row_cmd "$row")" --seed "$seed"
             done
+        done
+        for seed in $FN_SEEDS; do
             for k in $KS; do
                 for row in $FN_ROWS; do
                     queue run "$OUT/$row-k$k-s$seed" "$(row_cmd "$row")" --per-group "$k" --seed "$seed"
