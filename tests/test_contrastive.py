@@ -62,24 +62,20 @@ def test_ntxent_with_labels_is_pml_ntxent_on_the_labels(seed, b, d, groups, temp
     same_value_and_grads(ours, ref, z1, z2)
 
 
-@settings(max_examples=40, deadline=None)
-@given(**SIZES, groups=st.integers(1, 6), margin=st.floats(0.01, 1.0))
-def test_batch_hard_triplet_is_pml_batch_hard_miner_and_triplet_margin_loss(seed, b, d, groups, margin):
-    z1, z2, g = batch(seed, b, d, groups)
-    z, labels = torch.cat([z1, z2]), torch.cat([g, g])
-    ours = contrastive.triplet_loss(z, labels, margin, "batch-hard")
-    ref = losses.TripletMarginLoss(margin=margin)(z, labels, miners.BatchHardMiner()(z, labels))
-    same_value_and_grads(ours, ref, z1, z2)
+REFERENCE_MINERS = {  # our --mining: the PML miner that picks the same triplets
+    "batch-hard": lambda margin: miners.BatchHardMiner(),
+    "semi-hard": lambda margin: miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard"),
+}
 
 
+@pytest.mark.parametrize("mining", REFERENCE_MINERS)
 @settings(max_examples=40, deadline=None)
 @given(**SIZES, groups=st.integers(1, 6), margin=st.floats(0.01, 1.0))
-def test_semi_hard_triplet_is_pml_triplet_margin_miner_and_loss(seed, b, d, groups, margin):
+def test_triplet_is_pml_triplet_margin_loss_with_its_miner(mining, seed, b, d, groups, margin):
     z1, z2, g = batch(seed, b, d, groups)
     z, labels = torch.cat([z1, z2]), torch.cat([g, g])
-    ours = contrastive.triplet_loss(z, labels, margin, "semi-hard")
-    mined = miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard")(z, labels)
-    ref = losses.TripletMarginLoss(margin=margin)(z, labels, mined)
+    ours = contrastive.triplet_loss(z, labels, margin, mining)
+    ref = losses.TripletMarginLoss(margin=margin)(z, labels, REFERENCE_MINERS[mining](margin)(z, labels))
     same_value_and_grads(ours, ref, z1, z2)
 
 
