@@ -11,7 +11,7 @@ Run:
     python contrastive.py                                  # embedded Omniglot, NT-Xent, CPU-sized
     python contrastive.py --loss triplet --mining semi-hard
     python contrastive.py --negatives labels               # same-character images are positives, never negatives
-    python contrastive.py --per-group 4                    # batches of 4 drawings of each character: 3 false negatives each
+    python contrastive.py --per-group 4                    # 4 drawings of each character per batch: 3 false negative pairs each
     python contrastive.py --data tll --data-dir ~/data/tll
     python contrastive.py --data folder --data-dir ~/data/classes
     python contrastive.py --resume runs/contrastive-omniglot-s0/last.pt
@@ -114,8 +114,8 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--holdout", type=float, default=0.2, help="fraction of pairs (or classes, or unlabelled images) held out for evaluation")
     g.add_argument("--per-group", type=int, default=0, metavar="K",
                    help="batch composition: each batch holds K anchors of each of batch-size/K groups (classes, characters), "
-                        "so that K - 1 others of an anchor's group share its batch (K=1: none); 0: a plain shuffle. "
-                        "In-batch negatives then meet K - 1 false negatives each (contrastive.py)")
+                        "so that K - 1 other pairs of an anchor's group share its batch (K=1: none); 0: a plain shuffle. "
+                        "In-batch negatives (contrastive.py) then count those 2(K - 1) images as negatives")
     g.add_argument("--val-fraction", type=float, default=0.0,
                    help="fraction of the training pairs (classes, unlabelled images) carved off as validation: scored every "
                         "evaluation, it picks best.pt and stops early (--patience); the held-out test split never chooses")
@@ -286,12 +286,18 @@ def mlp(in_dim, hidden_dim, out_dim):
     )
 
 
+def fp32(z):
+    """z in float32 at least (float64 stays), for a loss computed outside autocast: bf16 logits would be off by 0.03."""
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
 def ntxent_loss(z, labels, temperature):
     """NT-Xent over the rows of z: for every ordered pair (i, j) of rows with the same label, -log of
     exp(s_ij) / (exp(s_ij) + sum of exp(s_ik) over the rows k of other labels), with s the cosine over the
     temperature; the mean over those pairs. With one label per pair of views this is SimCLR's loss (2B - 2
-    negatives per row); same-label rows are never negatives (pytorch-metric-learning's NTXentLoss)."""
-    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)  # fp32 at least, also under autocast
+    negatives per row); same-label rows are positives, never negatives (pytorch-metric-learning's NTXentLoss with
+    labels; SupCon would also put the other positives in each denominator)."""
+    z = F.normalize(fp32(z), dim=1)
     s = z @ z.T / temperature
     same = labels[:, None] == labels[None]
     positive = same & ~torch.eye(len(z), dtype=torch.bool, device=z.device)
@@ -303,8 +309,8 @@ def triplet_loss(z, labels, margin, mining):
     """Triplet margin loss relu(d(a, p) - d(a, n) + margin) on the Euclidean distances of the normalised rows of z,
     averaged over the triplets with a loss above zero (pytorch-metric-learning's TripletMarginLoss). batch-hard:
     one triplet per anchor, its farthest positive and nearest negative; semi-hard: every triplet with
-    d(a, p) < d(a, n) <= d(a, p) + margin."""
-    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)  # fp32 at least, also under autocast
+    d(a, p) < d(a, n) <= d(a, p) + margin (it builds [2B, 2B, 2B] tensors: batches of a few hundred pairs)."""
+    z = F.normalize(fp32(z), dim=1)
     d = torch.cdist(z, z)
     same = labels[:, None] == labels[None]
     positive = same & ~torch.eye(len(z), dtype=torch.bool, device=z.device)
@@ -319,6 +325,21 @@ def triplet_loss(z, labels, margin, mining):
         losses = F.relu(margin - gap[mined])
     nonzero = losses > 0
     return losses[nonzero].mean() if nonzero.any() else losses.sum() * 0  # zero, with a gradient path
+
+
+def global_batch(z1, z2, groups):
+    """Under DDP, every rank's pairs in rank order, so that negatives come from the whole batch as in SimCLR (and the
+    loss does not depend on the number of processes). The gather passes gradients back to each rank's own rows:
+    every rank computes the same loss, and DDP's mean over ranks then gives its gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z1, z2, groups
+    from torch.distributed.nn.functional import all_gather  # differentiable
+
+    if groups is not None:
+        everyone = [torch.empty_like(groups) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, groups)
+        groups = torch.cat(everyone)
+    return torch.cat(all_gather(z1)), torch.cat(all_gather(z2)), groups
 
 
 def both_views(net, x1, x2, joint_bn):
@@ -346,12 +367,16 @@ class Contrastive(nn.Module):
         self.projector = mlp(feature_dim, hidden_dim, proj_dim)
 
     def forward(self, x1, x2, groups=None):
+        if self.negatives == "labels" and groups is None:
+            raise ValueError('negatives="labels" needs the groups of the pairs: forward(x1, x2, groups)')
         z1, z2 = both_views(lambda x: self.projector(self.encoder(x)), x1, x2, self.joint_bn)
-        pair = torch.arange(len(z1), device=z1.device) if self.negatives == "batch" or groups is None else groups
+        z1, z2, groups = global_batch(z1, z2, groups)
+        pair = torch.arange(len(z1), device=z1.device) if self.negatives == "batch" else groups
         z, labels = torch.cat([z1, z2]), torch.cat([pair, pair])
-        if self.loss == "ntxent":
-            return ntxent_loss(z, labels, self.temperature)
-        return triplet_loss(z, labels, self.margin, self.mining)
+        with torch.autocast(z.device.type, enabled=False):  # the similarities in fp32 (fp32() above)
+            if self.loss == "ntxent":
+                return ntxent_loss(z, labels, self.temperature)
+            return triplet_loss(z, labels, self.margin, self.mining)
 
     def embed(self, x):
         """Features used for similarity search: the encoder's output, or with a frozen encoder
@@ -372,6 +397,9 @@ def check_method_args(args):
     for flag, value in [("--temperature", args.temperature), ("--margin", args.margin)]:
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"{flag} {value} must be a finite number above 0")
+    if args.negatives == "labels" and (args.data in ("tll", "pairs") or args.labels == "none"):
+        raise UserError(f"--negatives labels needs classes (omniglot, a folder of class folders, cifar10); --data "
+                        f"{args.data}{' --labels none' if args.labels == 'none' else ''} has none; drop the flag")
 
 
 def build_method_optimizer(args, model):
@@ -879,7 +907,7 @@ def per_group_order(data, seed, epoch, batch_size, per_group):
     group's blocks sit side by side in the deal, so they land in different batches (a group with more blocks than
     there are batches gives up the rest). A group's last partial block, and the last blocks dealt, skip the epoch."""
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
-    group_of = data.groups[:, 0]
+    group_of = anchor_groups(data)
     groups = group_of.unique()
     blocks = []  # per group, its anchors shuffled and cut into blocks
     for c in groups[torch.randperm(len(groups), generator=g)]:
@@ -897,11 +925,17 @@ def per_group_order(data, seed, epoch, batch_size, per_group):
     return torch.cat([dealt[i::num_batches].flatten() for i in range(num_batches)])
 
 
+def anchor_groups(data):
+    """Each training anchor's group: its class where the data has labels (folders, cifar10: also with --pairs aug),
+    else the group its positives come from (Omniglot's character, a pair), named by its first member."""
+    return data.labels[data.anchors] if data.labels is not None else data.groups[:, 0]
+
+
 def batch_groups(data, order, step, batch_size, rank, world, device):
-    """The group (class, character, or the pair itself) of each pair in this rank's share of the batch: the
-    identities that a method with negatives tells apart. data.groups[:, 0], a group's first member, names it."""
+    """The group of each pair in this rank's share of the batch (anchor_groups): the identities that a method
+    with negatives tells apart, in make_pair_batch's order."""
     idx = order[step * batch_size: (step + 1) * batch_size].view(world, -1)[rank]
-    return data.groups[idx, 0].to(device, non_blocking=True)
+    return anchor_groups(data)[idx].to(device, non_blocking=True)
 
 
 def make_pair_batch(data, order, step, batch_size, rank, world, seed, global_step, device):
@@ -1888,16 +1922,20 @@ def train(args):
     if ckpt is not None:
         check_resumed_data(ckpt, data, args)
     fit_to_data(args, len(data.anchors), world, is_main)
-    if args.per_group and args.batch_size % (args.per_group * world):
-        raise UserError(f"--per-group {args.per_group}: --batch-size {args.batch_size} must be a multiple of it "
-                        f"(times the {world} processes)")
+    if args.per_group and (args.batch_size % (args.per_group * world) or args.batch_size < 2 * args.per_group):
+        raise UserError(f"--per-group {args.per_group}: --batch-size {args.batch_size} must be a multiple of it (times the "
+                        f"{world} processes) that holds two groups or more")
     order_of = functools.partial(per_group_order, data, batch_size=args.batch_size, per_group=args.per_group) if args.per_group \
         else lambda seed, epoch: epoch_order(len(data.anchors), seed, epoch)
     # Refused before the validation note, so that data too small to train on gets one line.
     steps_per_epoch = len(order_of(args.seed, 0)) // args.batch_size
     if steps_per_epoch == 0 and args.per_group:
         raise UserError(f"--per-group {args.per_group} leaves no batch of {args.batch_size // args.per_group} groups of "
-                        f"{args.per_group} anchors each in this data; lower --per-group or --batch-size")
+                        f"{args.per_group} anchors each in this data (its groups: {len(anchor_groups(data).unique())}, the "
+                        f"largest of {anchor_groups(data).unique(return_counts=True)[1].max()}); lower --per-group or --batch-size")
+    if args.per_group and is_main and steps_per_epoch * args.batch_size < len(data.anchors):
+        print(f"--per-group {args.per_group}: {steps_per_epoch * args.batch_size} of the {len(data.anchors)} training anchors "
+              f"train each epoch (a group's last partial block, and groups of fewer than {args.per_group}, sit out)")
     if steps_per_epoch == 0:
         fix = "lower --batch-size" if len(data.anchors) >= 2 * world else "add data, or lower --holdout"  # 2: batch norm
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.anchors)} training anchors; {fix}")

@@ -116,8 +116,8 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--holdout", type=float, default=0.2, help="fraction of pairs (or classes, or unlabelled images) held out for evaluation")
     g.add_argument("--per-group", type=int, default=0, metavar="K",
                    help="batch composition: each batch holds K anchors of each of batch-size/K groups (classes, characters), "
-                        "so that K - 1 others of an anchor's group share its batch (K=1: none); 0: a plain shuffle. "
-                        "In-batch negatives then meet K - 1 false negatives each (contrastive.py)")
+                        "so that K - 1 other pairs of an anchor's group share its batch (K=1: none); 0: a plain shuffle. "
+                        "In-batch negatives (contrastive.py) then count those 2(K - 1) images as negatives")
     g.add_argument("--val-fraction", type=float, default=0.0,
                    help="fraction of the training pairs (classes, unlabelled images) carved off as validation: scored every "
                         "evaluation, it picks best.pt and stops early (--patience); the held-out test split never chooses")
@@ -836,7 +836,7 @@ def per_group_order(data, seed, epoch, batch_size, per_group):
     group's blocks sit side by side in the deal, so they land in different batches (a group with more blocks than
     there are batches gives up the rest). A group's last partial block, and the last blocks dealt, skip the epoch."""
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
-    group_of = data.groups[:, 0]
+    group_of = anchor_groups(data)
     groups = group_of.unique()
     blocks = []  # per group, its anchors shuffled and cut into blocks
     for c in groups[torch.randperm(len(groups), generator=g)]:
@@ -854,11 +854,17 @@ def per_group_order(data, seed, epoch, batch_size, per_group):
     return torch.cat([dealt[i::num_batches].flatten() for i in range(num_batches)])
 
 
+def anchor_groups(data):
+    """Each training anchor's group: its class where the data has labels (folders, cifar10: also with --pairs aug),
+    else the group its positives come from (Omniglot's character, a pair), named by its first member."""
+    return data.labels[data.anchors] if data.labels is not None else data.groups[:, 0]
+
+
 def batch_groups(data, order, step, batch_size, rank, world, device):
-    """The group (class, character, or the pair itself) of each pair in this rank's share of the batch: the
-    identities that a method with negatives tells apart. data.groups[:, 0], a group's first member, names it."""
+    """The group of each pair in this rank's share of the batch (anchor_groups): the identities that a method
+    with negatives tells apart, in make_pair_batch's order."""
     idx = order[step * batch_size: (step + 1) * batch_size].view(world, -1)[rank]
-    return data.groups[idx, 0].to(device, non_blocking=True)
+    return anchor_groups(data)[idx].to(device, non_blocking=True)
 
 
 def make_pair_batch(data, order, step, batch_size, rank, world, seed, global_step, device):
@@ -1845,16 +1851,20 @@ def train(args):
     if ckpt is not None:
         check_resumed_data(ckpt, data, args)
     fit_to_data(args, len(data.anchors), world, is_main)
-    if args.per_group and args.batch_size % (args.per_group * world):
-        raise UserError(f"--per-group {args.per_group}: --batch-size {args.batch_size} must be a multiple of it "
-                        f"(times the {world} processes)")
+    if args.per_group and (args.batch_size % (args.per_group * world) or args.batch_size < 2 * args.per_group):
+        raise UserError(f"--per-group {args.per_group}: --batch-size {args.batch_size} must be a multiple of it (times the "
+                        f"{world} processes) that holds two groups or more")
     order_of = functools.partial(per_group_order, data, batch_size=args.batch_size, per_group=args.per_group) if args.per_group \
         else lambda seed, epoch: epoch_order(len(data.anchors), seed, epoch)
     # Refused before the validation note, so that data too small to train on gets one line.
     steps_per_epoch = len(order_of(args.seed, 0)) // args.batch_size
     if steps_per_epoch == 0 and args.per_group:
         raise UserError(f"--per-group {args.per_group} leaves no batch of {args.batch_size // args.per_group} groups of "
-                        f"{args.per_group} anchors each in this data; lower --per-group or --batch-size")
+                        f"{args.per_group} anchors each in this data (its groups: {len(anchor_groups(data).unique())}, the "
+                        f"largest of {anchor_groups(data).unique(return_counts=True)[1].max()}); lower --per-group or --batch-size")
+    if args.per_group and is_main and steps_per_epoch * args.batch_size < len(data.anchors):
+        print(f"--per-group {args.per_group}: {steps_per_epoch * args.batch_size} of the {len(data.anchors)} training anchors "
+              f"train each epoch (a group's last partial block, and groups of fewer than {args.per_group}, sit out)")
     if steps_per_epoch == 0:
         fix = "lower --batch-size" if len(data.anchors) >= 2 * world else "add data, or lower --holdout"  # 2: batch norm
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.anchors)} training anchors; {fix}")

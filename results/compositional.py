@@ -14,13 +14,16 @@ retrieval is scored per attribute.
 
 `flags` prints the recipe every method trains with here: the pairs recipe at 28 px with conv4 32,64,128,256,
 the handwriting augmentation of the Omniglot recipe, and no colour jitter or grayscale (colour is an attribute).
-`bash results/negatives.sh compositional` runs it all for every method.
+`bash results/negatives.sh compositional` runs it all for every method. Training pairs may share an image file (one
+file per drawing and colour), so now and then one image's two pairs meet in a batch and, under in-batch negatives,
+push its own copies apart: part of what a method with negatives pays here.
 """
 
 import argparse
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -93,8 +96,8 @@ def make(out, pairs, seed):
             coloured(page, colour).save(out / "test" / name)
             labels[name] = {"character": char, "colour": colour}
     (out / "test.json").write_text(json.dumps(labels, indent=0))
-    print(f"{out}: {pairs} training pairs over {len(written)} images of {len(train)} characters (half share the "
-          f"character, half the colour); {len(labels)} test images of {len(test)} other characters")
+    return (f"{pairs} training pairs over {len(written)} images of {len(train)} characters (half share the "
+            f"character, half the colour); {len(labels)} test images of {len(test)} other characters")
 
 
 def retrieval(emb, labels):
@@ -109,12 +112,23 @@ def retrieval(emb, labels):
     return {"p@1": float(same[:, 0].mean()), "r_precision": float(rp.mean())}
 
 
+def run_ended(run):
+    """True when RUN's last.pt trained all its epochs or stopped early."""
+    import torch
+
+    if not (run / "last.pt").exists():
+        return False
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    return ckpt["epoch"] >= ckpt["args"]["epochs"] or bool(ckpt.get("early_stopping", {}).get("stopped"))
+
+
 def embed(out, run, baseline=None):
     """eval.py embed of OUT/test with RUN's best.pt (chosen on its validation pairs; else last.pt), or a baseline."""
     ckpt = run / "best.pt" if (run / "best.pt").exists() else run / "last.pt"
     npz = run / f"compositional-{baseline or 'trained'}.npz"
-    if not npz.exists():
-        cmd = [sys.executable, str(REPO / "eval.py"), "embed", str(ckpt), str(out / "test"), "--out", str(npz), "--no-progress"]
+    if not npz.exists() or npz.stat().st_mtime < ckpt.stat().st_mtime:  # embedded from this checkpoint
+        cmd = [sys.executable, str(REPO / "eval.py"), "embed", str(ckpt), str(out / "test"), "--out", str(npz), "--no-progress",
+               "--overwrite"]
         subprocess.run(cmd + (["--baseline", baseline] if baseline else []), check=True, stdout=subprocess.DEVNULL)
     data = np.load(npz)
     return data["embeddings"], [Path(p).name for p in data["paths"]]
@@ -122,6 +136,9 @@ def embed(out, run, baseline=None):
 
 def score(out, runs):
     labels = json.loads((out / "test.json").read_text())
+    for run in runs:
+        if not run_ended(run):
+            raise SystemExit(f"compositional.py: error: {run} has not finished training (its last.pt); finish or rerun it")
     rows = []
     for run in runs:
         for who in ([None, "random", "pixels"] if run == runs[0] else [None]):  # the baselines once
@@ -158,7 +175,11 @@ def main(argv=None):
     elif args.cmd == "make":
         if args.out.exists():
             p.error(f"{args.out} exists; remove it or name another folder")
-        make(args.out, args.pairs, args.seed)
+        partial = args.out.with_name(args.out.name + ".partial")  # renamed when whole: an interrupted make leaves no OUT
+        shutil.rmtree(partial, ignore_errors=True)
+        summary = make(partial, args.pairs, args.seed)
+        partial.rename(args.out)
+        print(f"{args.out}: {summary}")
     else:
         score(args.out, args.runs)
     return 0

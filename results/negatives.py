@@ -14,17 +14,29 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 ROW = re.compile(r"^(?P<row>.+?)(?:-k(?P<k>\d+))?-s(?P<seed>\d+)$")
+
+
+def run_ended(run):
+    """True when RUN's last.pt says the run trained all its epochs or stopped early (a run killed part-way, whose
+    log already holds evaluations, is not finished)."""
+    path = run / "last.pt"
+    if not path.exists():
+        return False
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt["epoch"] >= ckpt["args"]["epochs"] or bool(ckpt.get("early_stopping", {}).get("stopped"))
 
 
 def finished(run):
     """(last log record, wall seconds) of a run that ended, else None."""
     txt = run.with_name(run.name + ".txt")
-    if not txt.exists() or not (run / "log.jsonl").exists():
+    if not txt.exists() or not (run / "log.jsonl").exists() or not run_ended(run):
         return None
     wall = re.search(r"^wall_s ([\d.]+)$", txt.read_text(), re.M)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    if wall is None or "non-zero status" in txt.read_text() or "one_shot" not in records[-1]:
+    if wall is None or not records or "one_shot" not in records[-1]:
         return None
     return records[-1], float(wall.group(1))
 

@@ -16,7 +16,9 @@
 #     byol, simsiam, bn_only: their scripts' own recipes (run_all.sh runs them too, into results/runs/omniglot:
 #     the same recipe and code path, so they are not in ROWS by default);
 #   then for each seed in FN_SEEDS, false negatives: --per-group K for K in KS (K drawings of each character per
-#   batch: K - 1 false negatives for each anchor under in-batch negatives) for the rows in FN_ROWS.
+#   batch: K - 1 other pairs of its character, 2(K - 1) images that in-batch negatives push away) for the rows
+#   in FN_ROWS. On Omniglot K=1, 2 and 4 keep 21 steps an epoch; K=8 trains 16 of each character's 20 drawings an
+#   epoch (17 steps).
 # compositional, for each seed in SEEDS: results/compositional.py make OUT/compositional/data (once), then rows
 #   byol, simsiam, bn_only, ntxent, triplet with --data pairs on its train.csv and its flags, then its score table
 #   (OUT/compositional/scores-s<seed>.md).
@@ -58,7 +60,9 @@ row_cmd() {
 run() {
     local dir=$1
     shift
-    if [[ -f "$dir.txt" ]] && grep -q "^wall_s" "$dir.txt" && ! grep -q "non-zero status" "$dir.txt"; then
+    # Finished: time printed its wall time, the command exited 0 (not killed) and printed its end-of-run summary.
+    if [[ -f "$dir.txt" ]] && grep -q "^wall_s" "$dir.txt" && ! grep -qE "non-zero status|terminated by signal" "$dir.txt" \
+        && grep -q "^run directory:" "$dir.txt"; then
         echo "skip $dir: finished"
         return 0
     fi
@@ -94,7 +98,7 @@ case "$STAGE" in
         ;;
     compositional)
         data="$OUT/compositional/data"
-        [[ -d "$data" ]] || "$PYTHON" results/compositional.py make "$data"
+        [[ -d "$data" ]] || "$PYTHON" results/compositional.py make "$data"  # written whole, or not at all
         read -r -a comp_flags <<< "$("$PYTHON" results/compositional.py flags)"
         for seed in $SEEDS; do
             for row in byol simsiam bn_only ntxent triplet; do

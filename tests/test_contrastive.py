@@ -8,6 +8,10 @@ Tolerance: float64 inputs. Ours computes in float64 there as the reference does,
 """
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -16,17 +20,18 @@ from hypothesis import strategies as st
 from pytorch_metric_learning import losses, miners
 
 import contrastive
-from tiny_data import make_folder, one_thread, run_main, tiny_flags, tll_dir  # noqa: F401  (fixtures)
+from tiny_data import REPO, decode_index, index_coded, make_folder, one_thread, run_main, tiny_flags, tll_dir  # noqa: F401
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 
 
 def batch(draw_seed, b, d, groups):
-    """Two views' projections [b, d] each, float64 with gradients, and a group for each pair (groups classes)."""
+    """Two views' projections [b, d] each, float64 with gradients, and a group for each pair: one of `groups`
+    classes, or with groups=0 the pair itself (--negatives batch)."""
     g = torch.Generator().manual_seed(draw_seed)
     z1 = torch.randn(b, d, generator=g, dtype=torch.float64).requires_grad_()
     z2 = torch.randn(b, d, generator=g, dtype=torch.float64).requires_grad_()
-    return z1, z2, torch.randint(0, groups, (b,), generator=g)
+    return z1, z2, torch.randint(0, groups, (b,), generator=g) if groups else torch.arange(b)
 
 
 def same_value_and_grads(ours, ref, *inputs):
@@ -39,7 +44,7 @@ def same_value_and_grads(ours, ref, *inputs):
         assert torch.allclose(a, b, **TOL), (a - b).abs().max()
 
 
-SIZES = dict(seed=st.integers(0, 2**31), b=st.integers(2, 24), d=st.integers(2, 16))
+SIZES = dict(seed=st.integers(0, 2**31), b=st.integers(1, 24), d=st.integers(2, 16))
 
 
 @settings(max_examples=40, deadline=None)
@@ -70,7 +75,7 @@ REFERENCE_MINERS = {  # our --mining: the PML miner that picks the same triplets
 
 @pytest.mark.parametrize("mining", REFERENCE_MINERS)
 @settings(max_examples=40, deadline=None)
-@given(**SIZES, groups=st.integers(1, 6), margin=st.floats(0.01, 1.0))
+@given(**SIZES, groups=st.integers(0, 6), margin=st.floats(0.01, 1.0))
 def test_triplet_is_pml_triplet_margin_loss_with_its_miner(mining, seed, b, d, groups, margin):
     z1, z2, g = batch(seed, b, d, groups)
     z, labels = torch.cat([z1, z2]), torch.cat([g, g])
@@ -106,6 +111,7 @@ def grouped(sizes):
     first = torch.cat([torch.full((n,), start) for n, start in zip(sizes, torch.tensor([0, *sizes]).cumsum(0)[:-1].tolist())])
     data.groups = first[:, None]
     data.anchors = torch.arange(len(first))
+    data.labels = None  # Omniglot's: the groups are the characters
     return data
 
 
@@ -123,7 +129,7 @@ def test_per_group_batches_hold_k_anchors_of_distinct_groups(sizes, k, per_batch
     # As many whole batches as the groups allow: more than one fewer would mean the deal dropped usable blocks.
     blocks = [n // k for n in sizes]
     best = max(nb for nb in range(0, sum(blocks) // per_batch + 1) if sum(min(b, nb) for b in blocks) >= nb * per_batch)
-    assert len(order) // batch_size >= best - 1
+    assert len(order) // batch_size == best
 
 
 def test_per_group_order_is_a_fresh_shuffle_each_epoch():
@@ -139,6 +145,80 @@ def test_per_group_one_keeps_every_group_once_per_batch_on_omniglot_sized_data()
     assert len(order) // 128 == 21
     for b in order.view(-1, 128):
         assert len(set(data.groups[b, 0].tolist())) == 128
+
+
+def test_each_pair_gets_its_own_group_on_every_rank():
+    """batch_groups reads the same slice of the epoch's order, and the same rank's share, as make_pair_batch: the
+    group handed to the loss is the class of the pair's images (index-coded images tell which they are)."""
+    labels = torch.arange(60) // 5  # 12 classes of 5 images
+    images = torch.zeros(60, 3, 2, 2, dtype=torch.uint8)
+    data = index_coded(contrastive.grouped_data(images, [str(i) for i in range(60)], labels, 0.0, 0, "natural"))
+    for order in (contrastive.epoch_order(len(data.anchors), 0, 1), contrastive.per_group_order(data, 0, 1, 8, 2)):
+        for step in range(len(order) // 8):
+            for rank in range(2):
+                x1, x2 = contrastive.make_pair_batch(data, order, step, 8, rank, 2, 0, step, "cpu")
+                groups = contrastive.batch_groups(data, order, step, 8, rank, 2, "cpu")
+                assert len(groups) == 4
+                assert torch.equal(labels[decode_index(x1)], groups) and torch.equal(labels[decode_index(x2)], groups)
+
+
+def test_the_loss_is_fp32_under_autocast():
+    """Under bf16 autocast the similarities are computed in fp32: the loss equals the one computed without autocast."""
+    torch.manual_seed(0)
+    model = contrastive.Contrastive(torch.nn.Flatten(), 16, hidden_dim=8, proj_dim=4)
+    model.projector = torch.nn.Identity()  # z = the pixels, exactly, with or without autocast
+    x1, x2 = torch.randn(32, 1, 4, 4), torch.randn(32, 1, 4, 4)
+    plain = model(x1, x2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(x1, x2)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+
+
+GATHER = textwrap.dedent("""
+    # torchrun, 2 processes: each rank holds half of the batch; the loss over the gathered batch must be the
+    # single-process loss, and each rank's gradient (world x, as DDP then averages) that of its own rows.
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {repo!r})
+    import contrastive
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    z1, z2, groups = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    full1, full2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    labels = torch.cat([groups, groups])
+    full = contrastive.ntxent_loss(torch.cat([full1, full2]), labels, 0.2)
+    full.backward()
+    mine = slice(4 * rank, 4 * rank + 4)
+    a, b = z1[mine].clone().requires_grad_(), z2[mine].clone().requires_grad_()
+    g1, g2, gathered = contrastive.global_batch(a, b, groups[mine])
+    loss = contrastive.ntxent_loss(torch.cat([g1, g2]), torch.cat([gathered, gathered]), 0.2)
+    loss.backward()
+    ok = torch.equal(gathered, groups) and torch.allclose(loss, full) and \
+        torch.allclose(a.grad / world, full1.grad[mine], atol=1e-6) and torch.allclose(b.grad / world, full2.grad[mine], atol=1e-6)
+    print(f"rank {{rank}} ok={{ok}} loss={{loss.item():.6f}} full={{full.item():.6f}}")
+    dist.destroy_process_group()
+""")
+
+
+def test_ddp_negatives_come_from_the_whole_batch(tmp_path):
+    entry = tmp_path / "gather.py"
+    entry.write_text(GATHER.format(repo=str(REPO)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(entry)]
+    r = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("ok=True") == 2, r.stdout
+
+
+def test_ddp_training_run(tll_dir, tmp_path):  # noqa: F811
+    """contrastive.py's own main under torchrun (gloo, 2 CPU processes), through the gather."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(REPO / "contrastive.py"), *tiny_flags("contrastive", tll_dir, tmp_path / "run", extra=["--device", "cpu"])]
+    r = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [0, 1]
 
 
 # ----------------------------------------------------------------------------- runs
@@ -179,15 +259,23 @@ def test_labels_and_per_group_on_a_class_folder(tmp_path, one_thread):  # noqa: 
     assert seen and all(len(g) == 4 and torch.bincount(g).max() == 2 and len(g.unique()) == 2 for g in seen)
 
 
-@pytest.mark.parametrize("flag, value", [("--temperature", "0"), ("--margin", "-1"), ("--temperature", "nan"),
-                                         ("--hidden-dim", "0"), ("--per-group", "-1")])
-def test_bad_method_flags_are_one_line(flag, value, tmp_path, capsys):
-    assert contrastive.main([flag, value, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+@pytest.mark.parametrize("flags", [["--temperature", "0"], ["--margin", "-1"], ["--temperature", "nan"], ["--hidden-dim", "0"],
+                                   ["--per-group", "-1"], ["--data", "tll", "--negatives", "labels"],
+                                   ["--data", "pairs", "--negatives", "labels"]])
+def test_bad_method_flags_are_one_line(flags, tmp_path, capsys):
+    assert contrastive.main([*flags, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and flag in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and flags[-2] in err and "Traceback" not in err
 
 
-def test_per_group_must_divide_the_batch(tll_dir, tmp_path, capsys):  # noqa: F811
-    assert contrastive.main(tiny_flags("contrastive", tll_dir, tmp_path / "run", extra=["--per-group", "3"])) == 2
+def test_forward_with_labels_needs_the_groups():
+    model = contrastive.Contrastive(torch.nn.Flatten(), 4, hidden_dim=8, proj_dim=4, negatives="labels")
+    with pytest.raises(ValueError, match="groups"):
+        model(torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2))
+
+
+@pytest.mark.parametrize("k", ["3", "8"])  # 3 does not divide the batch of 8; 8 leaves one group a batch
+def test_per_group_must_divide_the_batch_into_two_groups_or_more(k, tll_dir, tmp_path, capsys):  # noqa: F811
+    assert contrastive.main(tiny_flags("contrastive", tll_dir, tmp_path / "run", extra=["--per-group", k])) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--per-group 3" in err and "--batch-size 8" in err
+    assert len(err.splitlines()) == 1 and f"--per-group {k}" in err and "--batch-size 8" in err
