@@ -122,10 +122,11 @@ def run_ended(run):
     return ckpt["epoch"] >= ckpt["args"]["epochs"] or bool(ckpt.get("early_stopping", {}).get("stopped"))
 
 
-def embed(out, run, baseline=None):
-    """eval.py embed of OUT/test with RUN's best.pt (chosen on its validation pairs; else last.pt), or a baseline."""
-    ckpt = run / "best.pt" if (run / "best.pt").exists() else run / "last.pt"
-    npz = run / f"compositional-{baseline or 'trained'}.npz"
+def embed(out, run, which, baseline=None):
+    """eval.py embed of OUT/test with RUN's best.pt (which="best": chosen on its validation pairs, else last.pt) or
+    last.pt (which="last"), or a baseline."""
+    ckpt = run / "best.pt" if which == "best" and (run / "best.pt").exists() else run / "last.pt"
+    npz = run / f"compositional-{baseline or which}.npz"
     if not npz.exists() or npz.stat().st_mtime < ckpt.stat().st_mtime:  # embedded from this checkpoint
         cmd = [sys.executable, str(REPO / "eval.py"), "embed", str(ckpt), str(out / "test"), "--out", str(npz), "--no-progress",
                "--overwrite"]
@@ -134,7 +135,7 @@ def embed(out, run, baseline=None):
     return data["embeddings"], [Path(p).name for p in data["paths"]]
 
 
-def score(out, runs):
+def score(out, runs, which):
     labels = json.loads((out / "test.json").read_text())
     for run in runs:
         if not run_ended(run):
@@ -142,12 +143,13 @@ def score(out, runs):
     rows = []
     for run in runs:
         for who in ([None, "random", "pixels"] if run == runs[0] else [None]):  # the baselines once
-            emb, names = embed(out, run, who)
+            emb, names = embed(out, run, which, who)
             row = {"run": {"random": "untrained conv4", "pixels": "raw pixels"}.get(who, run.name)}
             for attr in ("character", "colour"):
                 m = retrieval(emb, np.array([labels[n][attr] for n in names]))
                 row.update({f"{attr}_{k}": v for k, v in m.items()})
             rows.append(row)
+    print(f"{which}.pt of each run\n")
     print("| embedding | character P@1 | character R-Precision | colour P@1 | colour R-Precision |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
@@ -168,6 +170,8 @@ def main(argv=None):
     s = sub.add_parser("score", help="per-attribute retrieval of runs on the test images (the first run's baselines too)")
     s.add_argument("out", type=Path)
     s.add_argument("runs", type=Path, nargs="+")
+    s.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                   help="best.pt (chosen on the run's validation pairs, what a user of the recipe gets) or last.pt")
     sub.add_parser("flags", help="print the training flags every method uses here")
     args = p.parse_args(argv)
     if args.cmd == "flags":
@@ -181,7 +185,7 @@ def main(argv=None):
         partial.rename(args.out)
         print(f"{args.out}: {summary}")
     else:
-        score(args.out, args.runs)
+        score(args.out, args.runs, args.checkpoint)
     return 0
 
 

@@ -118,6 +118,9 @@ if [[ "$STAGE" == compositional ]]; then
     for seed in $SEEDS; do
         runs=()
         for row in byol simsiam bn_only ntxent triplet; do runs+=("$OUT/compositional/$row-s$seed"); done
-        "$PYTHON" results/compositional.py score "$OUT/compositional/data" "${runs[@]}" | tee "$OUT/compositional/scores-s$seed.md"
+        for which in best last; do
+            "$PYTHON" results/compositional.py score "$OUT/compositional/data" "${runs[@]}" --checkpoint "$which" \
+                | tee "$OUT/compositional/scores-$which-s$seed.md"
+        done
     done
 fi
