@@ -3,7 +3,7 @@ validation episodes, at the last epoch (what `python eval.py RUN/last.pt` report
 
     python results/negatives.py [OUT]          # OUT: results/runs/negatives (default)
 
-Rows of several seeds give mean ± std (population std, as summarize.py). A row whose run has not finished is
+Rows of several seeds give mean ± sample std, as the Omniglot table of RESULTS.md. A row whose run has not finished is
 left out, with a note on stderr.
 """
 
@@ -44,7 +44,7 @@ def finished(run):
 def cell(values, digits=3):
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(rows, title, key_name):
