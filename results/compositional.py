@@ -37,8 +37,10 @@ COLOURS = {"red": (200, 30, 30), "green": (30, 140, 30), "blue": (30, 60, 200), 
 TRAIN_ALPHABETS = ("Balinese", "Greek", "Korean")  # 88 characters
 TEST_ALPHABETS = ("Early_Aramaic", "Latin")  # 48 characters, never trained on
 SIZE = 28
-FLAGS = ("--image-size 28 --width 32,64,128,256 --epochs 30 --jitter-strength 0 --gray-prob 0 --flip-prob 0 "
-         "--solarize-prob 0 --crop-min-scale 0.6 --rotation 5 --shear 5 --stroke 0.3")
+FLAGS = (
+    "--image-size 28 --width 32,64,128,256 --epochs 30 --jitter-strength 0 --gray-prob 0 --flip-prob 0 "
+    "--solarize-prob 0 --crop-min-scale 0.6 --rotation 5 --shear 5 --stroke 0.3"
+)
 
 
 def drawings(zip_path):
@@ -80,11 +82,15 @@ def make(out, pairs, seed):
         if i % 2 == 0:  # same character, two people's drawings, each in its own colour
             char = names[rng.integers(len(names))]
             k1, k2 = rng.choice(len(train[char]), 2, replace=False)
-            rows.append([image(char, k1, colours[rng.integers(4)]), image(char, k2, colours[rng.integers(4)]), "character"])
+            rows.append(
+                [image(char, k1, colours[rng.integers(4)]), image(char, k2, colours[rng.integers(4)]), "character"]
+            )
         else:  # same colour, two characters
             c1, c2 = rng.choice(len(names), 2, replace=False)
             colour = colours[rng.integers(4)]
-            rows.append([image(names[c1], rng.integers(20), colour), image(names[c2], rng.integers(20), colour), "colour"])
+            rows.append(
+                [image(names[c1], rng.integers(20), colour), image(names[c2], rng.integers(20), colour), "colour"]
+            )
     with open(out / "train.csv", "w", newline="") as f:
         csv.writer(f).writerows([[str(a), str(b)] for a, b, _ in rows])
     (out / "test").mkdir()
@@ -96,8 +102,10 @@ def make(out, pairs, seed):
             coloured(page, colour).save(out / "test" / name)
             labels[name] = {"character": char, "colour": colour}
     (out / "test.json").write_text(json.dumps(labels, indent=0))
-    return (f"{pairs} training pairs over {len(written)} images of {len(train)} characters (half share the "
-            f"character, half the colour); {len(labels)} test images of {len(test)} other characters")
+    return (
+        f"{pairs} training pairs over {len(written)} images of {len(train)} characters (half share the "
+        f"character, half the colour); {len(labels)} test images of {len(test)} other characters"
+    )
 
 
 def retrieval(emb, labels):
@@ -128,8 +136,17 @@ def embed(out, run, which, baseline=None):
     ckpt = run / "best.pt" if which == "best" and (run / "best.pt").exists() else run / "last.pt"
     npz = run / f"compositional-{baseline or which}.npz"
     if not npz.exists() or npz.stat().st_mtime < ckpt.stat().st_mtime:  # embedded from this checkpoint
-        cmd = [sys.executable, str(REPO / "eval.py"), "embed", str(ckpt), str(out / "test"), "--out", str(npz), "--no-progress",
-               "--overwrite"]
+        cmd = [
+            sys.executable,
+            str(REPO / "eval.py"),
+            "embed",
+            str(ckpt),
+            str(out / "test"),
+            "--out",
+            str(npz),
+            "--no-progress",
+            "--overwrite",
+        ]
         subprocess.run(cmd + (["--baseline", baseline] if baseline else []), check=True, stdout=subprocess.DEVNULL)
     data = np.load(npz)
     return data["embeddings"], [Path(p).name for p in data["paths"]]
@@ -139,10 +156,12 @@ def score(out, runs, which):
     labels = json.loads((out / "test.json").read_text())
     for run in runs:
         if not run_ended(run):
-            raise SystemExit(f"compositional.py: error: {run} has not finished training (its last.pt); finish or rerun it")
+            raise SystemExit(
+                f"compositional.py: error: {run} has not finished training (its last.pt); finish or rerun it"
+            )
     rows = []
     for run in runs:
-        for who in ([None, "random", "pixels"] if run == runs[0] else [None]):  # the baselines once
+        for who in [None, "random", "pixels"] if run == runs[0] else [None]:  # the baselines once
             emb, names = embed(out, run, which, who)
             row = {"run": {"random": "untrained conv4", "pixels": "raw pixels"}.get(who, run.name)}
             for attr in ("character", "colour"):
@@ -153,10 +172,14 @@ def score(out, runs, which):
     print("| embedding | character P@1 | character R-Precision | colour P@1 | colour R-Precision |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['run']} | {r['character_p@1']:.3f} | {r['character_r_precision']:.3f} | {r['colour_p@1']:.3f} | "
-              f"{r['colour_r_precision']:.3f} |")
-    print(f"\nchance: character {1 / 48:.3f} (48 test characters), colour 0.250 (four colours); "
-          f"{len(labels)} test images, each its own query against all the others")
+        print(
+            f"| {r['run']} | {r['character_p@1']:.3f} | {r['character_r_precision']:.3f} | {r['colour_p@1']:.3f} | "
+            f"{r['colour_r_precision']:.3f} |"
+        )
+    print(
+        f"\nchance: character {1 / 48:.3f} (48 test characters), colour 0.250 (four colours); "
+        f"{len(labels)} test images, each its own query against all the others"
+    )
     return rows
 
 
@@ -167,11 +190,17 @@ def main(argv=None):
     m.add_argument("out", type=Path)
     m.add_argument("--pairs", type=int, default=3000)
     m.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("score", help="per-attribute retrieval of runs on the test images (the first run's baselines too)")
+    s = sub.add_parser(
+        "score", help="per-attribute retrieval of runs on the test images (the first run's baselines too)"
+    )
     s.add_argument("out", type=Path)
     s.add_argument("runs", type=Path, nargs="+")
-    s.add_argument("--checkpoint", default="best", choices=["best", "last"],
-                   help="best.pt (chosen on the run's validation pairs, what a user of the recipe gets) or last.pt")
+    s.add_argument(
+        "--checkpoint",
+        default="best",
+        choices=["best", "last"],
+        help="best.pt (chosen on the run's validation pairs, what a user of the recipe gets) or last.pt",
+    )
     sub.add_parser("flags", help="print the training flags every method uses here")
     args = p.parse_args(argv)
     if args.cmd == "flags":
@@ -179,7 +208,9 @@ def main(argv=None):
     elif args.cmd == "make":
         if args.out.exists():
             p.error(f"{args.out} exists; remove it or name another folder")
-        partial = args.out.with_name(args.out.name + ".partial")  # renamed when whole: an interrupted make leaves no OUT
+        partial = args.out.with_name(
+            args.out.name + ".partial"
+        )  # renamed when whole: an interrupted make leaves no OUT
         shutil.rmtree(partial, ignore_errors=True)
         summary = make(partial, args.pairs, args.seed)
         partial.rename(args.out)

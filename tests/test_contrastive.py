@@ -108,7 +108,9 @@ def grouped(sizes):
         pass
 
     data = Data()
-    first = torch.cat([torch.full((n,), start) for n, start in zip(sizes, torch.tensor([0, *sizes]).cumsum(0)[:-1].tolist())])
+    first = torch.cat(
+        [torch.full((n,), start) for n, start in zip(sizes, torch.tensor([0, *sizes]).cumsum(0)[:-1].tolist())]
+    )
     data.groups = first[:, None]
     data.anchors = torch.arange(len(first))
     data.labels = None  # Omniglot's: the groups are the characters
@@ -116,8 +118,12 @@ def grouped(sizes):
 
 
 @settings(max_examples=60, deadline=None)
-@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=30), k=st.sampled_from([1, 2, 4]),
-       per_batch=st.integers(1, 8), epoch=st.integers(0, 3))
+@given(
+    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=30),
+    k=st.sampled_from([1, 2, 4]),
+    per_batch=st.integers(1, 8),
+    epoch=st.integers(0, 3),
+)
 def test_per_group_batches_hold_k_anchors_of_distinct_groups(sizes, k, per_batch, epoch):
     data = grouped(sizes)
     batch_size = k * per_batch
@@ -205,18 +211,28 @@ def test_ddp_negatives_come_from_the_whole_batch(tmp_path):
     entry = tmp_path / "gather.py"
     entry.write_text(GATHER.format(repo=str(REPO)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(entry)]
-    r = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("ok=True") == 2, r.stdout
 
 
 def test_ddp_training_run(tll_dir, tmp_path):  # noqa: F811
     """contrastive.py's own main under torchrun (gloo, 2 CPU processes), through the gather."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(REPO / "contrastive.py"), *tiny_flags("contrastive", tll_dir, tmp_path / "run", extra=["--device", "cpu"])]
-    r = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(REPO / "contrastive.py"),
+        *tiny_flags("contrastive", tll_dir, tmp_path / "run", extra=["--device", "cpu"]),
+    ]
+    r = subprocess.run(
+        cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [0, 1]
 
@@ -226,7 +242,11 @@ def test_ddp_training_run(tll_dir, tmp_path):  # noqa: F811
 
 @pytest.mark.parametrize(
     "flags",
-    [["--loss", "ntxent"], ["--loss", "triplet", "--mining", "batch-hard"], ["--loss", "triplet", "--mining", "semi-hard"]],
+    [
+        ["--loss", "ntxent"],
+        ["--loss", "triplet", "--mining", "batch-hard"],
+        ["--loss", "triplet", "--mining", "semi-hard"],
+    ],
     ids=["ntxent", "batch-hard", "semi-hard"],
 )
 def test_each_loss_trains_and_evaluates(flags, tll_dir, tmp_path, one_thread):  # noqa: F811
@@ -249,19 +269,58 @@ def test_labels_and_per_group_on_a_class_folder(tmp_path, one_thread):  # noqa: 
 
     contrastive.Contrastive.forward = spy
     try:
-        rc, _, err = run_main(contrastive, [
-            "--data", "folder", "--data-dir", root, "--holdout", "0.34", "--val-fraction", "0", "--image-size", "16",
-            "--width", "8", "--hidden-dim", "16", "--proj-dim", "8", "--batch-size", "4", "--epochs", "1",
-            "--negatives", "labels", "--per-group", "2", "--workers", "1", "--no-progress", "--out", tmp_path / "run"])
+        rc, _, err = run_main(
+            contrastive,
+            [
+                "--data",
+                "folder",
+                "--data-dir",
+                root,
+                "--holdout",
+                "0.34",
+                "--val-fraction",
+                "0",
+                "--image-size",
+                "16",
+                "--width",
+                "8",
+                "--hidden-dim",
+                "16",
+                "--proj-dim",
+                "8",
+                "--batch-size",
+                "4",
+                "--epochs",
+                "1",
+                "--negatives",
+                "labels",
+                "--per-group",
+                "2",
+                "--workers",
+                "1",
+                "--no-progress",
+                "--out",
+                tmp_path / "run",
+            ],
+        )
     finally:
         contrastive.Contrastive.forward = real
     assert rc == 0, err
     assert seen and all(len(g) == 4 and torch.bincount(g).max() == 2 and len(g.unique()) == 2 for g in seen)
 
 
-@pytest.mark.parametrize("flags", [["--temperature", "0"], ["--margin", "-1"], ["--temperature", "nan"], ["--hidden-dim", "0"],
-                                   ["--per-group", "-1"], ["--data", "tll", "--negatives", "labels"],
-                                   ["--data", "pairs", "--negatives", "labels"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--temperature", "0"],
+        ["--margin", "-1"],
+        ["--temperature", "nan"],
+        ["--hidden-dim", "0"],
+        ["--per-group", "-1"],
+        ["--data", "tll", "--negatives", "labels"],
+        ["--data", "pairs", "--negatives", "labels"],
+    ],
+)
 def test_bad_method_flags_are_one_line(flags, tmp_path, capsys):
     assert contrastive.main([*flags, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
