@@ -870,11 +870,11 @@ def anchor_groups(data):
     return data.labels[data.anchors] if data.labels is not None else data.groups[:, 0]
 
 
-def batch_groups(data, order, step, batch_size, rank, world, device):
-    """The group of each pair in this rank's share of the batch (anchor_groups): the identities that a method
-    with negatives tells apart, in make_pair_batch's order."""
-    idx = order[step * batch_size: (step + 1) * batch_size].view(world, -1)[rank]
-    return anchor_groups(data)[idx].to(device, non_blocking=True)
+def batch_groups(group_of, order, step, batch_size, rank, world, device):
+    """The group of each pair in this rank's share of the batch (group_of: anchor_groups, computed once): the
+    identities that a method with negatives tells apart, in make_pair_batch's order."""
+    groups = group_of[order[step * batch_size: (step + 1) * batch_size].view(world, -1)[rank]]
+    return groups.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else groups
 
 
 def make_pair_batch(data, order, step, batch_size, rank, world, seed, global_step, device):
@@ -1919,7 +1919,7 @@ def train(args):
     ranked = "projector" if args.freeze_encoder else "encoder"
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     step_fn = torch.compile(net) if args.compile else net
-    takes_groups = getattr(model, "takes_groups", False)
+    group_of = anchor_groups(batch_source) if getattr(model, "takes_groups", False) else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     if is_main:
@@ -1959,7 +1959,7 @@ def train(args):
                 v1, v2 = augment_pair(x1, x2, step_generator(args.seed, global_step, device, stream=1 + rank), args)
                 v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
             # A method with negatives (contrastive.py) also takes each pair's group: who is a negative of whom.
-            groups = (batch_groups(batch_source, order, step, args.batch_size, rank, world, device),) if takes_groups else ()
+            groups = () if group_of is None else (batch_groups(group_of, order, step, args.batch_size, rank, world, device),)
             with autocast:
                 loss = step_fn(v1, v2, *groups)
             optimizer.zero_grad(set_to_none=True)

@@ -163,7 +163,7 @@ def test_each_pair_gets_its_own_group_on_every_rank():
         for step in range(len(order) // 8):
             for rank in range(2):
                 x1, x2 = contrastive.make_pair_batch(data, order, step, 8, rank, 2, 0, step, "cpu")
-                groups = contrastive.batch_groups(data, order, step, 8, rank, 2, "cpu")
+                groups = contrastive.batch_groups(contrastive.anchor_groups(data), order, step, 8, rank, 2, "cpu")
                 assert len(groups) == 4
                 assert torch.equal(labels[decode_index(x1)], groups) and torch.equal(labels[decode_index(x2)], groups)
 
