@@ -39,10 +39,12 @@ def test_each_recipe_is_the_default_of_its_data(name, data):
     args = mod.parse_args(["--data", data])
     assert mod.RECIPES[data], data
     for key, value in mod.RECIPES[data].items():
-        if key == "batch_size":  # a ceiling, fitted to the data once it is loaded
-            assert args.batch_size is None, data
-            mod.fit_to_data(args, 100_000, 1, is_main=False)
-        assert getattr(args, key) == value, (data, key)
+        if key in ("batch_size", "epochs"):  # ceilings, fitted to the data once it is loaded
+            assert getattr(args, key) is None, (data, key)
+    mod.fit_to_data(args, 1000, 1, is_main=False)  # data that lowers neither ceiling
+    for key, value in mod.RECIPES[data].items():
+        if key != "max_pairs":  # not a flag: the pairs that lower the epochs
+            assert getattr(args, key) == value, (data, key)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -57,6 +59,25 @@ def test_every_script_s_generic_recipes_validate_themselves(name):
     assert (args.val_fraction, args.patience) == (0.0, 0), name
 
 
+@pytest.mark.parametrize("name", MODULES)
+def test_pretrained_adds_the_fine_tuning_row(name):
+    mod = MODULES[name]
+    args = mod.parse_args(["--data", "folder", "--pretrained"])
+    mod.fit_to_data(args, 1000, 1, is_main=False)
+    for key, value in mod.FINE_TUNE["folder"].items():
+        if key != "max_pairs":
+            assert getattr(args, key) == value, key
+    assert args.crop_min_scale == mod.RECIPES["folder"]["crop_min_scale"]  # the rest is the data's recipe
+    # A flag still wins; the frozen-encoder head keeps the data's recipe; data without a row is unchanged.
+    assert mod.parse_args(["--data", "folder", "--pretrained", "--no-freeze-bn-stats"]).freeze_bn_stats is False
+    frozen = mod.parse_args(["--data", "folder", "--pretrained", "--freeze-encoder"])
+    assert (frozen.arch, frozen.image_size) == (mod.RECIPES["folder"]["arch"], mod.RECIPES["folder"]["image_size"])
+    assert mod.parse_args(["--data", "tll", "--pretrained"]).image_size == mod.RECIPES["tll"]["image_size"]
+    fitted = mod.parse_args(["--data", "folder", "--pretrained"])
+    mod.fit_to_data(fitted, 10 ** 6, 1, is_main=False)
+    assert fitted.epochs * 10 ** 6 <= mod.FINE_TUNE["folder"]["max_pairs"] or fitted.epochs == 1
+
+
 def test_the_command_line_overrides_the_recipe():
     args = byol.parse_args(["--epochs", "3", "--arch", "resnet18", "--rotation", "5"])
     assert (args.epochs, args.arch, args.rotation) == (3, "resnet18", 5.0)
@@ -69,7 +90,7 @@ def test_help_shows_the_chosen_datas_recipe(capsys):
         with pytest.raises(SystemExit):
             byol.parse_args(["--data", data, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        assert f"training epochs (default: {byol.RECIPES[data]['epochs']})" in text
+        assert f"training epochs (default: the recipe's {byol.RECIPES[data]['epochs']}" in text
 
 
 def test_no_argument_run_is_the_omniglot_recipe():

@@ -176,16 +176,40 @@ def test_summary_warns_when_the_trained_metric_beats_no_baseline():
 # ----------------------------------------------------------------------------- defaults that fit the data
 
 
+def fit_args(**given):
+    """What fit_to_data reads: no flag given unless `given` says so."""
+    return Namespace(**{**dict(data="folder", pretrained=False, freeze_encoder=False, batch_size=None, epochs=None,
+                               warmup_epochs=None, lr=None, optimizer="adamw"), **given})
+
+
 @pytest.mark.parametrize("anchors, world, expected", [(77, 1, 32), (3000, 1, 128), (4, 1, 2), (48, 1, 16), (77, 2, 32), (9, 4, 8)])
 def test_the_batch_follows_the_data_without_a_flag(anchors, world, expected):
-    args = Namespace(batch_size=None, data="folder", lr=None, optimizer="adamw")
+    args = fit_args(epochs=3, warmup_epochs=0.3)
     byol.fit_to_data(args, anchors, world, is_main=False)
     assert args.batch_size == expected and args.batch_size % world == 0
     assert anchors // args.batch_size >= 2 or anchors < 4 * world  # two steps an epoch wherever the data has them
     assert args.lr == pytest.approx(byol.BASE_LR["adamw"] * expected / 256)
-    given = Namespace(batch_size=100, data="folder", lr=None, optimizer="adamw")
+    given = fit_args(batch_size=100, epochs=3, warmup_epochs=0.3)
     byol.fit_to_data(given, anchors, world, is_main=False)
     assert given.batch_size == 100  # a flag is never overridden
+
+
+@pytest.mark.parametrize("anchors", [3, 50, 1000, 3000, 30_000, 10 ** 7])
+def test_the_epochs_follow_the_data_without_a_flag(anchors):
+    recipe = byol.RECIPES["folder"]
+    args = fit_args()
+    byol.fit_to_data(args, anchors, 1, is_main=False)
+    # Within the pair budget (one epoch at least), and lowered no further than it needs.
+    assert args.epochs == recipe["epochs"] or args.epochs * anchors <= recipe["max_pairs"] < (args.epochs + 1) * anchors \
+        or (args.epochs == 1 and anchors > recipe["max_pairs"])
+    assert args.epochs * anchors <= recipe["max_pairs"] or args.epochs == 1
+    assert args.warmup_epochs == min(10.0, 0.1 * args.epochs)
+    given = fit_args(epochs=500)
+    byol.fit_to_data(given, anchors, 1, is_main=False)
+    assert given.epochs == 500  # a flag is never overridden
+    omniglot = fit_args(data="omniglot")
+    byol.fit_to_data(omniglot, anchors, 1, is_main=False)
+    assert (omniglot.epochs, omniglot.warmup_epochs) == (45, 4.5)  # no budget: its tuned epochs, whatever the data
 
 
 def test_the_folder_recipe_starts_on_77_training_anchors(tmp_path, one_thread):  # noqa: F811
