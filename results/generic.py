@@ -1,0 +1,196 @@
+"""The generic class-folder recipe on data nobody tuned it on (issue #28): runs and tables.
+
+The development sets are ../shared/data/dev (notmnist, cifar10, gtsrb, signdigits) and Omniglot's small2 written
+out as one folder per character. Every run holds out half of the classes as its test (--holdout 0.5); the recipe
+carves its validation classes from the other half. Choices are made on val_r_precision only.
+
+    python results/generic.py tune  CONFIG [CONFIG ...]   # seed 0, every set, CONFIGS[name]'s flags
+    python results/generic.py test  [--seeds 0 1 2]       # the shipped recipe (no flags), every set
+    python results/generic.py test-pretrained [--seeds 0 1 2]  # the same with --pretrained (its FINE_TUNE row)
+    python results/generic.py pretrained [--seeds 0 1 2]  # frozen ImageNet features (Lite0, 224 px) on each test split
+    python results/generic.py table [OUT]                 # per run: validation and test margins over the best baseline
+    python results/generic.py seeds [OUT]                 # the test runs over seeds, beside every baseline
+
+Variables: DEV=../shared/data/dev  OUT=results/runs/generic-dev  THREADS=1  JOBS=2  SCRIPT=byol.py  SETS="..."
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV = Path(os.environ.get("DEV", ROOT.parent / "shared" / "data" / "dev"))
+OUT = Path(os.environ.get("OUT", ROOT / "results" / "runs" / "generic-dev"))
+SETS = os.environ.get("SETS", "notmnist cifar10 gtsrb signdigits small2").split()
+SCRIPT = os.environ.get("SCRIPT", "byol.py")
+
+# Candidate recipes, as flags on top of the shipped folder recipe; tuned on validation classes, seed 0.
+CONFIGS = {
+    "shipped": [],
+    "s32": ["--image-size", "32", "--width", "32,64,128,256", "--epochs", "30"],
+    "s32-aug": ["--image-size", "32", "--width", "32,64,128,256", "--epochs", "30", "--pairs", "aug"],
+    "s32-c5": ["--image-size", "32", "--width", "32,64,128,256", "--epochs", "30", "--crop-min-scale", "0.5"],
+    "s32-c5-shift": ["--image-size", "32", "--width", "32,64,128,256", "--epochs", "30", "--crop-min-scale", "0.5",
+                     "--eval-shift", "2"],
+    "s32-c5-e60": ["--image-size", "32", "--width", "32,64,128,256", "--epochs", "60", "--crop-min-scale", "0.5"],
+    "s32-c5-e100": ["--image-size", "32", "--width", "32,64,128,256", "--epochs", "100", "--crop-min-scale", "0.5"],
+    "s32-c5-j5": ["--image-size", "32", "--width", "32,64,128,256", "--epochs", "30", "--crop-min-scale", "0.5",
+                  "--jitter-strength", "0.5", "--gray-prob", "0"],
+    # Fine-tuning ImageNet weights at 96 px: the backbone at a tenth of the head's learning rate, its BN statistics kept.
+    "ft96": ["--arch", "tf_efficientnet_lite0", "--pretrained", "--image-size", "96", "--backbone-lr-factor", "0.1",
+             "--freeze-bn-stats", "--crop-min-scale", "0.5", "--epochs", "6", "--eval-every", "1"],
+    "s48-c5": ["--image-size", "48", "--width", "32,64,128,256", "--epochs", "30", "--crop-min-scale", "0.5"],
+}
+
+
+def small2_folders():
+    """Omniglot's small2 (5 alphabets, 156 characters) as one folder per character, written once."""
+    out = OUT / "data" / "small2"
+    if not out.is_dir():
+        tmp = out.with_suffix(".tmp")
+        with zipfile.ZipFile(ROOT / "data" / "omniglot" / "images_background_small2.zip") as zf:
+            for name in zf.namelist():
+                if name.endswith(".png"):  # images_background_small2/<alphabet>/<character>/<drawing>.png
+                    _, alphabet, character, drawing = name.split("/")
+                    (tmp / f"{alphabet}_{character}").mkdir(parents=True, exist_ok=True)
+                    (tmp / f"{alphabet}_{character}" / drawing).write_bytes(zf.read(name))
+        tmp.rename(out)
+    return out
+
+
+def data_dir(name):
+    return small2_folders() if name == "small2" else DEV / name
+
+
+def finished(run):
+    """A run ended: its summary line was printed (last epoch, or stopped early)."""
+    txt = run.with_suffix(".txt")
+    return txt.is_file() and "run directory:" in txt.read_text()
+
+
+def train(run, name, flags, seed):
+    if finished(run):
+        return
+    cmd = [sys.executable, str(ROOT / SCRIPT), "--data", "folder", "--data-dir", str(data_dir(name)), "--holdout", "0.5",
+           "--seed", str(seed), "--out", str(run), "--overwrite", "--no-progress", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("THREADS", "1"), "MKL_NUM_THREADS": os.environ.get("THREADS", "1")}
+    run.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(run.with_suffix(".txt"), "w") as out:
+        out.write("$ " + " ".join(cmd[1:]) + "\n")
+        out.flush()
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        out.write(f"exit {code}, wall {time.time() - start:.0f} s\n")
+
+
+def launch(jobs):
+    OUT.mkdir(parents=True, exist_ok=True)
+    small2_folders()
+    with ThreadPoolExecutor(int(os.environ.get("JOBS", "2"))) as pool:
+        list(pool.map(lambda job: train(*job), jobs))
+
+
+def summary(run):
+    """(best validation, its baselines' best, test at best.pt, the test baselines' best, epochs, wall s), from the log."""
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    first, evals = log[0], [r for r in log[1:] if "r_precision" in r]
+    best_of = lambda key: max(v for k, v in first.items() if k.startswith("baseline_") and k.split("_", 2)[2] == key)  # noqa: E731
+    chosen = max(evals, key=lambda r: r.get("val_r_precision", r["r_precision"])) if evals else first
+    wall = run.with_suffix(".txt").read_text().rsplit("wall ", 1)[-1].split()[0]
+    return (chosen.get("val_r_precision"), best_of("val_r_precision") if "val_r_precision" in first else None,
+            chosen["r_precision"], best_of("r_precision"), chosen["epoch"], wall)
+
+
+def pretrained(name, seed):
+    """eval.py --baseline pretrained on a set's test split: the frozen features a user could take off the shelf."""
+    out = OUT / "pretrained" / f"{name}-224-s{seed}"
+    if (out / "eval.json").is_file():
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "eval.py"), "--baseline", "pretrained", "--arch", "tf_efficientnet_lite0", "--data", "folder",
+           "--data-dir", str(data_dir(name)), "--holdout", "0.5", "--seed", str(seed), "--image-size", "224", "--no-pictures",
+           "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("THREADS", "1"), "MKL_NUM_THREADS": os.environ.get("THREADS", "1")}
+    with open(out.with_suffix(".txt"), "w") as log:
+        log.write("$ " + " ".join(cmd[1:]) + "\n")
+        log.flush()
+        subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def seeds_table(out, stage):
+    """Mean ± std over the test runs' seeds, per set: trained (best.pt, chosen on validation) beside each baseline
+    (with --pretrained, the untrained column is the frozen pretrained features at the run's size)."""
+    import statistics
+    print("| set | seeds | trained | untrained | raw pixels | pretrained (Lite0, 224 px) | trained − best baseline | wall s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    ms = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
+    for name in SETS:
+        rows = []
+        for run in sorted(Path(out, stage).glob(f"s*-{name}")):
+            if not finished(run):
+                continue
+            seed = int(run.name.split("-")[0][1:])
+            first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+            _, _, test, _, _, wall = summary(run)
+            pre = Path(out, "pretrained", f"{name}-224-s{seed}", "eval.json")
+            pre = json.loads(pre.read_text())["metrics"]["metric_learning"]["r_precision"] if pre.is_file() else None
+            start = first.get("baseline_untrained_r_precision", first.get("baseline_pretrained_r_precision"))
+            base = [start, first["baseline_pixels_r_precision"], *([pre] if pre else [])]
+            rows.append((test, base[0], base[1], pre, test - max(base), float(wall)))
+        if rows:
+            col = lambda i: [r[i] for r in rows if r[i] is not None]  # noqa: E731
+            print(f"| {name} | {len(rows)} | {ms(col(0))} | {ms(col(1))} | {ms(col(2))} | {ms(col(3)) if col(3) else '–'} "
+                  f"| {ms(col(4))} | {statistics.mean(col(5)):.0f} |")
+
+
+def table(out):
+    """Every finished run, then each configuration's validation margin per set and on average (what chose)."""
+    print("| run | set | val | val baseline | val margin | test | test baseline | test margin | epoch | wall s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    margins = {}
+    for run in sorted(p.parent / p.stem for p in Path(out).glob("**/*.txt") if (p.parent / p.stem / "log.jsonl").is_file()):
+        if not finished(run):
+            continue
+        val, val_base, test, test_base, epoch, wall = summary(run)
+        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+        margin = lambda a, b: "–" if a is None or b is None else f"{a - b:+.3f}"  # noqa: E731
+        tag, name = run.parent.name, run.name
+        if val is not None and val_base is not None:
+            margins.setdefault(tag, {})[name.rsplit("-", 1)[1]] = val - val_base
+        print(f"| {tag}/{name.rsplit('-', 1)[0]} | {name.rsplit('-', 1)[1]} | {fmt(val)} | {fmt(val_base)} | {margin(val, val_base)} "
+              f"| {fmt(test)} | {fmt(test_base)} | {margin(test, test_base)} | {epoch} | {wall} |")
+    print("\n| configuration | " + " | ".join(SETS) + " | mean |")
+    print("| --- |" + " ---: |" * (len(SETS) + 1))
+    for tag, by_set in margins.items():
+        cells = [f"{by_set[n]:+.3f}" if n in by_set else "–" for n in SETS]
+        mean = f"{sum(by_set.values()) / len(by_set):+.3f}" if len(by_set) == len(SETS) else "–"
+        print(f"| {tag} | " + " | ".join(cells) + f" | {mean} |")
+
+
+if __name__ == "__main__":
+    stage, rest = sys.argv[1], sys.argv[2:]
+    if stage == "tune":
+        launch([(OUT / "tune" / config / f"s0-{name}", name, CONFIGS[config], 0) for config in rest for name in SETS])
+    elif stage in ("test", "test-pretrained"):
+        seeds = [int(s) for s in rest[rest.index("--seeds") + 1:]] if "--seeds" in rest else [0, 1, 2]
+        flags = ["--pretrained"] if stage == "test-pretrained" else []
+        launch([(OUT / stage / f"s{seed}-{name}", name, flags, seed) for seed in seeds for name in SETS])
+    elif stage == "pretrained":
+        seeds = [int(s) for s in rest[rest.index("--seeds") + 1:]] if "--seeds" in rest else [0, 1, 2]
+        OUT.mkdir(parents=True, exist_ok=True)
+        small2_folders()
+        with ThreadPoolExecutor(int(os.environ.get("JOBS", "2"))) as pool:
+            list(pool.map(lambda job: pretrained(*job), [(name, seed) for seed in seeds for name in SETS]))
+    elif stage == "seeds":
+        for which in ("test", "test-pretrained"):
+            print(f"\n{which}:\n")
+            seeds_table(rest[0] if rest else OUT, which)
+    elif stage == "table":
+        table(rest[0] if rest else OUT)
+    else:
+        sys.exit(f"results/generic.py: unknown stage {stage}; use tune, test, pretrained, table or seeds")
