@@ -99,7 +99,7 @@ def summary(run):
     """(best validation, its baselines' best, test at best.pt, the test baselines' best, epochs, wall s), from the log."""
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     first, evals = log[0], [r for r in log[1:] if "r_precision" in r]
-    best_of = lambda key: max(v for k, v in first.items() if k.startswith("baseline_") and k.split("_", 2)[2] == key)  # noqa: E731
+    best_of = lambda key: max(v for k, v in first.items() if k.startswith("baseline_") and k.split("_", 2)[2] == key)
     chosen = max(evals, key=lambda r: r.get("val_r_precision", r["r_precision"])) if evals else first
     wall = run.with_suffix(".txt").read_text().rsplit("wall ", 1)[-1].split()[0]
     return (chosen.get("val_r_precision"), best_of("val_r_precision") if "val_r_precision" in first else None,
@@ -128,7 +128,7 @@ def seeds_table(out, stage):
     import statistics
     print("| set | seeds | trained | untrained | raw pixels | pretrained (Lite0, 224 px) | trained − best baseline | wall s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    ms = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
+    ms = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
     for name in SETS:
         rows = []
         for run in sorted(Path(out, stage).glob(f"s*-{name}")):
@@ -143,7 +143,7 @@ def seeds_table(out, stage):
             base = [start, first["baseline_pixels_r_precision"], *([pre] if pre else [])]
             rows.append((test, base[0], base[1], pre, test - max(base), float(wall)))
         if rows:
-            col = lambda i: [r[i] for r in rows if r[i] is not None]  # noqa: E731
+            col = lambda i, rows=rows: [r[i] for r in rows if r[i] is not None]
             print(f"| {name} | {len(rows)} | {ms(col(0))} | {ms(col(1))} | {ms(col(2))} | {ms(col(3)) if col(3) else '–'} "
                   f"| {ms(col(4))} | {statistics.mean(col(5)):.0f} |")
 
@@ -157,8 +157,8 @@ def table(out):
         if not finished(run):
             continue
         val, val_base, test, test_base, epoch, wall = summary(run)
-        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-        margin = lambda a, b: "–" if a is None or b is None else f"{a - b:+.3f}"  # noqa: E731
+        fmt = lambda v: "–" if v is None else f"{v:.3f}"
+        margin = lambda a, b: "–" if a is None or b is None else f"{a - b:+.3f}"
         tag, name = run.parent.name, run.name
         if val is not None and val_base is not None:
             margins.setdefault(tag, {})[name.rsplit("-", 1)[1]] = val - val_base

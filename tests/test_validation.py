@@ -178,8 +178,9 @@ def test_summary_warns_when_the_trained_metric_beats_no_baseline():
 
 def fit_args(**given):
     """What fit_to_data reads: no flag given unless `given` says so."""
-    return Namespace(**{**dict(data="folder", pretrained=False, freeze_encoder=False, batch_size=None, epochs=None,
-                               warmup_epochs=None, lr=None, optimizer="adamw"), **given})
+    none_given = {"data": "folder", "pretrained": False, "freeze_encoder": False, "batch_size": None, "epochs": None,
+                  "warmup_epochs": None, "lr": None, "optimizer": "adamw"}
+    return Namespace(**{**none_given, **given})
 
 
 @pytest.mark.parametrize("anchors, world, expected", [(77, 1, 32), (3000, 1, 128), (4, 1, 2), (48, 1, 16), (77, 2, 32), (9, 4, 8)])
