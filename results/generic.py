@@ -161,7 +161,7 @@ def table(out):
         margin = lambda a, b: "–" if a is None or b is None else f"{a - b:+.3f}"
         tag, name = run.parent.name, run.name
         if val is not None and val_base is not None:
-            margins.setdefault(tag, {})[name.rsplit("-", 1)[1]] = val - val_base
+            margins.setdefault(f"{tag}/{name.rsplit('-', 1)[0]}", {})[name.rsplit("-", 1)[1]] = val - val_base
         print(f"| {tag}/{name.rsplit('-', 1)[0]} | {name.rsplit('-', 1)[1]} | {fmt(val)} | {fmt(val_base)} | {margin(val, val_base)} "
               f"| {fmt(test)} | {fmt(test_base)} | {margin(test, test_base)} | {epoch} | {wall} |")
     print("\n| configuration | " + " | ".join(SETS) + " | mean |")
