@@ -2111,6 +2111,17 @@ def summary(history):
     return line + (f"\n{warning}" if warning else "")
 
 
+def pretrained_note(args):
+    """For a user's data trained from scratch: the baseline the run did not measure (frozen ImageNet features, the
+    bar on photos: RESULTS.md), as the eval.py command that measures it on the same held-out split."""
+    if args.data not in ("folder", "pairs", "tll") or args.pretrained or args.freeze_encoder or args.init:
+        return None
+    where = (f" --data-dir {args.data_dir}" if args.data_dir else "") + (f" --pairs-csv {args.pairs_csv}" if args.pairs_csv else "")
+    return (f"note: frozen ImageNet features, often the stronger baseline on photos, are not measured here: python eval.py "
+            f"--baseline pretrained --arch tf_efficientnet_lite0 --image-size 224 --data {args.data}{where} --holdout "
+            f"{args.holdout} --seed {args.seed} (same held-out split); {METHOD}.py --pretrained fine-tunes them")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -2134,6 +2145,9 @@ def main(argv=None):
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run directory: {args.out}")
         print(summary(history))
+        note = pretrained_note(args)
+        if note:
+            print(note)
     return 0
 
 

@@ -219,6 +219,7 @@ def test_the_folder_recipe_starts_on_77_training_anchors(tmp_path, one_thread): 
                                    "--epochs", "1", "--out", tmp_path / "run", *FAST])
     assert rc == 0, err
     assert "batch size 32: the recipe's 128, lowered for the 77 training anchors" in out
+    assert f"--baseline pretrained --arch tf_efficientnet_lite0 --image-size 224 --data folder --data-dir {root}" in out
 
 
 def test_a_low_effective_rank_gets_a_plain_warning(capsys):
@@ -240,3 +241,14 @@ def test_the_logged_knn_and_r_precision_agree_with_eval(runs):
     assert knn == ["knn@3"]  # 6 images per held-out class: 3 references, so k stops at 3
     assert result["metrics"]["classification"]["knn@3"] == pytest.approx(record["knn@3"])
     assert result["metrics"]["metric_learning"]["r_precision"] == pytest.approx(record["r_precision"])
+
+
+@pytest.mark.parametrize("name", ["byol", "simsiam", "bn_only", "contrastive"])
+def test_a_run_from_scratch_names_the_pretrained_baseline_it_did_not_measure(name):
+    mod = __import__(name)
+    args = mod.parse_args(["--data", "folder", "--data-dir", "photos", "--holdout", "0.5", "--seed", "3"])
+    note = mod.pretrained_note(args)
+    assert "--baseline pretrained" in note and "--data folder --data-dir photos --holdout 0.5 --seed 3" in note
+    # Nothing to add where the run measured pretrained features itself, or where no user data is in question.
+    assert mod.pretrained_note(mod.parse_args(["--data", "folder", "--data-dir", "photos", "--pretrained"])) is None
+    assert mod.pretrained_note(mod.parse_args([])) is None
