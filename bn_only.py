@@ -87,7 +87,7 @@ RECIPES = {
     # colour jitter and no grayscale keep the colour that tells signs apart. Batch norm over both views (0.326 vs 0.281
     # per view on validation classes). At most max_pairs pairs, so that any folder trains in minutes on 2 CPU cores.
     "folder": dict(CONV4, image_size=32, width=[32, 64, 128, 256], crop_min_scale=0.5, jitter_strength=0.5, gray_prob=0.0,
-                   epochs=100, max_pairs=200_000, bn_stats="joint"),
+                   epochs=100, max_pairs=150_000, bn_stats="joint"),
     # The standard SSL benchmarks, sized for a GPU.
     "cifar10": dict(image_size=32, arch="resnet18", epochs=200),
     "stl10": dict(image_size=96, arch="resnet18", epochs=100),
