@@ -11,6 +11,7 @@ Run:
     python byol.py --data tll --download
     python byol.py --data pairs --pairs-csv my_pairs.csv
     python byol.py --data folder --data-dir ~/data/classes
+    python byol.py --data folder --data-dir ~/data/photos --pretrained  # fine-tune ImageNet weights
     python byol.py --data cifar10 --data-dir ~/data --download --epochs 200
     python byol.py --resume runs/byol-omniglot-s0/last.pt
     torchrun --nproc_per_node 8 byol.py --data tll --data-dir ~/data/tll

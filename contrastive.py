@@ -14,6 +14,7 @@ Run:
     python contrastive.py --per-group 4                    # 4 drawings of each character per batch: 3 false negative pairs each
     python contrastive.py --data tll --data-dir ~/data/tll
     python contrastive.py --data folder --data-dir ~/data/classes
+    python contrastive.py --data folder --data-dir ~/data/photos --pretrained  # fine-tune ImageNet weights
     python contrastive.py --resume runs/contrastive-omniglot-s0/last.pt
 
 Use the method without this CLI:

@@ -10,6 +10,7 @@ Run:
     python simsiam.py --data tll --download
     python simsiam.py --data pairs --pairs-csv my_pairs.csv
     python simsiam.py --data folder --data-dir ~/data/classes
+    python simsiam.py --data folder --data-dir ~/data/photos --pretrained  # fine-tune ImageNet weights
     python simsiam.py --data cifar10 --data-dir ~/data --download --epochs 800
     python simsiam.py --resume runs/simsiam-omniglot-s0/last.pt
     torchrun --nproc_per_node 8 simsiam.py --data tll --data-dir ~/data/tll
