@@ -198,10 +198,10 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--epochs", type=int, default=100,
                    help=f"training epochs (default: the recipe's {recipe['epochs']}"
                         + (f", lowered so that a run trains on at most {recipe['max_pairs']} pairs" if "max_pairs" in recipe else "")
-                        + ")")
+                        + ")%(default).0s")  # %(default).0s prints nothing: the formatter's "(default: None)" would mislead
     g.add_argument("--batch-size", type=int, default=None,
                    help=f"global batch of positive pairs (default: the recipe's {recipe.get('batch_size', 64)}, lowered "
-                        "to the largest power of two that gives the training data at least two steps per epoch)")
+                        "to the largest power of two that gives the training data at least two steps per epoch)%(default).0s")
     g.add_argument("--optimizer", default="sgd", choices=["lars", "adamw", "sgd"], help="LARS as in the paper for large batches; SGD or AdamW for small ones")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: BASE_LR[optimizer] * batch-size / 256)")
     g.add_argument("--weight-decay", type=float, default=None, help="default: 1.5e-6 lars, 1e-4 sgd, 1e-6 adamw")

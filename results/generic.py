@@ -48,9 +48,10 @@ CONFIGS = {
 }
 
 
-def small2_folders():
-    """Omniglot's small2 (5 alphabets, 156 characters) as one folder per character, written once."""
-    out = OUT / "data" / "small2"
+def small2_folders(out=None):
+    """Omniglot's small2 (5 alphabets, 156 characters) as one folder per character, written once (whole, or not at
+    all); results/run_all.sh writes its copy through `python results/generic.py small2-folders DIR`."""
+    out = Path(out) if out is not None else OUT / "data" / "small2"
     if not out.is_dir():
         tmp = out.with_suffix(".tmp")
         with zipfile.ZipFile(ROOT / "data" / "omniglot" / "images_background_small2.zip") as zf:
@@ -190,6 +191,8 @@ if __name__ == "__main__":
         for which in ("test", "test-pretrained"):
             print(f"\n{which}:\n")
             seeds_table(rest[0] if rest else OUT, which)
+    elif stage == "small2-folders":
+        small2_folders(rest[0])
     elif stage == "table":
         table(rest[0] if rest else OUT)
     else:

@@ -168,17 +168,7 @@ if wants generic; then
     folders="$OUT/generic/small2-folders"
     if [[ ! -d "$folders" ]]; then
         log "write data/omniglot/images_background_small2.zip as class folders into $folders"
-        "$PYTHON" - "$folders" <<'PY'
-import sys, zipfile
-from pathlib import Path
-out = Path(sys.argv[1])
-with zipfile.ZipFile("data/omniglot/images_background_small2.zip") as zf:
-    for name in zf.namelist():
-        if name.endswith(".png"):  # images_background_small2/<alphabet>/<character>/<drawing>.png
-            _, alphabet, character, drawing = name.split("/")
-            (out / f"{alphabet}_{character}").mkdir(parents=True, exist_ok=True)
-            (out / f"{alphabet}_{character}" / drawing).write_bytes(zf.read(name))
-PY
+        "$PYTHON" results/generic.py small2-folders "$folders"
     fi
     # Validation for the folder recipe's choices: its 125 training classes (seed 0's split) as folders of
     # their own, of which the same recipe holds out 25; the 31 test classes are never read.
