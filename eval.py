@@ -48,6 +48,7 @@ import csv
 import hashlib
 import importlib
 import json
+import logging
 import math
 import os
 import re
@@ -220,7 +221,10 @@ def run_args(opts, mod, ckpt):
         if opts.baseline == "pretrained":  # any backbone with ImageNet weights, on the run's data and split
             args.arch = opts.arch or (args.arch if args.arch != "conv4" else "resnet18")
     elif not saved:
-        args.arch = opts.arch or ("resnet18" if opts.baseline == "pretrained" else args.arch)  # conv4 has no ImageNet weights
+        if opts.baseline == "pretrained":  # the recipe's backbone; conv4 has no ImageNet weights
+            args.arch = opts.arch or (args.arch if args.arch != "conv4" else "resnet18")
+        else:
+            args.arch = opts.arch or args.arch
         args.width = opts.width or args.width
         args.stem = opts.stem or ("imagenet" if opts.baseline == "pretrained" else None)
     if opts.all_pairs:
@@ -741,12 +745,15 @@ def parse_tool_args(argv):
                  "stops it with one line naming the file.",
         "search": "Exact cosine search, block by block: the top-k images of each query, printed and drawn. A query that "
                   "is in the file finds itself first, at a score of 1.",
-        "export": "Write the online encoder's state dict (torchvision's keys for the resnets) and a JSON sidecar with its "
-                  "architecture and preprocessing, to use the encoder without this repository (README: how to load it).",
+        "export": "Write the run's whole embedding function as a torch.export program (OUT.pt2: RGB in [0, 1] to the "
+                  "embedding evaluation ranks by, with the whitening and projector of a --freeze-encoder run; it loads with "
+                  "torch alone, and embed and search take it in place of a checkpoint), the online encoder's state dict "
+                  "(OUT; torchvision's or timm's keys) and a JSON sidecar (OUT.json) with the architecture and preprocessing.",
     }[tool]
     p = argparse.ArgumentParser(prog=f"eval.py {tool}", description=about, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if tool == "embed":
-        p.add_argument("checkpoint", nargs="?", type=Path, default=None, help="last.pt of a run (omit it with --baseline)")
+        p.add_argument("checkpoint", nargs="?", type=Path, default=None,
+                       help="last.pt of a run, or the OUT.pt2 of eval.py export (omit it with --baseline)")
         p.add_argument("images", type=Path,
                        help="a folder (every image in its tree), a .zip of images, or a CSV whose first column lists image paths")
         p.add_argument("--out", type=Path, default=None,
@@ -787,7 +794,9 @@ def parse_tool_args(argv):
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     else:
         p.add_argument("checkpoint", type=Path, help="last.pt of a run")
-        p.add_argument("--out", type=Path, default=None, help="default: encoder.pt next to the checkpoint; the sidecar: OUT.json")
+        p.add_argument("--out", type=Path, default=None,
+                       help="the state dict (default: encoder.pt next to the checkpoint; a --freeze-encoder run: embedding.pt, "
+                            "not written); the sidecar: OUT.json; the embedding function: OUT.pt2")
         p.add_argument("--overwrite", action="store_true", help="replace --out and its sidecar if they exist")
     return p.parse_intermixed_args(argv[1:])  # intermixed: embed CKPT --layer projector IMAGES works too
 
@@ -801,6 +810,8 @@ def load_model(checkpoint=None, baseline=None, layer=None, **model_flags):
     if baseline is not None and layer == "projector":
         raise UserError("--layer projector needs a trained checkpoint; a baseline has no projector")
     model_flags = {k: v for k, v in model_flags.items() if v is not None}
+    if checkpoint is not None and Path(checkpoint).suffix.lower() == ".pt2":
+        return load_exported(checkpoint, baseline, layer, model_flags)
     if checkpoint is not None:
         mod, ckpt = load_checkpoint(checkpoint)
         if model_flags:
@@ -1039,37 +1050,125 @@ def run_search(opts):
     print(f"wrote {out}")
 
 
+class Embedding(nn.Module):
+    """A run's whole embedding function, as export writes it: RGB images in [0, 1], [B, 3, S, S], to the embedding
+    evaluation ranks them by. It standardises, encodes (a --freeze-encoder run: frozen backbone, PCA whitening, then
+    the trained projector) and, with test-time shifts, takes the mean direction of the shifted copies' outputs."""
+
+    def __init__(self, mod, model, layer, shift):
+        super().__init__()
+        self.encoder, self.head = model.encoder, model.projector if layer == "projector" else nn.Identity()
+        self.register_buffer("mean", torch.tensor(mod.IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(mod.IMAGENET_STD).view(1, 3, 1, 1))
+        self.offsets = [(0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift)] if shift else [(0, 0)]
+        self.shifted = mod.shifted
+
+    def forward(self, x):
+        x = (x - self.mean) / self.std
+        outs = [self.head(self.encoder(self.shifted(x, dx, dy))) for dx, dy in self.offsets]
+        return outs[0] if len(outs) == 1 else torch.stack([F.normalize(o, dim=1) for o in outs]).mean(0)
+
+
+class Exported(nn.Module):
+    """An embedding function written by export, shaped like the methods for embed_images: its encoder takes the
+    standardised images evaluation feeds every model and hands the program the RGB in [0, 1] it was exported for."""
+
+    def __init__(self, mod, program):
+        super().__init__()
+        self.program, self.projector = program, nn.Identity()
+        self.register_buffer("mean", torch.tensor(mod.IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(mod.IMAGENET_STD).view(1, 3, 1, 1))
+
+    def encoder(self, x):
+        return self.program(x * self.std + self.mean)
+
+    def train(self, mode=True):  # an exported program has no training mode: it is always the eval-mode function
+        self.training = mode
+        return self
+
+
+PROGRAM_META = "positive_similarity.json"  # the extra file of an exported program that says what it is
+
+
+def load_exported(path, baseline, layer, model_flags):
+    """(script module, a checkpoint-like record, args, Exported) for a program written by export (a .pt2)."""
+    if baseline is not None or model_flags:
+        raise UserError(f"{path} is an exported embedding function: it fixes its own model; drop --baseline and the model flags")
+    extra, quiet = {PROGRAM_META: ""}, logging.getLogger("torch.export")
+    try:
+        if not Path(path).is_file():
+            raise FileNotFoundError(path)
+        quiet.disabled = True  # torch logs a failed load with a traceback before raising: the one line below says it
+        program = torch.export.load(path, extra_files=extra)
+        meta = json.loads(extra[PROGRAM_META])
+    except Exception as e:
+        raise UserError(f"{path} is not an embedding function written by python eval.py export ({e.__class__.__name__}); "
+                        "write one with it") from None
+    finally:
+        quiet.disabled = False
+    if layer not in (None, meta["layer"]):
+        raise UserError(f"--layer {layer}: {path} exports the {meta['layer']} only; drop --layer, or export another")
+    mod = import_method(meta["method"], f"CHECKPOINT {path}")
+    args = SimpleNamespace(**{k: meta[k] for k in ("arch", "width", "stem", "image_size", "seed")},
+                           eval_shift=0, freeze_encoder=meta["layer"] == "projector")  # its shifts are inside it
+    return mod, {"method": meta["method"], "epoch": meta["epoch"]}, args, Exported(mod, program.module())
+
+
+def export_program(mod, model, args, layer, path, meta):
+    """torch.export of the run's Embedding, for any batch size, with `meta` inside: it loads with torch alone."""
+    model = model.eval()
+    function = Embedding(mod, model, layer, args.eval_shift).eval()
+    example = torch.rand(2, 3, args.image_size, args.image_size)
+    try:
+        program = torch.export.export(function, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    except Exception as e:
+        raise UserError(f"torch.export could not trace {args.arch} ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); "
+                        "the state dict and its sidecar still describe the encoder") from None
+    write_atomic(path, lambda tmp: torch.export.save(program, tmp, extra_files={PROGRAM_META: json.dumps(meta)}))
+    with torch.no_grad():
+        return function(example).shape[1]
+
+
 def run_export(opts):
     mod, ckpt, args, model = load_model(opts.checkpoint)
-    if args.freeze_encoder:
-        raise UserError(f"CHECKPOINT {opts.checkpoint} is a --freeze-encoder run: its encoder is the --init or --pretrained "
-                        "one it started from, and what it learned is its projector; use python eval.py embed --layer projector")
-    out = opts.out or opts.checkpoint.parent / "encoder.pt"
-    if out.suffix.lower() == ".json":
-        raise UserError(f"--out {out}: the sidecar is written to OUT.json, the same file; name the weights e.g. "
-                        f"{out.with_suffix('.pt')}")
-    for path in (out, out.with_suffix(".json")):
+    frozen = args.freeze_encoder  # what it learned is its projector, on the --init or --pretrained encoder
+    out = opts.out or opts.checkpoint.parent / ("embedding.pt" if frozen else "encoder.pt")
+    if out.suffix.lower() in (".json", ".pt2"):
+        raise UserError(f"--out {out}: the sidecar and the embedding function are written to OUT.json and OUT.pt2; name "
+                        f"the weights e.g. {out.with_suffix('.pt')}")
+    program = out.with_suffix(".pt2")
+    for path in ([] if frozen else [out]) + [out.with_suffix(".json"), program]:
         check_out(path, [opts.checkpoint], opts.overwrite)
     mod.require_writable(out.parent)
-    encoder = model.encoder
-    with torch.no_grad():
-        feature_dim = encoder(torch.zeros(1, 3, args.image_size, args.image_size)).shape[1]
-    # A timm backbone is exported as timm's own model (its keys, its mean and std): it loads with timm.create_model.
-    timm_net = isinstance(encoder, mod.TimmBackbone)
-    mean, std = (encoder.mean, encoder.std) if timm_net else (mod.IMAGENET_MEAN, mod.IMAGENET_STD)
-    write_atomic(out, lambda tmp: torch.save((encoder.net if timm_net else encoder).state_dict(), tmp))
+    encoder, layer = model.encoder, default_embedding(SimpleNamespace(baseline=None), args)
     conv4 = args.arch == "conv4"
     sidecar = {"checkpoint": str(opts.checkpoint.absolute()), "method": ckpt["method"], "epoch": ckpt.get("epoch"),
                "arch": args.arch, "width": args.width if conv4 else None, "stem": None if conv4 else args.stem,
-               "image_size": args.image_size, "feature_dim": feature_dim,
-               "preprocess": "RGB; resize the shorter side to image_size (bilinear), centre crop; /255; (x - mean) / std",
-               "mean": list(mean), "std": list(std)}
-    if timm_net:
-        sidecar["load"] = f"timm.create_model({args.arch!r}, num_classes=0).load_state_dict(torch.load(PATH))"
+               "image_size": args.image_size, "seed": args.seed, "layer": layer, "eval_shift": args.eval_shift}
+    sidecar["embedding_dim"] = export_program(mod, model, args, layer, program, sidecar)
+    sidecar["program"] = {"file": program.name, "input": "float RGB in [0, 1], [B, 3, image_size, image_size], "
+                          "preprocessed as below without the standardisation, which it does itself",
+                          "load": "torch.export.load(PATH).module()"}
+    sidecar["preprocess"] = "RGB; resize the shorter side to image_size (bilinear), centre crop; /255; (x - mean) / std"
+    written = [program]
+    if not frozen:
+        with torch.no_grad():
+            sidecar["feature_dim"] = encoder(torch.zeros(1, 3, args.image_size, args.image_size)).shape[1]
+        # A timm backbone is exported as timm's own model (its keys, its mean and std): it loads with timm.create_model.
+        timm_net = isinstance(encoder, mod.TimmBackbone)
+        mean, std = (encoder.mean, encoder.std) if timm_net else (mod.IMAGENET_MEAN, mod.IMAGENET_STD)
+        write_atomic(out, lambda tmp: torch.save((encoder.net if timm_net else encoder).state_dict(), tmp))
+        sidecar.update(mean=list(mean), std=list(std))
+        if timm_net:
+            sidecar["load"] = f"timm.create_model({args.arch!r}, num_classes=0).load_state_dict(torch.load(PATH))"
+            if args.pool_stages != 1:
+                sidecar["load"] += f"; the embedding also pools {args.pool_stages - 1} earlier stages: use OUT.pt2"
+        written.insert(0, out)
     write_atomic(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=1) + "\n"))
     shape = f"conv4, widths {','.join(map(str, args.width))}" if conv4 else f"{args.arch}, {args.stem} stem"
-    print(f"wrote the online encoder of {opts.checkpoint} ({shape}, {args.image_size} px, {feature_dim} features): "
-          f"{out} and {out.with_suffix('.json')}")
+    what = "its whole embedding function (frozen encoder, whitening, trained projector)" if frozen else "the online encoder"
+    print(f"wrote {what} of {opts.checkpoint} ({shape}, {args.image_size} px, {sidecar['embedding_dim']} dimensions): "
+          f"{', '.join(map(str, written))} and {out.with_suffix('.json')}")
 
 
 # ----------------------------------------------------------------------------- main

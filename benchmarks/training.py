@@ -220,6 +220,7 @@ def byol_args(cfg, arch=None):
             [
                 "--data",
                 "tll",
+                "--no-pretrained",  # from scratch, as byol-pytorch and lightly train
                 "--arch",
                 arch or cfg.arch,
                 "--stem",

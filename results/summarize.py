@@ -194,7 +194,8 @@ def train_command(method, saved):
         print(f"note: cannot import {method}.py ({e.__class__.__name__}); listing all saved args", file=sys.stderr)
         return [f"{k}={v}" for k, v in saved.items() if k not in RUN_ONLY | {"seed", "out"}]
     argv, unknown = [], [k for k in saved if k not in defaults]
-    for key in defaults:
+    selectors = ("data", "pretrained", "freeze_encoder")  # they pick the recipe, whose values the other flags default to
+    for key in sorted(defaults, key=lambda k: k not in selectors):
         if key in RUN_ONLY | {"seed", "out"} or key not in saved:
             continue
         try:
@@ -204,9 +205,8 @@ def train_command(method, saved):
         if as_text(current.get(key)) == as_text(saved[key]):
             continue
         flag = "--" + key.replace("_", "-")
-        if isinstance(defaults[key], bool):  # store_true flags
-            if saved[key]:
-                argv.append(flag)
+        if isinstance(defaults[key], bool):  # store_true flags, and --flag/--no-flag where the recipe says True
+            argv.append(flag if saved[key] else f"--no-{flag[2:]}")
         else:
             argv += [flag, str(saved[key])]
     if unknown:

@@ -148,7 +148,8 @@ def test_baselines_and_the_other_scripts_checkpoints(run, tmp_path, capsys):
 
 
 def test_a_frozen_encoder_run_embeds_what_it_learned(run, tmp_path, capsys):
-    """--freeze-encoder trains the projector alone: embed takes its outputs, as evaluation ranks them; export refuses."""
+    """--freeze-encoder trains the projector alone: embed takes its outputs, as evaluation ranks them; export writes that
+    whole function (frozen encoder, whitening, projector) as a program, and no encoder state dict."""
     args = byol.fill_defaults(
         byol.parse_args(
             [
@@ -156,9 +157,12 @@ def test_a_frozen_encoder_run_embeds_what_it_learned(run, tmp_path, capsys):
                 "tll",
                 "--image-size",
                 "16",
+                "--no-pretrained",
                 "--width",
                 "8",
                 "--freeze-encoder",
+                "--pca-dim",
+                "4",
                 "--hidden-dim",
                 "32",
                 "--proj-dim",
@@ -166,11 +170,22 @@ def test_a_frozen_encoder_run_embeds_what_it_learned(run, tmp_path, capsys):
             ]
         )
     )
-    ckpt = save_checkpoint(byol, args, byol.build_model(args), tmp_path / "last.pt")
+    model = byol.build_model(args)
+    with torch.no_grad():  # a whitening and projector batch norm that are not the identity, so that each must be exported
+        model.encoder.fit_pca(torch.randn(64, 8) * torch.arange(1, 9))
+        model.projector(torch.randn(32, 4))
+    ckpt = save_checkpoint(byol, args, model, tmp_path / "last.pt")
     embeddings, _, meta = embed([ckpt, run.tll / "left"], capsys)
     assert meta["layer"] == "projector" and embeddings.shape == (20, 16)
     assert (tmp_path / "embeddings-left-projector.npz").is_file()  # the default --out: next to the checkpoint
-    one_line_error(["export", ckpt], capsys, "--freeze-encoder", "--layer projector")
+    assert ev.main(["export", str(ckpt)]) == 0
+    assert not (tmp_path / "embedding.pt").exists()  # the encoder is the one it started from: no state dict
+    sidecar = json.loads((tmp_path / "embedding.json").read_text())
+    assert (sidecar["layer"], sidecar["embedding_dim"], sidecar["program"]["file"]) == ("projector", 16, "embedding.pt2")
+    again, _, meta = embed([tmp_path / "embedding.pt2", run.tll / "left", "--out", tmp_path / "again.npz"], capsys)
+    assert meta["layer"] == "projector"
+    torch.testing.assert_close(again, embeddings, rtol=1e-5, atol=1e-5)
+    one_line_error(["embed", tmp_path / "embedding.pt2", run.tll, "--layer", "encoder", *QUIET], capsys, "--layer encoder")
 
 
 # ----------------------------------------------------------------------------- search
@@ -241,6 +256,26 @@ def test_the_exported_conv4_loads_into_plain_torch_nn(run, tmp_path, capsys):
     x = (images / 255 - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         assert torch.allclose(encoder(x), embeddings, rtol=1e-5, atol=1e-6)
+    # The whole embedding function, with torch alone: RGB in [0, 1] in, the embeddings embed writes out.
+    program = torch.export.load(tmp_path / "encoder.pt2").module()
+    torch.testing.assert_close(program(images / 255), embeddings, rtol=1e-5, atol=1e-5)
+
+
+def test_the_exported_program_keeps_test_time_shifts(run, tmp_path, capsys):
+    """A run evaluated with --eval-shift exports the mean over the shifted copies; embed and search take the program."""
+    shifted = tmp_path / "shifted.pt"
+    ckpt = torch.load(run.ckpt, weights_only=False)
+    ckpt["args"]["eval_shift"] = 2
+    torch.save(ckpt, shifted)
+    reference, paths, _ = embed([shifted, run.tll / "left", "--out", tmp_path / "ref.npz"], capsys)
+    plain, _, _ = embed([shifted, run.tll / "left", "--eval-shift", "0", "--out", tmp_path / "plain.npz"], capsys)
+    assert not torch.allclose(reference, plain, atol=1e-3)  # the shifts change the embedding
+    assert ev.main(["export", str(shifted), "--out", str(tmp_path / "shifted-encoder.pt")]) == 0
+    exported, _, meta = embed([tmp_path / "shifted-encoder.pt2", run.tll / "left", "--out", tmp_path / "x.npz"], capsys)
+    assert meta["eval_shift"] == 0 and meta["checkpoint"].endswith("shifted-encoder.pt2")  # the shifts are inside it
+    torch.testing.assert_close(exported, reference, rtol=1e-5, atol=1e-5)
+    hits = search([tmp_path / "x.npz", "--query", paths[2], "--top-k", "1"], capsys)
+    assert hits[0][2] == paths[2] and hits[0][1] == pytest.approx(1, abs=1e-4)
 
 
 @pytest.mark.parametrize("stem", ["imagenet", "small"])
@@ -250,6 +285,7 @@ def test_an_exported_resnet_has_torchvision_keys(tmp_path, capsys, stem):
             [
                 "--data",
                 "tll",
+                "--no-pretrained",
                 "--arch",
                 "resnet18",
                 "--stem",
@@ -312,6 +348,9 @@ def test_bad_input_to_embed(run, tmp_path, capsys):
     one_line_error(["embed", run.ckpt, run.tll, "--arch", "resnet18", *QUIET], capsys, "--arch comes from CHECKPOINT")
     one_line_error(["embed", run.ckpt, run.tll, "--batch-size", "0", *QUIET], capsys, "--batch-size 0")
     one_line_error(["export", tmp_path / "list.csv"], capsys, tmp_path / "list.csv", "not a readable checkpoint")
+    (tmp_path / "fake.pt2").write_bytes(b"not a program")
+    one_line_error(["embed", tmp_path / "fake.pt2", run.tll, *QUIET], capsys, "fake.pt2", "not an embedding function")
+    one_line_error(["export", run.ckpt, "--out", tmp_path / "e.pt2"], capsys, "--out", "OUT.pt2")
 
 
 def test_bad_input_to_search(run, tmp_path, capsys):

@@ -231,6 +231,7 @@ def run(tmp_path_factory):
         [
             "--data",
             "tll",
+            "--no-pretrained",
             "--data-dir",
             str(tll),
             "--holdout",
@@ -320,6 +321,8 @@ def test_random_baseline_is_the_runs_untrained_network_on_the_same_split(run, tm
             "random",
             "--data",
             "tll",
+            "--arch",  # the run's: the tll recipe's own backbone is the pretrained Lite0
+            "conv4",
             "--data-dir",
             run.tll,
             "--holdout",

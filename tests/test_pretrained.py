@@ -119,7 +119,7 @@ def test_eval_baseline_pretrained_takes_a_timm_backbone(tmp_path, capsys):
 
 
 def test_backbone_lr_factor_scales_the_encoder_groups_only():
-    args = byol.fill_defaults(byol.parse_args(["--data", "tll", "--arch", "conv4", "--width", "8", "--hidden-dim", "16",
+    args = byol.fill_defaults(byol.parse_args(["--data", "tll", "--no-pretrained", "--arch", "conv4", "--width", "8", "--hidden-dim", "16",
                                                "--proj-dim", "8", "--backbone-lr-factor", "0.1",
                                                "--batch-size", "64"]))
     model = byol.build_model(args)

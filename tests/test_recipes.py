@@ -37,12 +37,15 @@ def folder_dir(tmp_path_factory):
 def test_each_recipe_is_the_default_of_its_data(name, data):
     mod = MODULES[name]
     args = mod.parse_args(["--data", data])
+    recipe = mod.recipe_of(data)  # the RECIPES row, with its FINE_TUNE row where the row starts pretrained (tll)
     assert mod.RECIPES[data], data
-    for key, value in mod.RECIPES[data].items():
+    assert recipe == ({**mod.RECIPES[data], **mod.FINE_TUNE[data]} if mod.RECIPES[data].get("pretrained")
+                      else {**mod.RECIPES[data], "pretrained": False}), data
+    for key, value in recipe.items():
         if key in ("batch_size", "epochs"):  # ceilings, fitted to the data once it is loaded
             assert getattr(args, key) is None, (data, key)
     mod.fit_to_data(args, 1000, 1, is_main=False)  # data that lowers neither ceiling
-    for key, value in mod.RECIPES[data].items():
+    for key, value in recipe.items():
         if key != "max_pairs":  # not a flag: the pairs that lower the epochs
             assert getattr(args, key) == value, (data, key)
 
@@ -54,7 +57,8 @@ def test_every_script_s_generic_recipes_validate_themselves(name):
     mod = MODULES[name]
     for data in ("folder", "pairs", "tll"):
         args = mod.parse_args(["--data", data])
-        assert (args.val_fraction, args.patience, args.eval_every) == (0.2, 5, 5), (name, data)
+        assert (args.val_fraction, args.patience) == (0.2, 5), (name, data)
+        assert args.eval_every == mod.recipe_of(data)["eval_every"] <= 5, (name, data)  # an evaluation every few epochs
     args = mod.parse_args([])
     assert (args.val_fraction, args.patience) == (0.0, 0), name
 
@@ -68,11 +72,15 @@ def test_pretrained_adds_the_fine_tuning_row(name):
         if key != "max_pairs":
             assert getattr(args, key) == value, key
     assert args.crop_min_scale == mod.RECIPES["folder"]["crop_min_scale"]  # the rest is the data's recipe
-    # A flag still wins; the frozen-encoder head keeps the data's recipe; data without a row is unchanged.
+    # A flag still wins; the frozen-encoder head takes the row's backbone only, not its fine-tuning controls.
     assert mod.parse_args(["--data", "folder", "--pretrained", "--no-freeze-bn-stats"]).freeze_bn_stats is False
     frozen = mod.parse_args(["--data", "folder", "--pretrained", "--freeze-encoder"])
-    assert (frozen.arch, frozen.image_size) == (mod.RECIPES["folder"]["arch"], mod.RECIPES["folder"]["image_size"])
-    assert mod.parse_args(["--data", "tll", "--pretrained"]).image_size == mod.RECIPES["tll"]["image_size"]
+    assert (frozen.arch, frozen.image_size) == (mod.FINE_TUNE["folder"]["arch"], mod.FINE_TUNE["folder"]["image_size"])
+    assert (frozen.freeze_bn_stats, frozen.backbone_lr_factor) == (False, 1.0)
+    # Without the flag, a row's own default decides: TLL photos start pretrained, class folders from scratch.
+    assert mod.parse_args(["--data", "tll"]).pretrained and not mod.parse_args(["--data", "folder"]).pretrained
+    scratch = mod.parse_args(["--data", "tll", "--no-pretrained"])
+    assert (scratch.pretrained, scratch.arch, scratch.image_size) == (False, "conv4", mod.RECIPES["tll"]["image_size"])
     fitted = mod.parse_args(["--data", "folder", "--pretrained"])
     mod.fit_to_data(fitted, 10 ** 6, 1, is_main=False)
     assert fitted.epochs * 10 ** 6 <= mod.FINE_TUNE["folder"]["max_pairs"] or fitted.epochs == 1
@@ -81,7 +89,7 @@ def test_pretrained_adds_the_fine_tuning_row(name):
 def test_the_command_line_overrides_the_recipe():
     args = byol.parse_args(["--epochs", "3", "--arch", "resnet18", "--rotation", "5"])
     assert (args.epochs, args.arch, args.rotation) == (3, "resnet18", 5.0)
-    assert byol.parse_args(["--data", "tll"]).arch == byol.RECIPES["tll"]["arch"]
+    assert byol.parse_args(["--data", "tll"]).arch == byol.recipe_of("tll")["arch"] == "tf_efficientnet_lite0"
     assert byol.parse_args(["--image-size", "40", "--data=tll"]).image_size == 40
 
 
@@ -90,7 +98,7 @@ def test_help_shows_the_chosen_datas_recipe(capsys):
         with pytest.raises(SystemExit):
             byol.parse_args(["--data", data, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        assert f"training epochs (default: the recipe's {byol.RECIPES[data]['epochs']}" in text
+        assert f"training epochs (default: the recipe's {byol.recipe_of(data)['epochs']}" in text
 
 
 def test_no_argument_run_is_the_omniglot_recipe():

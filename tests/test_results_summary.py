@@ -144,6 +144,7 @@ def test_tables_and_curves(tmp_path, capsys):
             argv=[
                 "--data",
                 "tll",
+                "--no-pretrained",  # a recipe's True, turned off: the command must say --no-pretrained
                 "--data-dir",
                 str(data_dir),
                 "--image-size",
@@ -247,7 +248,7 @@ def test_tables_and_curves(tmp_path, capsys):
         ]
     }
     assert (
-        f"`python byol.py --data tll --data-dir {data_dir} --image-size 32 --stem imagenet --epochs 10 "
+        f"`python byol.py --data tll --no-pretrained --data-dir {data_dir} --image-size 32 --stem imagenet --epochs 10 "
         f"--seed S --out {tll}/byol-sS`"
     ) in tll_text
 

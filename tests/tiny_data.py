@@ -97,6 +97,7 @@ def tiny_flags(method, data_dir, out, epochs=1, batch_size=8, extra=()):
     return [
         "--data",
         "tll",
+        "--no-pretrained",  # conv4 from scratch: the tll recipe's pretrained backbone is tested in test_pretrained.py
         "--data-dir",
         str(data_dir),
         "--image-size",
