@@ -359,10 +359,10 @@ class BYOL(nn.Module):
 
     @torch.no_grad()
     def update_target(self, tau):
-        shared = self.target_encoder is self.encoder  # frozen: no encoder to follow
-        online = [*([] if shared else self.encoder.parameters()), *self.projector.parameters()]
-        target = [*([] if shared else self.target_encoder.parameters()), *self.target_projector.parameters()]
-        ema_update_(target, online, tau)
+        # Only what learns: a frozen encoder (--freeze-encoder) and frozen stages (--freeze-stages) are their own target.
+        pairs = [(t, o) for t, o in zip([*self.target_encoder.parameters(), *self.target_projector.parameters()],
+                                        [*self.encoder.parameters(), *self.projector.parameters()]) if o.requires_grad]
+        ema_update_([t for t, _ in pairs], [o for _, o in pairs], tau)
 
     def embed(self, x):
         """Features used for similarity search: the online encoder's output, or with a frozen encoder

@@ -108,6 +108,9 @@ def test_the_exported_lite0_loads_into_timm_and_embeds_alike(tmp_path, capsys):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(net.eval()((x - 0.5) / 0.5), model.encoder.eval()(byol.standardize(x)), rtol=1e-4, atol=1e-5)
+        # The whole embedding function: torch alone, RGB in [0, 1].
+        program = torch.export.load(tmp_path / "encoder.pt2").module()
+        assert torch.allclose(program(x), model.encoder(byol.standardize(x)), rtol=1e-4, atol=1e-5)
 
 
 def test_eval_baseline_pretrained_takes_a_timm_backbone(tmp_path, capsys):
@@ -150,3 +153,61 @@ def test_freeze_bn_stats_keeps_the_encoders_running_statistics(tmp_path):
     moved = [k for k in start if k.startswith("projector") and "running_mean" in k]
     assert moved and not all(torch.equal(start[k], after[k]) for k in moved), "the head's BN should still learn"
     assert all(not m.training for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_freeze_stages_keeps_the_first_stages_as_they_started(tmp_path):
+    """--freeze-stages 2 on conv4: its first two blocks (weights and BN statistics) end as they started, online and
+    target alike, while the last two learn."""
+    torch.set_num_threads(1)
+    data = make_tll(tmp_path / "tll", n=16, size=24)
+    flags = [*tiny_flags("byol", data, tmp_path / "run", batch_size=4), "--arch", "conv4", "--width", "8",
+             "--freeze-stages", "2"]
+    args = byol.fill_defaults(byol.parse_args(flags))
+    torch.manual_seed(args.seed)
+    start = byol.build_model(args).state_dict()  # the run's own initial weights (same seed, same build)
+    model, _, _ = byol.train(args)
+    after = model.state_dict()
+    frozen = [k for k in start if k.split(".")[0] in ("encoder", "target_encoder") and int(k.split(".")[1]) < 8]
+    learned = [k for k in start if k.startswith("encoder.") and int(k.split(".")[1]) >= 8 and k.endswith("weight")]
+    assert frozen and all(torch.equal(start[k], after[k]) for k in frozen), "a frozen stage moved"
+    assert learned and not any(torch.equal(start[k], after[k]) for k in learned), "the stages after them should learn"
+    stages = byol.encoder_stages(model.encoder)
+    assert all(not p.requires_grad for s in stages[:2] for m in s for p in m.parameters())
+    assert all(not m.training for s in stages[:2] for m in s if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_freeze_stages_stops_the_gradient_at_the_stage_boundary():
+    """Lite0's stages are timm's coarse groups, the stem first; the frozen ones get no gradient at all."""
+    encoder, _ = byol.build_encoder(LITE0)
+    stages = byol.encoder_stages(encoder)
+    assert len(stages) == 8 and stages[0] == [encoder.net.conv_stem, encoder.net.bn1]
+    byol.freeze_stages(encoder, 3)
+    encoder(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for s in stages[:3] for m in s for p in m.parameters())
+    assert all(p.grad is not None for m in stages[3] for p in m.parameters())
+    with pytest.raises(byol.UserError, match="--freeze-stages 8: the encoder has 8 stages"):
+        byol.freeze_stages(encoder, 8)
+    args = byol.parse_args(["--data", "tll", "--freeze-encoder", "--freeze-stages", "2"])
+    with pytest.raises(byol.UserError, match="drop one"):
+        byol.fill_defaults(args)
+
+
+def test_pool_stages_concatenates_unit_length_stage_features():
+    torch.manual_seed(0)
+    encoder, dim = byol.build_encoder(LITE0, pool_stages=3)
+    plain = byol.TimmBackbone(encoder.net).eval()
+    widths = encoder.stage_widths()
+    assert widths == [16, 24, 40, 112, 320, 1280] and dim == 112 + 320 + 1280
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out = encoder.eval()(x)
+        parts = out.split([112, 320, 1280], dim=1)
+        assert out.shape == (2, dim)
+        assert all(torch.allclose(p.norm(dim=1), torch.ones(2)) for p in parts)
+        assert torch.allclose(parts[-1], torch.nn.functional.normalize(plain(x), dim=1), atol=1e-6)  # the head's last
+        maps = encoder.net.forward_intermediates(x * encoder.scale + encoder.shift, indices=2, intermediates_only=True)
+        assert torch.allclose(parts[0], torch.nn.functional.normalize(maps[0].mean((2, 3)), dim=1), atol=1e-6)
+    with pytest.raises(byol.UserError, match="--pool-stages 7: tf_efficientnet_lite0 has 6 stages"):
+        byol.build_encoder(LITE0, pool_stages=7)
+    with pytest.raises(byol.UserError, match="--pool-stages 2 pools the stages of a timm backbone, not conv4"):
+        byol.build_encoder("conv4", pool_stages=2)
