@@ -1,0 +1,152 @@
+"""TLL photo pairs from a pretrained backbone on 2 CPU cores (issue #27): validation runs, the default over seeds, tables.
+
+Every run is `python SCRIPT --data tll --data-dir TLL --seed S` plus a configuration's flags: --holdout 0.2 holds out a
+fifth of the pairs as the test, and the recipe carves its validation pairs (a fifth) from the rest. Configurations are
+chosen on val_recall@1 of seed 0; the test pairs choose nothing.
+
+    python results/tll.py validate CONFIG [CONFIG ...]      # seed 0, CONFIGS[name]'s flags
+    python results/tll.py test [--seeds 0 1 2] [--scripts byol simsiam bn_only contrastive]   # the shipped default
+    python results/tll.py frozen-head [--seeds 0 1 2]       # Lite0 frozen at 224 px, PCA-256, BYOL head (--pool-stages 1)
+    python results/tll.py pretrained [--seeds 0 1 2]        # eval.py --baseline pretrained, Lite0 at 96 and 224 px
+    python results/tll.py table                             # every run: validation and test, against the frozen features
+
+Variables: TLL=../shared/data/tll-dev  OUT=results/runs/tll-cpu  THREADS=1  JOBS=2
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TLL = Path(os.environ.get("TLL", ROOT.parent / "shared" / "data" / "tll-dev"))
+OUT = Path(os.environ.get("OUT", ROOT / "results" / "runs" / "tll-cpu"))
+LITE0 = ["--pretrained", "--arch", "tf_efficientnet_lite0"]
+
+# Candidates on seed 0, each a full set of flags over the pretrained default (so that they keep their meaning when the
+# default changes). ft = Lite0 fine-tuned at 96 px, backbone at 0.1x the head's learning rate, frozen BN statistics.
+FT = [*LITE0, "--image-size", "96", "--backbone-lr-factor", "0.1", "--freeze-bn-stats", "--eval-every", "2",
+      "--patience", "0"]
+CONFIGS = {
+    "ft-b128": [*FT, "--batch-size", "128", "--epochs", "10"],
+    "ft-b32": [*FT, "--batch-size", "32", "--epochs", "10"],  # shipped (PHOTO_PAIRS)
+    "ft-b16": [*FT, "--batch-size", "16", "--epochs", "10"],
+    "ft-b32-light": [*FT, "--batch-size", "32", "--epochs", "10", "--crop-min-scale", "0.5", "--jitter-strength", "0.5",
+                     "--solarize-prob", "0", "--gray-prob", "0"],
+    "ft-b32-freeze3": [*FT, "--batch-size", "32", "--epochs", "10", "--freeze-stages", "3"],
+    "ft-b32-e20": [*FT, "--batch-size", "32", "--epochs", "20"],
+    "head-pool1": [*LITE0, "--freeze-encoder", "--image-size", "224", "--pca-dim", "256", "--epochs", "100",
+                   "--eval-every", "10", "--patience", "0"],
+    "head-pool3": [*LITE0, "--freeze-encoder", "--image-size", "224", "--pca-dim", "256", "--pool-stages", "3",
+                   "--epochs", "100", "--eval-every", "10", "--patience", "0"],
+}
+
+
+def finished(run):
+    txt = run.with_suffix(".txt")
+    return txt.is_file() and "run directory:" in txt.read_text()
+
+
+def train(run, script, flags, seed):
+    if finished(run):
+        return
+    cmd = [sys.executable, str(ROOT / script), "--data", "tll", "--data-dir", str(TLL), "--seed", str(seed),
+           *flags, "--no-progress", "--out", str(run), "--overwrite"]
+    run.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("THREADS", "1")}
+    with open(run.with_suffix(".txt"), "w") as log:
+        log.write(" ".join(cmd[1:]) + "\n")
+        log.flush()
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def pretrained(seed, size):
+    out = OUT / "pretrained" / f"s{seed}-{size}"
+    if (out / "eval.json").is_file():
+        return
+    cmd = [sys.executable, str(ROOT / "eval.py"), "--baseline", "pretrained", "--arch", "tf_efficientnet_lite0",
+           "--image-size", str(size), "--data", "tll", "--data-dir", str(TLL), "--holdout", "0.2", "--seed", str(seed),
+           "--out", str(out), "--no-pictures"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("THREADS", "1")}
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env, cwd=ROOT, check=True)
+
+
+def run_all(jobs):
+    with ThreadPoolExecutor(int(os.environ.get("JOBS", "2"))) as pool:
+        for future in [pool.submit(*job) for job in jobs]:
+            future.result()
+
+
+def arg_list(argv, flag, default):
+    if flag not in argv:
+        return default
+    rest = argv[argv.index(flag) + 1:]
+    return [a for a in rest[: next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]]
+
+
+def log_of(run):
+    path = run / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def chosen(history):
+    """The epoch-0 record and the record best.pt holds (the first best val_recall@1 after epoch 0), else the last."""
+    scored = [r for r in history[1:] if "val_recall@1" in r]
+    return history[0], (max(scored, key=lambda r: r["val_recall@1"]) if scored else history[-1])
+
+
+def frozen_r1(seed, size):
+    path = OUT / "pretrained" / f"s{seed}-{size}" / "eval.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["metrics"]["retrieval"]["left_to_right"]["recall@1"]
+
+
+def table():
+    print("| run | val: start | val: best | test: start | test: best.pt | frozen Lite0 96 / 224 px (test) | "
+          "best.pt / frozen at 224 px | epoch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    ratios = {}
+    for run in sorted(p for p in OUT.glob("*/*") if (p / "log.jsonl").is_file()):
+        history = log_of(run)
+        if len(history) < 2:
+            continue
+        first, best = chosen(history)
+        seed = int(run.name.rsplit("-s", 1)[1])
+        start = first.get("baseline_frozen_recall@1", first["recall@1"])
+        f96, f224 = frozen_r1(seed, 96), frozen_r1(seed, 224)
+        ratio = best["recall@1"] / f224 if f224 else None
+        if ratio is not None:
+            ratios.setdefault(run.parent.name + "/" + run.name.rsplit("-s", 1)[0], []).append(ratio)
+        val0 = first.get("baseline_frozen_val_recall@1", first.get("val_recall@1"))
+        print(f"| {run.parent.name}/{run.name} | {val0:.3f} | {best.get('val_recall@1', float('nan')):.3f} | {start:.3f} | "
+              f"{best['recall@1']:.3f} | {f96 or float('nan'):.3f} / {f224 or float('nan'):.3f} | "
+              f"{ratio or float('nan'):.2f}x | {best['epoch']} |")
+    for name, values in ratios.items():
+        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        print(f"{name}: best.pt over frozen Lite0 at 224 px, {statistics.mean(values):.2f}x{spread} over {len(values)} seeds")
+
+
+def main(argv):
+    stage = argv[0] if argv else "table"
+    seeds = [int(s) for s in arg_list(argv, "--seeds", ["0", "1", "2"])]
+    if stage == "validate":
+        run_all([(train, OUT / "validate" / f"{name}-s0", "byol.py", CONFIGS[name], 0) for name in argv[1:]])
+    elif stage == "test":
+        scripts = arg_list(argv, "--scripts", ["byol", "simsiam", "bn_only"])
+        run_all([(train, OUT / "test" / f"{s}-s{seed}", f"{s}.py", [], seed) for s in scripts for seed in seeds])
+    elif stage == "frozen-head":
+        run_all([(train, OUT / "test" / f"head-pool1-s{seed}", "byol.py", CONFIGS["head-pool1"], seed) for seed in seeds])
+    elif stage == "pretrained":
+        run_all([(pretrained, seed, size) for seed in seeds for size in (96, 224)])
+    elif stage == "table":
+        table()
+    else:
+        sys.exit(f"tll.py: error: unknown stage {stage!r}; one of validate, test, frozen-head, pretrained, table")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
