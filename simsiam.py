@@ -1628,11 +1628,14 @@ class Pixels(nn.Module):
         self.encoder, self.projector = nn.Flatten(), nn.Identity()
 
 
+COLLAPSE = ("collapse_std", "healthy_std", "effective_rank")  # evaluate()'s diagnostics, not quality
+
+
 def baselines(model, data, device, embedding, shift, untrained):
     """The epoch-0 record's baseline_<who>_<metric> entries, on the held-out and validation data the run is
     scored on: the untrained network (`untrained`: its evaluate()), the raw pixels and, with --freeze-encoder, the
     frozen features the head trains on. <who> is one word, so that other baselines join by key."""
-    quality = [k for k in untrained if k not in ("collapse_std", "healthy_std", "effective_rank")]
+    quality = [k for k in untrained if k not in COLLAPSE]
     found = {f"baseline_untrained_{k}": untrained[k] for k in quality}
     pixels = evaluate(Pixels(), replace(data, features=None), device, shift=shift)
     found.update({f"baseline_pixels_{k}": pixels[k] for k in quality if k in pixels})
@@ -2029,6 +2032,11 @@ def train(args):
         record = {"epoch": 0, **untrained, **baselines(model, data, device, ranked, args.eval_shift, untrained)}
         if args.pretrained and not args.freeze_encoder:  # epoch 0 is the frozen pretrained features, not an untrained network
             record = {k.replace("baseline_untrained_", "baseline_pretrained_"): v for k, v in record.items()}
+            with torch.random.fork_rng(devices=[]):  # the same network untrained, without moving the run's random draws
+                torch.manual_seed(args.seed)
+                scratch = build_model(argparse.Namespace(**{**vars(args), "pretrained": False})).to(device)
+                scratch = evaluate(scratch, data, device, embedding=ranked, shift=args.eval_shift)
+            record.update({f"baseline_untrained_{k}": v for k, v in scratch.items() if k in untrained and k not in COLLAPSE})
         history.append(record)
         logger.log(history[-1])
         name = quality_name(untrained)

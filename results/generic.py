@@ -140,7 +140,7 @@ def seeds_table(out, stage):
             _, _, test, _, _, wall = summary(run)
             pre = Path(out, "pretrained", f"{name}-224-s{seed}", "eval.json")
             pre = json.loads(pre.read_text())["metrics"]["metric_learning"]["r_precision"] if pre.is_file() else None
-            start = first.get("baseline_untrained_r_precision", first.get("baseline_pretrained_r_precision"))
+            start = first.get("baseline_pretrained_r_precision", first.get("baseline_untrained_r_precision"))
             base = [start, first["baseline_pixels_r_precision"], *([pre] if pre else [])]
             rows.append((test, base[0], base[1], pre, test - max(base), float(wall)))
         if rows:

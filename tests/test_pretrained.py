@@ -12,7 +12,7 @@ import byol
 import bn_only
 import eval as ev
 import simsiam
-from tiny_data import make_tll, run_main, tiny_flags
+from tiny_data import make_tll, run_main, state_dicts_equal, tiny_flags
 
 LITE0 = "tf_efficientnet_lite0"
 
@@ -74,11 +74,13 @@ def test_an_unknown_arch_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("module", [byol, simsiam, bn_only], ids=lambda m: m.METHOD)
-def test_a_tiny_run_from_lite0_reports_the_pretrained_baseline(module, tmp_path):
+def test_a_tiny_run_from_lite0_reports_the_pretrained_baseline(module, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     data = make_tll(tmp_path / "tll", n=16, size=40)
     out = tmp_path / "run"
     flags = [*tiny_flags(module.METHOD, data, out, batch_size=4), "--arch", LITE0, "--pretrained", "--image-size", "32"]
+    built, build_model = [], module.build_model
+    monkeypatch.setattr(module, "build_model", lambda args: built.append((args.pretrained, build_model(args))) or built[-1][1])
     rc, stdout, err = run_main(module, flags)
     assert rc == 0, err
     lines = (out / "log.jsonl").read_text().splitlines()
@@ -87,6 +89,15 @@ def test_a_tiny_run_from_lite0_reports_the_pretrained_baseline(module, tmp_path)
     assert first[f"baseline_pretrained_{name}"] == first[name] and math.isfinite(last[name])
     assert stdout.startswith("pretrained: ") or "\npretrained: " in stdout
     assert f"{name}: {last[name]:.3f} trained vs {first[name]:.3f} frozen pretrained features" in stdout
+    # Beside them, the same network untrained (the draw of the run's seed) and the raw pixels.
+    untrained = first[f"baseline_untrained_{name}"]
+    assert 0 <= untrained <= 1 and f"{untrained:.3f} untrained" in stdout and " raw pixels" in stdout
+    args = module.fill_defaults(module.parse_args([*flags, "--no-pretrained"]))
+    torch.manual_seed(args.seed)
+    scratch = build_model(args)
+    assert [p for p, _ in built] == [True, False]  # the run's network, then the untrained one of its seed
+    assert not state_dicts_equal(built[1][1].encoder.state_dict(), scratch.encoder.state_dict())
+    assert module.evaluate(scratch, module.load_data(args), torch.device("cpu"))[name] == pytest.approx(untrained)
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["args"]["arch"] == LITE0 and ckpt["args"]["pretrained"]
 
