@@ -9,6 +9,7 @@ chosen on val_recall@1 of seed 0; the test pairs choose nothing.
     python results/tll.py frozen-head [--seeds 0 1 2]       # Lite0 frozen at 224 px, PCA-256, BYOL head (--pool-stages 1)
     python results/tll.py pretrained [--seeds 0 1 2]        # eval.py --baseline pretrained, Lite0 at 96 and 224 px
     python results/tll.py table                             # every run: validation and test, against the frozen features
+    OMP_NUM_THREADS=2 python results/tll.py phases          # alone: where the default's time goes (BENCHMARKS.md)
 
 Variables: TLL=../shared/data/tll-dev  OUT=results/runs/tll-cpu  THREADS=1  JOBS=2
 """
@@ -130,6 +131,70 @@ def table():
         print(f"{name}: best.pt over frozen Lite0 at 224 px, {statistics.mean(values):.2f}x{spread} over {len(values)} seeds")
 
 
+def phases(steps=12, warmup=3):
+    """Where the TLL default's time goes, in this process (run it alone, OMP_NUM_THREADS=2): start-up (decoding the
+    images, building the pretrained model), each phase of a training step as train() runs it, one evaluation of the
+    validation and test pairs, and one checkpoint."""
+    import tempfile
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import byol
+
+    clock, device = time.perf_counter, torch.device("cpu")
+    start = clock()
+    args = byol.fill_defaults(byol.parse_args(["--data", "tll", "--data-dir", str(TLL), "--workers", "2"]))
+    data = byol.load_data(args)
+    decoded = clock()
+    byol.fit_to_data(args, len(data.anchors), 1, is_main=False)
+    model = byol.build_model(args).to(device, memory_format=torch.channels_last)
+    for encoder in (model.encoder, model.target_encoder):
+        byol.freeze_bn_stats(encoder)
+    optimizer = byol.build_method_optimizer(args, model)
+    built = clock()
+    order = byol.epoch_order(len(data.anchors), args.seed, 0)
+    times = {k: [] for k in ("batch + augmentation", "forward (online + target)", "backward", "optimiser", "EMA")}
+    for step in range(warmup + steps):
+        t = [clock()]
+        x1, x2 = byol.make_pair_batch(data, order, step, args.batch_size, 0, 1, args.seed, step, device)
+        v1, v2 = byol.augment_pair(x1, x2, byol.step_generator(args.seed, step, device, stream=1), args)
+        v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
+        t.append(clock())
+        loss = model(v1, v2)
+        t.append(clock())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.append(clock())
+        optimizer.step()
+        t.append(clock())
+        byol.after_step(model, args, step + 1, warmup + steps)
+        t.append(clock())
+        if step >= warmup:
+            for key, a, b in zip(times, t, t[1:]):
+                times[key].append(b - a)
+    step_s = sum(statistics.median(v) for v in times.values())
+    t = clock()
+    byol.evaluate(model, data, device, embedding="encoder", shift=args.eval_shift)
+    evaluated = clock() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        t = clock()
+        byol.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(tmp) / "last.pt")
+        saved = clock() - t
+    steps_per_epoch = len(data.anchors) // args.batch_size
+    print(f"TLL default (byol.py --data tll --data-dir {TLL}): {args.arch} at {args.image_size} px, batch {args.batch_size}, "
+          f"{len(data.anchors)} training pairs ({steps_per_epoch} steps an epoch), {args.epochs} epochs, "
+          f"{torch.get_num_threads()} threads")
+    print(f"decode {len(data.images)} images: {decoded - start:.1f} s; build the pretrained model: {built - decoded:.1f} s")
+    print("| phase of a step | median ms | share |")
+    print("| --- | ---: | ---: |")
+    for key, values in times.items():
+        print(f"| {key} | {1000 * statistics.median(values):.0f} | {statistics.median(values) / step_s:.0%} |")
+    print(f"| step | {1000 * step_s:.0f} | {2 * args.batch_size / step_s:.1f} images/s |")
+    print(f"one evaluation (validation and test pairs): {evaluated:.1f} s; one checkpoint: {saved:.1f} s")
+
+
 def main(argv):
     stage = argv[0] if argv else "table"
     seeds = [int(s) for s in arg_list(argv, "--seeds", ["0", "1", "2"])]
@@ -144,8 +209,10 @@ def main(argv):
         run_all([(pretrained, seed, size) for seed in seeds for size in (96, 224)])
     elif stage == "table":
         table()
+    elif stage == "phases":
+        phases()
     else:
-        sys.exit(f"tll.py: error: unknown stage {stage!r}; one of validate, test, frozen-head, pretrained, table")
+        sys.exit(f"tll.py: error: unknown stage {stage!r}; one of validate, test, frozen-head, pretrained, table, phases")
 
 
 if __name__ == "__main__":
