@@ -8,7 +8,9 @@ chosen on val_recall@1 of seed 0; the test pairs choose nothing.
     python results/tll.py test [--seeds 0 1 2] [--scripts byol simsiam bn_only contrastive]   # the shipped default
     python results/tll.py frozen-head [--seeds 0 1 2]       # Lite0 frozen at 224 px, PCA-256, BYOL head (--pool-stages 1)
     python results/tll.py pretrained [--seeds 0 1 2]        # eval.py --baseline pretrained, Lite0 at 96 and 224 px
+    python results/tll.py eval                              # eval.py on each test run's best.pt
     python results/tll.py table                             # every run: validation and test, against the frozen features
+    python results/tll.py seeds                             # the test runs over seeds: hit@k, asymmetric recall, ratio
     OMP_NUM_THREADS=2 python results/tll.py phases          # alone: where the default's time goes (BENCHMARKS.md)
 
 Variables: TLL=../shared/data/tll-dev  OUT=results/runs/tll-cpu  THREADS=1  JOBS=2
@@ -131,6 +133,50 @@ def table():
         print(f"{name}: best.pt over frozen Lite0 at 224 px, {statistics.mean(values):.2f}x{spread} over {len(values)} seeds")
 
 
+def evaluate(run):
+    """eval.py on the run's best.pt (chosen on validation): Finetuner's hit@k and upstream's asymmetric recall too."""
+    out = run / "eval-best"
+    if (out / "eval.json").is_file() or not (run / "best.pt").is_file():
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("THREADS", "1")}
+    subprocess.run([sys.executable, str(ROOT / "eval.py"), str(run / "best.pt"), "--out", str(out), "--no-pictures"],
+                   stdout=subprocess.DEVNULL, env=env, cwd=ROOT, check=True)
+
+
+def retrieval(path):
+    m = json.loads(path.read_text())["metrics"]["retrieval"]
+    lr, asym = m["left_to_right"], m["asymmetric"]
+    return {"R@1 l→r": lr["recall@1"], "R@5 l→r": lr["recall@5"], "R@10 l→r": lr["recall@10"],
+            "R@1 r→l": m["right_to_left"]["recall@1"], "asym R@1": asym["recall@1"], "asym R@3": asym["recall@3"],
+            "asym R@5": asym["recall@5"]}
+
+
+def seeds_table():
+    """The test runs over seeds (best.pt, through eval.py) beside the frozen Lite0 features on the same pairs."""
+    def ms(values):
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+    rows = {}
+    for size in (224, 96):
+        for path in sorted((OUT / "pretrained").glob(f"s*-{size}/eval.json")):
+            rows.setdefault(f"frozen Lite0, {size} px", []).append(retrieval(path))
+    ratios = {}
+    for path in sorted((OUT / "test").glob("*-s*/eval-best/eval.json")):
+        name, seed = path.parent.parent.name.rsplit("-s", 1)
+        rows.setdefault(name, []).append(retrieval(path))
+        frozen = OUT / "pretrained" / f"s{seed}-224" / "eval.json"
+        if frozen.is_file():
+            ratios.setdefault(name, []).append(rows[name][-1]["R@1 l→r"] / retrieval(frozen)["R@1 l→r"])
+    keys = list(next(iter(rows.values()))[0])
+    print(f"| row | seeds | {' | '.join(keys)} | R@1 l→r over frozen 224 px |")
+    print("| --- | ---: |" + " ---: |" * (len(keys) + 1))
+    for name, runs in rows.items():
+        ratio = ratios.get(name)
+        ratio = (f"{statistics.mean(ratio):.2f}x" + (f" ± {statistics.stdev(ratio):.2f}" if len(ratio) > 1 else "")
+                 + f" ({', '.join(f'{r:.2f}' for r in ratio)})") if ratio else "–"
+        print(f"| {name} | {len(runs)} | " + " | ".join(ms([r[k] for r in runs]) for k in keys) + f" | {ratio} |")
+
+
 def phases(steps=12, warmup=3):
     """Where the TLL default's time goes, in this process (run it alone, OMP_NUM_THREADS=2): start-up (decoding the
     images, building the pretrained model), each phase of a training step as train() runs it, one evaluation of the
@@ -207,12 +253,16 @@ def main(argv):
         run_all([(train, OUT / "test" / f"head-pool1-s{seed}", "byol.py", CONFIGS["head-pool1"], seed) for seed in seeds])
     elif stage == "pretrained":
         run_all([(pretrained, seed, size) for seed in seeds for size in (96, 224)])
+    elif stage == "eval":
+        run_all([(evaluate, run) for run in sorted(p for p in (OUT / "test").glob("*-s*") if p.is_dir())])
     elif stage == "table":
         table()
+    elif stage == "seeds":
+        seeds_table()
     elif stage == "phases":
         phases()
     else:
-        sys.exit(f"tll.py: error: unknown stage {stage!r}; one of validate, test, frozen-head, pretrained, table, phases")
+        sys.exit(f"tll.py: error: unknown stage {stage!r}; one of validate, test, frozen-head, pretrained, eval, table, seeds, phases")
 
 
 if __name__ == "__main__":
