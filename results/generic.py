@@ -12,6 +12,7 @@ carves its validation classes from the other half. Choices are made on val_r_pre
     python results/generic.py seeds [OUT]                 # the test runs over seeds, beside every baseline
 
 Variables: DEV=../shared/data/dev  OUT=results/runs/generic-dev  THREADS=1  JOBS=2  SCRIPT=byol.py  SETS="..."
+EXTRA="--loss triplet" appends flags to every run (e.g. SCRIPT=contrastive.py's triplet loss).
 """
 
 import json
@@ -78,7 +79,7 @@ def train(run, name, flags, seed):
     if finished(run):
         return
     cmd = [sys.executable, str(ROOT / SCRIPT), "--data", "folder", "--data-dir", str(data_dir(name)), "--holdout", "0.5",
-           "--seed", str(seed), "--out", str(run), "--overwrite", "--no-progress", *flags]
+           "--seed", str(seed), "--out", str(run), "--overwrite", "--no-progress", *flags, *os.environ.get("EXTRA", "").split()]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("THREADS", "1"), "MKL_NUM_THREADS": os.environ.get("THREADS", "1")}
     run.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
