@@ -13,7 +13,8 @@ chosen on val_recall@1 of seed 0; the test pairs choose nothing.
     python results/tll.py seeds                             # the test runs over seeds: hit@k, asymmetric recall, ratio
     OMP_NUM_THREADS=2 python results/tll.py phases          # alone: where the default's time goes (BENCHMARKS.md)
 
-Variables: TLL=../shared/data/tll-dev  OUT=results/runs/tll-cpu  THREADS=1  JOBS=2
+Variables: TLL=../shared/data/tll-dev  OUT=results/runs/tll-cpu  THREADS=1  JOBS=2; for test, EXTRA="--loss triplet"
+appends flags to every run and TAG=-triplet names them (contrastive-triplet-s0, ...).
 """
 
 import json
@@ -248,7 +249,8 @@ def main(argv):
         run_all([(train, OUT / "validate" / f"{name}-s0", "byol.py", CONFIGS[name], 0) for name in argv[1:]])
     elif stage == "test":
         scripts = arg_list(argv, "--scripts", ["byol", "simsiam", "bn_only"])
-        run_all([(train, OUT / "test" / f"{s}-s{seed}", f"{s}.py", [], seed) for s in scripts for seed in seeds])
+        extra, tag = os.environ.get("EXTRA", "").split(), os.environ.get("TAG", "")
+        run_all([(train, OUT / "test" / f"{s}{tag}-s{seed}", f"{s}.py", extra, seed) for s in scripts for seed in seeds])
     elif stage == "frozen-head":
         run_all([(train, OUT / "test" / f"head-pool1-s{seed}", "byol.py", CONFIGS["head-pool1"], seed) for seed in seeds])
     elif stage == "pretrained":
