@@ -114,7 +114,7 @@ def table():
           "best.pt / frozen at 224 px | epoch |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     ratios = {}
-    for run in sorted(p for p in OUT.glob("*/*") if (p / "log.jsonl").is_file()):
+    for run in sorted(p for p in OUT.glob("*/*") if (p / "log.jsonl").is_file() and finished(p)):
         history = log_of(run)
         if len(history) < 2:
             continue
