@@ -11,7 +11,7 @@ chosen on val_recall@1 of seed 0; the test pairs choose nothing.
     python results/tll.py eval                              # eval.py on each test run's best.pt
     python results/tll.py table                             # every run: validation and test, against the frozen features
     python results/tll.py seeds                             # the test runs over seeds: hit@k, asymmetric recall, ratio
-    OMP_NUM_THREADS=2 python results/tll.py phases          # alone: where the default's time goes (BENCHMARKS.md)
+    OMP_NUM_THREADS=2 python results/tll.py phases [FLAG ...]   # alone: where the default's time goes (BENCHMARKS.md)
 
 Variables: TLL=../shared/data/tll-dev  OUT=results/runs/tll-cpu  THREADS=1  JOBS=2; for test, EXTRA="--loss triplet"
 appends flags to every run and TAG=-triplet names them (contrastive-triplet-s0, ...).
@@ -178,7 +178,7 @@ def seeds_table():
         print(f"| {name} | {len(runs)} | " + " | ".join(ms([r[k] for r in runs]) for k in keys) + f" | {ratio} |")
 
 
-def phases(steps=12, warmup=3):
+def phases(extra=(), steps=12, warmup=3):
     """Where the TLL default's time goes, in this process (run it alone, OMP_NUM_THREADS=2): start-up (decoding the
     images, building the pretrained model), each phase of a training step as train() runs it, one evaluation of the
     validation and test pairs, and one checkpoint."""
@@ -192,13 +192,15 @@ def phases(steps=12, warmup=3):
 
     clock, device = time.perf_counter, torch.device("cpu")
     start = clock()
-    args = byol.fill_defaults(byol.parse_args(["--data", "tll", "--data-dir", str(TLL), "--workers", "2"]))
+    args = byol.fill_defaults(byol.parse_args(["--data", "tll", "--data-dir", str(TLL), "--workers", "2", *extra]))
     data = byol.load_data(args)
     decoded = clock()
     byol.fit_to_data(args, len(data.anchors), 1, is_main=False)
     model = byol.build_model(args).to(device, memory_format=torch.channels_last)
     for encoder in (model.encoder, model.target_encoder):
         byol.freeze_bn_stats(encoder)
+        if args.freeze_stages:
+            byol.freeze_stages(encoder, args.freeze_stages)
     optimizer = byol.build_method_optimizer(args, model)
     built = clock()
     order = byol.epoch_order(len(data.anchors), args.seed, 0)
@@ -230,7 +232,7 @@ def phases(steps=12, warmup=3):
         byol.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(tmp) / "last.pt")
         saved = clock() - t
     steps_per_epoch = len(data.anchors) // args.batch_size
-    print(f"TLL default (byol.py --data tll --data-dir {TLL}): {args.arch} at {args.image_size} px, batch {args.batch_size}, "
+    print(f"TLL default (byol.py --data tll --data-dir {TLL} {' '.join(extra)}): {args.arch} at {args.image_size} px, batch {args.batch_size}, "
           f"{len(data.anchors)} training pairs ({steps_per_epoch} steps an epoch), {args.epochs} epochs, "
           f"{torch.get_num_threads()} threads")
     print(f"decode {len(data.images)} images: {decoded - start:.1f} s; build the pretrained model: {built - decoded:.1f} s")
@@ -262,7 +264,7 @@ def main(argv):
     elif stage == "seeds":
         seeds_table()
     elif stage == "phases":
-        phases()
+        phases(argv[1:])
     else:
         sys.exit(f"tll.py: error: unknown stage {stage!r}; one of validate, test, frozen-head, pretrained, eval, table, seeds, phases")
 
