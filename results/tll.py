@@ -4,7 +4,7 @@ Every run is `python SCRIPT --data tll --data-dir TLL --seed S` plus a configura
 fifth of the pairs as the test, and the recipe carves its validation pairs (a fifth) from the rest. Configurations are
 chosen on val_recall@1 of seed 0; the test pairs choose nothing.
 
-    python results/tll.py validate CONFIG [CONFIG ...]      # seed 0, CONFIGS[name]'s flags
+    python results/tll.py validate CONFIG [CONFIG ...] [--seeds 0 1 2]   # seed 0 unless told, CONFIGS[name]'s flags
     python results/tll.py test [--seeds 0 1 2] [--scripts byol simsiam bn_only contrastive]   # the shipped default
     python results/tll.py frozen-head [--seeds 0 1 2]       # Lite0 frozen at 224 px, PCA-256, BYOL head (--pool-stages 1)
     python results/tll.py pretrained [--seeds 0 1 2]        # eval.py --baseline pretrained, Lite0 at 96 and 224 px
@@ -248,7 +248,10 @@ def main(argv):
     stage = argv[0] if argv else "table"
     seeds = [int(s) for s in arg_list(argv, "--seeds", ["0", "1", "2"])]
     if stage == "validate":
-        run_all([(train, OUT / "validate" / f"{name}-s0", "byol.py", CONFIGS[name], 0) for name in argv[1:]])
+        names = argv[1:argv.index("--seeds")] if "--seeds" in argv else argv[1:]
+        val_seeds = seeds if "--seeds" in argv else [0]
+        run_all([(train, OUT / "validate" / f"{name}-s{seed}", "byol.py", CONFIGS[name], seed) for name in names
+                 for seed in val_seeds])
     elif stage == "test":
         scripts = arg_list(argv, "--scripts", ["byol", "simsiam", "bn_only"])
         extra, tag = os.environ.get("EXTRA", "").split(), os.environ.get("TAG", "")
