@@ -137,7 +137,7 @@ def table():
 def evaluate(run):
     """eval.py on the run's best.pt (chosen on validation): Finetuner's hit@k and upstream's asymmetric recall too."""
     out = run / "eval-best"
-    if (out / "eval.json").is_file() or not (run / "best.pt").is_file():
+    if (out / "eval.json").is_file() or not finished(run):  # a running run's best.pt is not its last word
         return
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("THREADS", "1")}
     subprocess.run([sys.executable, str(ROOT / "eval.py"), str(run / "best.pt"), "--out", str(out), "--no-pictures"],
