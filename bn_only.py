@@ -17,7 +17,7 @@ Run:
     python bn_only.py --bn-placement all             # also a non-affine BN on the output
     python bn_only.py --bn-stats joint               # BN over both views at once (default: per view)
     python bn_only.py --predictor --stop-grad        # SimSiam-like sanity row
-    python bn_only.py --data tll --epochs 100  # TLL in data/tll (or --data-dir DIR)
+    python bn_only.py --data tll --epochs 100  # TLL in data/tll (or --data-dir DIR): Lite0 fine-tuned from ImageNet weights
     python bn_only.py --data pairs --pairs-csv my_pairs.csv
     python bn_only.py --resume runs/bn_only-omniglot-s0/last.pt
     torchrun --nproc_per_node 8 bn_only.py --data tll --data-dir ~/data/tll

@@ -7,7 +7,7 @@ No negatives are used anywhere.
 
 Run:
     python byol.py                                   # embedded Omniglot, CPU-sized
-    python byol.py --data tll --epochs 100  # TLL in data/tll (or --data-dir DIR)
+    python byol.py --data tll --epochs 100  # TLL in data/tll (or --data-dir DIR): Lite0 fine-tuned from ImageNet weights
     python byol.py --data tll --download
     python byol.py --data pairs --pairs-csv my_pairs.csv
     python byol.py --data folder --data-dir ~/data/classes

@@ -6,7 +6,7 @@ stop-gradient plus a predictor avoid collapse without negatives, target network 
 
 Run:
     python simsiam.py                                # embedded Omniglot, CPU-sized
-    python simsiam.py --data tll --epochs 100  # TLL in data/tll (or --data-dir DIR)
+    python simsiam.py --data tll --epochs 100  # TLL in data/tll (or --data-dir DIR): Lite0 fine-tuned from ImageNet weights
     python simsiam.py --data tll --download
     python simsiam.py --data pairs --pairs-csv my_pairs.csv
     python simsiam.py --data folder --data-dir ~/data/classes
