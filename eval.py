@@ -1134,8 +1134,8 @@ def run_export(opts):
     frozen = args.freeze_encoder  # what it learned is its projector, on the --init or --pretrained encoder
     out = opts.out or opts.checkpoint.parent / ("embedding.pt" if frozen else "encoder.pt")
     if out.suffix.lower() in (".json", ".pt2"):
-        raise UserError(f"--out {out}: the sidecar and the embedding function are written to OUT.json and OUT.pt2; name "
-                        f"the weights e.g. {out.with_suffix('.pt')}")
+        raise UserError(f"--out {out}: the sidecar and the embedding function are written to OUT.json and OUT.pt2, which "
+                        f"would be the same file; name the weights e.g. {out.with_suffix('.pt')}")
     program = out.with_suffix(".pt2")
     for path in ([] if frozen else [out]) + [out.with_suffix(".json"), program]:
         check_out(path, [opts.checkpoint], opts.overwrite)
