@@ -1366,6 +1366,8 @@ def check_frozen_encoder_args(args):
     if args.freeze_stages and args.freeze_encoder:
         raise UserError(f"--freeze-stages {args.freeze_stages} freezes part of an encoder that --freeze-encoder freezes "
                         "whole; drop one")
+    if args.freeze_stages:  # before any data loads: on a throwaway encoder without weights
+        freeze_stages(build_encoder(args.arch, args.stem, width=args.width)[0], args.freeze_stages)
     feature_dim = conv4_widths(args.width)[-1] if args.arch == "conv4" else TORCHVISION_FEATURES.get(args.arch)
     if feature_dim is None or args.pool_stages != 1:  # a timm model: ask it
         feature_dim = build_encoder(args.arch, pool_stages=args.pool_stages)[1]

@@ -201,6 +201,9 @@ def test_freeze_stages_stops_the_gradient_at_the_stage_boundary():
     args = byol.parse_args(["--data", "tll", "--freeze-encoder", "--freeze-stages", "2"])
     with pytest.raises(byol.UserError, match="drop one"):
         byol.fill_defaults(args)
+    args = byol.parse_args(["--data", "tll", "--data-dir", "missing", "--freeze-stages", "8"])  # checked before any data
+    with pytest.raises(byol.UserError, match="--freeze-stages 8: the encoder has 8 stages"):
+        byol.fill_defaults(args)
 
 
 def test_pool_stages_concatenates_unit_length_stage_features():
