@@ -136,8 +136,11 @@ def parse_args(argv=None, use_recipe=True):
     first.add_argument("--data", default="omniglot", choices=DATASETS)
     first.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None)
     first.add_argument("--freeze-encoder", action="store_true")
+    first.add_argument("--init", default=None)
     known = first.parse_known_args(argv)[0]
-    data, recipe = known.data, recipe_of(known.data, known.pretrained, known.freeze_encoder)
+    # --init gives the encoder's weights: a row's own --pretrained default (tll) then does not apply.
+    pretrained = False if known.pretrained is None and known.init is not None else known.pretrained
+    data, recipe = known.data, recipe_of(known.data, pretrained, known.freeze_encoder)
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )

@@ -79,6 +79,9 @@ def test_pretrained_adds_the_fine_tuning_row(name):
     assert (frozen.freeze_bn_stats, frozen.backbone_lr_factor) == (False, 1.0)
     # Without the flag, a row's own default decides: TLL photos start pretrained, class folders from scratch.
     assert mod.parse_args(["--data", "tll"]).pretrained and not mod.parse_args(["--data", "folder"]).pretrained
+    # --init gives the weights: the row's pretrained default gives way (an explicit --pretrained would not).
+    assert not mod.parse_args(["--data", "tll", "--init", "w.pt"]).pretrained
+    assert mod.parse_args(["--data", "tll", "--init", "w.pt", "--pretrained"]).pretrained
     scratch = mod.parse_args(["--data", "tll", "--no-pretrained"])
     assert (scratch.pretrained, scratch.arch, scratch.image_size) == (False, "conv4", mod.RECIPES["tll"]["image_size"])
     fitted = mod.parse_args(["--data", "folder", "--pretrained"])
