@@ -11,6 +11,7 @@ chosen on val_recall@1 of seed 0; the test pairs choose nothing.
     python results/tll.py eval                              # eval.py on each test run's best.pt
     python results/tll.py table                             # every run: validation and test, against the frozen features
     python results/tll.py seeds                             # the test runs over seeds: hit@k, asymmetric recall, ratio
+    python results/tll.py whiten RUN [RUN ...]              # validation R@1 of best.pt's features, plain and whitened
     OMP_NUM_THREADS=2 python results/tll.py phases [FLAG ...]   # alone: where the default's time goes (BENCHMARKS.md)
 
 Variables: TLL=../shared/data/tll-dev  OUT=results/runs/tll-cpu  THREADS=1  JOBS=2; for test, EXTRA="--loss triplet"
@@ -178,6 +179,31 @@ def seeds_table():
         print(f"| {name} | {len(runs)} | " + " | ".join(ms([r[k] for r in runs]) for k in keys) + f" | {ratio} |")
 
 
+def whiten(runs, dims=(64, 128, 256)):
+    """Validation R@1 of each run's best.pt features, plain and PCA-whitened to `dims`, the whitening fitted on the
+    features of the run's training images (no pairs): is whitening after fine-tuning worth keeping?"""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import byol
+    import eval as ev
+
+    for run in runs:
+        _, _, args, model = ev.load_model(Path(run) / "best.pt")
+        args.data_dir, args.workers = TLL, 2
+        data = byol.load_data(args)
+        features = lambda idx: byol.embed_images(model, data.images[idx], torch.device("cpu"))[0].double()
+        train = features(data.groups[data.groups >= 0].unique())
+        left, right = (features(data.validation.test_pairs[:, i]) for i in (0, 1))
+        variance, axes = torch.linalg.eigh(torch.cov(train.T))  # ascending
+        row = [f"plain {byol.recall_at_1(left.float(), right.float()):.3f}"]
+        for d in dims:
+            w = axes.flip(1)[:, :d] / variance.flip(0)[:d].clamp(min=1e-6 * variance[-1].item()).sqrt()
+            mean = train.mean(0)
+            row.append(f"whitened-{d} {byol.recall_at_1(((left - mean) @ w).float(), ((right - mean) @ w).float()):.3f}")
+        print(f"{run}: validation R@1 " + ", ".join(row))
+
+
 def phases(extra=(), steps=12, warmup=3):
     """Where the TLL default's time goes, in this process (run it alone, OMP_NUM_THREADS=2): start-up (decoding the
     images, building the pretrained model), each phase of a training step as train() runs it, one evaluation of the
@@ -268,8 +294,10 @@ def main(argv):
         seeds_table()
     elif stage == "phases":
         phases(argv[1:])
+    elif stage == "whiten":
+        whiten(argv[1:])
     else:
-        sys.exit(f"tll.py: error: unknown stage {stage!r}; one of validate, test, frozen-head, pretrained, eval, table, seeds, phases")
+        sys.exit(f"tll.py: error: unknown stage {stage!r}; one of validate, test, frozen-head, pretrained, eval, table, seeds, whiten, phases")
 
 
 if __name__ == "__main__":
