@@ -93,19 +93,14 @@ RECIPES = {
     "stl10": dict(image_size=96, arch="resnet18", epochs=100),
 }
 
-# Photo pairs (TLL; a pairs CSV with --pretrained), chosen on validation pairs carved from TLL-dev's training pairs
-# (RESULTS.md): Lite0 fine-tuned at 96 px as for folders, in batches of 32 (more steps: batches of 128 and 16 gained
-# nothing on validation), at most 12,000 pairs so that the full TLL also trains in minutes on 2 CPU cores.
-PHOTO_PAIRS = dict(arch="tf_efficientnet_lite0", image_size=96, backbone_lr_factor=0.1, freeze_bn_stats=True, batch_size=32,
-                   epochs=10, max_pairs=12_000, eval_every=2)
 # --pretrained on top of a recipe (where validated): fine-tune ImageNet weights that load offline, at 96 px, the
 # backbone at a tenth of the head's learning rate and with its batch-norm statistics kept (RESULTS.md).
-FINE_TUNE = {
-    "folder": dict(arch="tf_efficientnet_lite0", image_size=96, backbone_lr_factor=0.1, freeze_bn_stats=True, epochs=6,
-                   max_pairs=8000, eval_every=2),
-    "tll": PHOTO_PAIRS,
-    "pairs": PHOTO_PAIRS,
-}
+LITE0_96 = dict(arch="tf_efficientnet_lite0", image_size=96, backbone_lr_factor=0.1, freeze_bn_stats=True, eval_every=2)
+# Photo pairs (TLL; a pairs CSV with --pretrained), chosen on validation pairs carved from TLL-dev's training pairs
+# (RESULTS.md): batches of 32 (more steps: batches of 128 and 16 gained nothing on validation), at most 12,000 pairs
+# so that the full TLL also trains in minutes on 2 CPU cores.
+PHOTO_PAIRS = dict(LITE0_96, batch_size=32, epochs=10, max_pairs=12_000)
+FINE_TUNE = {"folder": dict(LITE0_96, epochs=6, max_pairs=8000), "tll": PHOTO_PAIRS, "pairs": PHOTO_PAIRS}
 
 
 # >>> shared: arguments (written by .ci/sync_shared.py from byol.py; edit it there)
@@ -1451,6 +1446,11 @@ def shifted(x, dx, dy):
     return F.pad(x, (p, p, p, p), mode="replicate")[..., p - dy: p - dy + h, p - dx: p - dx + w]
 
 
+def shift_offsets(shift):
+    """(dx, dy) of the image and, with shift > 0 (--eval-shift), of its copies shifted left, right, up and down."""
+    return [(0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift)] if shift else [(0, 0)]
+
+
 @torch.no_grad()
 def embed_images(model, images, device, batch_size=256, shift=0):
     """(encoder features, projector outputs) of uint8 images, or of their cached features (--freeze-encoder), in eval mode.
@@ -1461,7 +1461,7 @@ def embed_images(model, images, device, batch_size=256, shift=0):
     was_training = model.training
     model.eval()
     feats, projs = [], []
-    offsets = [(0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift)] if shift else [(0, 0)]
+    offsets = shift_offsets(shift)
     for i in range(0, len(images), batch_size):
         x = images[i: i + batch_size].to(device)
         if x.dtype == torch.uint8:  # channels_last: twice as fast for conv4 on a CPU (as in training)
@@ -2211,11 +2211,17 @@ def summary(history):
 
 
 def pretrained_note(args):
-    """For a user's data trained from scratch: the baseline the run did not measure (frozen ImageNet features, the
-    bar on photos: RESULTS.md), as the eval.py command that measures it on the same held-out split."""
-    if args.data not in ("folder", "pairs", "tll") or args.pretrained or args.freeze_encoder or args.init:
+    """The stronger baseline a run on a user's data did not measure, as the command that measures it on the same
+    held-out split: after training from scratch, frozen ImageNet features (the bar on photos); after fine-tuning photo
+    pairs, the frozen features at 224 px PCA-whitened on the training images (ahead of fine-tuning on TLL-dev: RESULTS.md)."""
+    if args.data not in ("folder", "pairs", "tll") or args.freeze_encoder or args.init or (args.pretrained and args.data == "folder"):
         return None
     where = (f" --data-dir {args.data_dir}" if args.data_dir else "") + (f" --pairs-csv {args.pairs_csv}" if args.pairs_csv else "")
+    if args.pretrained:
+        return (f"note: frozen ImageNet features whitened on the training images, often stronger on photo pairs, are not "
+                f"measured here: python {METHOD}.py --data {args.data}{where} --holdout {args.holdout} --seed {args.seed} "
+                f"--freeze-encoder --pca-dim 256 --pool-stages 3 --image-size 224 --epochs 1 --out {args.out}-whitened "
+                "(same held-out split; its epoch-0 line names them 'frozen features')")
     return (f"note: frozen ImageNet features, often the stronger baseline on photos, are not measured here: python eval.py "
             f"--baseline pretrained --arch tf_efficientnet_lite0 --image-size 224 --data {args.data}{where} --holdout "
             f"{args.holdout} --seed {args.seed} (same held-out split); {METHOD}.py --pretrained fine-tunes them")

@@ -1058,13 +1058,10 @@ class Embedding(nn.Module):
     def __init__(self, mod, model, layer, shift):
         super().__init__()
         self.encoder, self.head = model.encoder, model.projector if layer == "projector" else nn.Identity()
-        self.register_buffer("mean", torch.tensor(mod.IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(mod.IMAGENET_STD).view(1, 3, 1, 1))
-        self.offsets = [(0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift)] if shift else [(0, 0)]
-        self.shifted = mod.shifted
+        self.offsets, self.shifted, self.standardize = mod.shift_offsets(shift), mod.shifted, mod.standardize
 
     def forward(self, x):
-        x = (x - self.mean) / self.std
+        x = self.standardize(x)
         outs = [self.head(self.encoder(self.shifted(x, dx, dy))) for dx, dy in self.offsets]
         return outs[0] if len(outs) == 1 else torch.stack([F.normalize(o, dim=1) for o in outs]).mean(0)
 

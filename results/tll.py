@@ -65,7 +65,7 @@ def train(run, script, flags, seed):
     with open(run.with_suffix(".txt"), "w") as log:
         log.write(" ".join(cmd[1:]) + "\n")
         log.flush()
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)  # its .txt says why
 
 
 def pretrained(seed, size):
@@ -192,9 +192,11 @@ def whiten(runs, dims=(64, 128, 256)):
         _, _, args, model = ev.load_model(Path(run) / "best.pt")
         args.data_dir, args.workers = TLL, 2
         data = byol.load_data(args)
-        features = lambda idx: byol.embed_images(model, data.images[idx], torch.device("cpu"))[0].double()
+        def features(idx, model=model, images=data.images):
+            return byol.embed_images(model, images[idx], torch.device("cpu"))[0].double()
+
         train = features(data.groups[data.groups >= 0].unique())
-        left, right = (features(data.validation.test_pairs[:, i]) for i in (0, 1))
+        left, right = features(data.validation.test_pairs[:, 0]), features(data.validation.test_pairs[:, 1])
         variance, axes = torch.linalg.eigh(torch.cov(train.T))  # ascending
         row = [f"plain {byol.recall_at_1(left.float(), right.float()):.3f}"]
         for d in dims:

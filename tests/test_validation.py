@@ -251,4 +251,9 @@ def test_a_run_from_scratch_names_the_pretrained_baseline_it_did_not_measure(nam
     assert "--baseline pretrained" in note and "--data folder --data-dir photos --holdout 0.5 --seed 3" in note
     # Nothing to add where the run measured pretrained features itself, or where no user data is in question.
     assert mod.pretrained_note(mod.parse_args(["--data", "folder", "--data-dir", "photos", "--pretrained"])) is None
+    # Fine-tuned photo pairs: the whitened frozen features at 224 px, same split, into a run directory of their own.
+    tll = mod.fill_defaults(mod.parse_args(["--data", "tll", "--data-dir", "tll", "--holdout", "0.3", "--seed", "2"]))
+    note = mod.pretrained_note(tll)
+    assert "--data tll --data-dir tll --holdout 0.3 --seed 2 --freeze-encoder --pca-dim 256" in note
+    assert f"--out {tll.out}-whitened" in note
     assert mod.pretrained_note(mod.parse_args([])) is None
