@@ -2035,6 +2035,22 @@ def train(args):
     if is_main:
         (args.out / "split.json").write_text(json.dumps(data.split, indent=1))
     logger = Logger(args.out, is_main, after_epoch=start_epoch)
+
+    def save(names, epoch, step):
+        state = {"method": METHOD, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "epoch": epoch, "step": step, "rng": rng_state(), "split": data.split,
+                 "data_key": data_key, "history": history, "early_stopping": stopping}
+        for path in (args.out / name for name in names):
+            try:
+                save_atomic(state, path)
+            except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+                if (args.out / "last.pt").is_file():
+                    then = f"the checkpoint of epoch {epoch - 1} is kept: free space, then --resume {args.out / 'last.pt'}"
+                else:
+                    then = "no checkpoint was written yet: free space, then run the same command again"
+                raise UserError(f"could not write {path} ({write_error(e)}); {then}") from None
+
     if ckpt is None:  # epoch 0: the untrained network, and the baselines any training must beat, on the same data
         untrained = evaluate(model, data, device, embedding=ranked, shift=args.eval_shift)
         record = {"epoch": 0, **untrained, **baselines(model, data, device, ranked, args.eval_shift, untrained)}
@@ -2049,6 +2065,10 @@ def train(args):
         logger.log(history[-1])
         name = quality_name(untrained)
         stopping["metric"] = f"val_{name}" if f"val_{name}" in untrained else None
+        # The start competes for best.pt: a run whose validation never improves returns the network it began with
+        # (pretrained features, or an untrained one), not a worse one.
+        if stopping["metric"] is not None:
+            stopping.update(best=untrained[stopping["metric"]], best_epoch=0)
         if is_main:
             print(f"{'pretrained' if args.pretrained and not args.freeze_encoder else 'untrained'}: {format_metrics(untrained)}")
             if name is None:
@@ -2056,6 +2076,8 @@ def train(args):
             text = against_baselines(name, untrained[name], history[0])[0] if name else ""
             if text:
                 print(f"baselines of {name}: {text}")
+            if stopping["metric"] is not None:
+                save(["best.pt"], 0, 0)
 
     stop_epoch = args.epochs if args.stop_after_epochs is None else min(args.epochs, start_epoch + args.stop_after_epochs)
     if stopping["stopped"]:
@@ -2108,18 +2130,8 @@ def train(args):
             print(f"epoch {epoch + 1}/{args.epochs} {format_metrics(record)}")
             if "collapse_std" in record:
                 warn_collapse(record)
-            state = {"method": METHOD, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "epoch": epoch + 1, "step": global_step + 1, "rng": rng_state(), "split": data.split,
-                     "data_key": data_key, "history": history, "early_stopping": stopping}
             # best.pt first: were the run killed between the two, the older last.pt replays this epoch and writes both.
-            for path in ([args.out / "best.pt"] if improved else []) + [args.out / "last.pt"]:
-                try:
-                    save_atomic(state, path)
-                except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-                    kept = f"the checkpoint of epoch {epoch} is kept" if epoch > start_epoch or ckpt is not None else "no checkpoint was written yet"
-                    raise UserError(f"could not write {path} ({write_error(e)}); {kept}: free space, then "
-                                    f"--resume {args.out / 'last.pt'}") from None
+            save(["best.pt", "last.pt"] if improved else ["last.pt"], epoch + 1, global_step + 1)
             if stopping["stopped"]:
                 print(f"early stop: {stopping['metric']} has not improved for {stopping['stale']} evaluations (--patience "
                       f"{args.patience}); best.pt holds epoch {stopping['best_epoch']} ({stopping['best']:.4f})")
@@ -2191,12 +2203,14 @@ def summary(history):
     if last is first:
         return f"{name}: {first[name]:.3f} untrained; the run stopped before its first evaluation (--eval-every)"
     val = f"val_{name}"
-    scored = [r for r in history[1:] if val in r and name in r]
+    scored = [r for r in history if val in r and name in r]  # epoch 0 too: the start competes for best.pt
     chosen = max(scored, key=lambda r: r[val]) if scored else last  # the first of equals, as train() keeps it
     text, warning = against_baselines(name, chosen[name], first)
     when = "" if scored or last is history[-1] else f" (epoch {last['epoch']}, the last evaluation)"
     line = f"{name}: {chosen[name]:.3f} trained{when} vs {text or f'{first[name]:.3f} untrained'}"
-    if scored:
+    if chosen is first:
+        line += f" (best.pt: epoch 0, the start: no epoch beat its {val} {first[val]:.3f}; last epoch {last[name]:.3f})"
+    elif scored:
         line += f" (best.pt: epoch {chosen['epoch']}, chosen on {val} {chosen[val]:.3f}; last epoch {last[name]:.3f})"
     return line + (f"\n{warning}" if warning else "")
 

@@ -46,6 +46,12 @@ CONFIGS = {
     "ft96": ["--arch", "tf_efficientnet_lite0", "--pretrained", "--image-size", "96", "--backbone-lr-factor", "0.1",
              "--freeze-bn-stats", "--crop-min-scale", "0.5", "--epochs", "6", "--eval-every", "1"],
     "s48-c5": ["--image-size", "48", "--width", "32,64,128,256", "--epochs", "30", "--crop-min-scale", "0.5"],
+    # Frozen ImageNet features at 224 px (plain, PCA-whitened on the training images, with the last 3 stages pooled),
+    # each with a BYOL head trained on class pairs of them; epoch 0's baseline_frozen_* is the features themselves.
+    "frozen224": ["--pretrained", "--freeze-encoder", "--image-size", "224", "--epochs", "30"],
+    "frozen224-pca256": ["--pretrained", "--freeze-encoder", "--image-size", "224", "--epochs", "30", "--pca-dim", "256"],
+    "frozen224-pool3-pca256": ["--pretrained", "--freeze-encoder", "--image-size", "224", "--epochs", "30", "--pca-dim", "256",
+                               "--pool-stages", "3"],
 }
 
 

@@ -100,10 +100,10 @@ def load(path):
 def test_best_pt_is_the_best_validation_epoch(runs):
     assert runs["whole"][0] == 0, runs["whole"][2]
     last, best = load(runs["base"] / "whole" / "last.pt"), load(runs["base"] / "whole" / "best.pt")
-    scored = [r for r in last["history"][1:] if "val_r_precision" in r]
-    assert len(scored) == 6
+    scored = [r for r in last["history"] if "val_r_precision" in r]
+    assert len(scored) == 7  # the start and the 6 epochs
     top = max(scored, key=lambda r: r["val_r_precision"])  # the first of equals
-    assert best["epoch"] == top["epoch"] < last["epoch"] == 6
+    assert 0 < best["epoch"] == top["epoch"] < last["epoch"] == 6
     assert best["early_stopping"]["best"] == top["val_r_precision"] == best["history"][-1]["val_r_precision"]
     assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
     # The summary reports best.pt's test metric, chosen on validation, beside the last epoch's.
@@ -111,15 +111,39 @@ def test_best_pt_is_the_best_validation_epoch(runs):
     assert f"best.pt: epoch {top['epoch']}, chosen on val_r_precision" in runs["whole"][1]
 
 
+def test_the_start_competes_for_best_pt(folder, tmp_path, monkeypatch, one_thread):  # noqa: F811
+    # Validation that only falls after the start: best.pt must stay the network the run began with.
+    real, calls = byol.evaluate, []
+
+    def falling(*a, **k):
+        record = real(*a, **k)
+        calls.append(1)
+        return {**record, "val_r_precision": 1.0 - 0.1 * len(calls)} if "val_r_precision" in record else record
+
+    monkeypatch.setattr(byol, "evaluate", falling)
+    out = tmp_path / "run"
+    rc, printed, err = run_main(byol, folder_run(folder, out, "--epochs", "3", "--patience", "0"))
+    assert rc == 0, err
+    best, last = load(out / "best.pt"), load(out / "last.pt")
+    assert best["epoch"] == 0 and last["epoch"] == 3 and last["early_stopping"]["best_epoch"] == 0
+    torch.manual_seed(1)  # the run's seed: the weights it started from
+    start = byol.build_model(byol.parse_args([str(a) for a in folder_run(folder, out)])).state_dict()
+    assert all(torch.equal(best["model"][k], start[k]) for k in start)
+    first = last["history"][0]
+    assert f"r_precision: {first['r_precision']:.3f} trained vs " in printed
+    assert "best.pt: epoch 0, the start: no epoch beat its val_r_precision 0.900" in printed
+    assert ev.main([str(out / "best.pt"), "--no-pictures"]) == 0  # a checkpoint of epoch 0 evaluates like any other
+
+
 def test_patience_stops_when_validation_stops_improving(runs):
     rc, out, err = runs["stopped"]
     assert rc == 0, err
     last = load(runs["base"] / "stopped" / "last.pt")
     state = last["early_stopping"]
-    scored = [r["val_r_precision"] for r in last["history"][1:]]
+    scored = [r["val_r_precision"] for r in last["history"]]  # the start first: it competes too
     # Stopped at the first evaluation that did not beat the best before it, and not before.
     first_stale = next(i for i in range(1, len(scored)) if scored[i] <= max(scored[:i]))
-    assert state["stopped"] and last["epoch"] == first_stale + 1 < 6  # this seed's validation stalls by then
+    assert state["stopped"] and last["epoch"] == first_stale < 6  # this seed's validation stalls by then
     assert "early stop: val_r_precision has not improved for 1 evaluations" in out
     # A resumed run that had stopped early trains nothing more.
     rc, out, err = run_main(byol, ["--resume", runs["base"] / "stopped" / "last.pt", "--no-progress"])
