@@ -228,7 +228,8 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
     g.add_argument("--patience", type=int, default=0,
                    help="stop when the validation metric (--val-fraction; Omniglot: val_one_shot) has not improved for this "
-                        "many evaluations (0: train every epoch); best.pt keeps the best validation epoch either way")
+                        "many evaluations of training (0: train every epoch); best.pt keeps the best validation epoch either way, "
+                        "the start (epoch 0) included")
     g.add_argument("--eval-shift", type=int, default=0, metavar="N",
                    help="test-time augmentation: an image's embedding is the mean of the normalised embeddings of the image and "
                         "of its copies shifted N pixels left, right, up and down (edge pixels repeated); 0: the image alone")
@@ -2007,8 +2008,10 @@ def train(args):
     # A group marked fix_lr (SimSiam's --fix-pred-lr) keeps its learning rate.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [constant_lr if g.get("fix_lr") else schedule for g in optimizer.param_groups])
     history, start_epoch = [], 0
-    # Early stopping on the validation metric, saved with each checkpoint so that a resumed run keeps counting.
-    stopping = {"metric": None, "best": -math.inf, "best_epoch": 0, "stale": 0, "stopped": False}
+    # Early stopping on the validation metric, saved with each checkpoint so that a resumed run keeps counting. best.pt
+    # holds the best of every evaluation, the start's included; patience counts against the best trained one, so that a
+    # start that noisy validation scores high does not stop the training before it learns.
+    stopping = {"metric": None, "best": -math.inf, "best_epoch": 0, "trained_best": -math.inf, "stale": 0, "stopped": False}
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -2019,6 +2022,7 @@ def train(args):
         set_rng_state(ckpt["rng"])
         history, start_epoch = ckpt["history"], ckpt["epoch"]
         stopping = ckpt.get("early_stopping", stopping)
+        stopping.setdefault("trained_best", stopping["best"])  # checkpoints from before the start competed
     # --freeze-encoder: the encoder's features once per image; the head then trains on them, and evaluation ranks
     # the projector outputs (the encoder never learns: the head does).
     if args.freeze_encoder:
@@ -2065,7 +2069,7 @@ def train(args):
         logger.log(history[-1])
         name = quality_name(untrained)
         stopping["metric"] = f"val_{name}" if f"val_{name}" in untrained else None
-        # The start competes for best.pt: a run whose validation never improves returns the network it began with
+        # The start competes for best.pt: a run whose validation never beats it returns the network it began with
         # (pretrained features, or an untrained one), not a worse one.
         if stopping["metric"] is not None:
             stopping.update(best=untrained[stopping["metric"]], best_epoch=0)
@@ -2120,9 +2124,12 @@ def train(args):
         history.append(record)
         logger.log(record)
         # Every rank scores the same validation data, so every rank takes the same decision.
-        improved = stopping["metric"] in record and record[stopping["metric"]] > stopping["best"]
+        score = record.get(stopping["metric"], -math.inf)
+        improved = score > stopping["best"]
         if improved:
-            stopping.update(best=record[stopping["metric"]], best_epoch=epoch + 1, stale=0)
+            stopping.update(best=score, best_epoch=epoch + 1)
+        if score > stopping["trained_best"]:
+            stopping.update(trained_best=score, stale=0)
         elif stopping["metric"] in record:
             stopping["stale"] += 1
             stopping["stopped"] = 0 < args.patience <= stopping["stale"]

@@ -4,7 +4,7 @@ Every run is `python SCRIPT --data tll --data-dir TLL --seed S` plus a configura
 fifth of the pairs as the test, and the recipe carves its validation pairs (a fifth) from the rest. Configurations are
 chosen on val_recall@1 of seed 0; the test pairs choose nothing.
 
-    python results/tll.py validate CONFIG [CONFIG ...] [--seeds 0 1 2]   # seed 0 unless told, CONFIGS[name]'s flags
+    python results/tll.py validate CONFIG [CONFIG ...] [--seeds 0 1 2] [--scripts byol simsiam ...]   # seed 0 unless told
     python results/tll.py test [--seeds 0 1 2] [--scripts byol simsiam bn_only contrastive]   # the shipped default
     python results/tll.py frozen-head [--seeds 0 1 2]       # Lite0 frozen at 224 px, PCA-256, BYOL head (--pool-stages 1)
     python results/tll.py pretrained [--seeds 0 1 2]        # eval.py --baseline pretrained, Lite0 at 96 and 224 px
@@ -14,8 +14,8 @@ chosen on val_recall@1 of seed 0; the test pairs choose nothing.
     python results/tll.py whiten RUN [RUN ...]              # validation R@1 of best.pt's features, plain and whitened
     OMP_NUM_THREADS=2 python results/tll.py phases [FLAG ...]   # alone: where the default's time goes (BENCHMARKS.md)
 
-Variables: TLL=../shared/data/tll-dev  OUT=results/runs/tll-cpu  THREADS=1  JOBS=2; for test, EXTRA="--loss triplet"
-appends flags to every run and TAG=-triplet names them (contrastive-triplet-s0, ...).
+Variables: TLL=../shared/data/tll-dev  OUT=results/runs/tll-cpu  THREADS=1  JOBS=2; for test and validate,
+EXTRA="--loss triplet" appends flags to every run and TAG=-triplet names them (contrastive-triplet-s0, ...).
 """
 
 import json
@@ -47,6 +47,10 @@ CONFIGS = {
                    "--eval-every", "10", "--patience", "0"],
     "head-pool3": [*LITE0, "--freeze-encoder", "--image-size", "224", "--pca-dim", "256", "--pool-stages", "3",
                    "--epochs", "100", "--eval-every", "10", "--patience", "0"],
+    # Each method's own tuning budget (issue #29): the same two learning rates around the default's (5e-4: AdamW's
+    # 4e-3 per 256 pairs at batch 32), on the default otherwise. `validate lr-half lr-double --scripts ...`.
+    "lr-half": ["--lr", "2.5e-4"],
+    "lr-double": ["--lr", "1e-3"],
 }
 
 
@@ -98,8 +102,9 @@ def log_of(run):
 
 
 def chosen(history):
-    """The epoch-0 record and the record best.pt holds (the first best val_recall@1 after epoch 0), else the last."""
-    scored = [r for r in history[1:] if "val_recall@1" in r]
+    """The epoch-0 record and the record best.pt holds (the first best val_recall@1, the start's included: it competes
+    since the twelfth session, and a run logged before then is scored the same way), else the last."""
+    scored = [r for r in history if "val_recall@1" in r]
     return history[0], (max(scored, key=lambda r: r["val_recall@1"]) if scored else history[-1])
 
 
@@ -276,10 +281,13 @@ def main(argv):
     stage = argv[0] if argv else "table"
     seeds = [int(s) for s in arg_list(argv, "--seeds", ["0", "1", "2"])]
     if stage == "validate":
-        names = argv[1:argv.index("--seeds")] if "--seeds" in argv else argv[1:]
+        names = argv[1:next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))]
         val_seeds = seeds if "--seeds" in argv else [0]
-        run_all([(train, OUT / "validate" / f"{name}-s{seed}", "byol.py", CONFIGS[name], seed) for name in names
-                 for seed in val_seeds])
+        scripts = arg_list(argv, "--scripts", ["byol"])
+        extra, tag = os.environ.get("EXTRA", "").split(), os.environ.get("TAG", "")
+        prefix = lambda s: "" if s == "byol" and not tag else f"{s}{tag}-"  # BYOL's runs keep their old names
+        run_all([(train, OUT / "validate" / f"{prefix(s)}{name}-s{seed}", f"{s}.py", [*CONFIGS[name], *extra], seed)
+                 for s in scripts for name in names for seed in val_seeds])
     elif stage == "test":
         scripts = arg_list(argv, "--scripts", ["byol", "simsiam", "bn_only"])
         extra, tag = os.environ.get("EXTRA", "").split(), os.environ.get("TAG", "")

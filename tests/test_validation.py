@@ -126,6 +126,10 @@ def test_the_start_competes_for_best_pt(folder, tmp_path, monkeypatch, one_threa
     assert rc == 0, err
     best, last = load(out / "best.pt"), load(out / "last.pt")
     assert best["epoch"] == 0 and last["epoch"] == 3 and last["early_stopping"]["best_epoch"] == 0
+    # Patience counts against the best trained evaluation, not the start: epoch 1 resets it, 2 and 3 do not.
+    trained = [r["val_r_precision"] for r in last["history"][1:]]
+    assert trained == sorted(trained, reverse=True) and last["history"][0]["val_r_precision"] > trained[0]
+    assert last["early_stopping"]["trained_best"] == trained[0] and last["early_stopping"]["stale"] == 2
     torch.manual_seed(1)  # the run's seed: the weights it started from
     start = byol.build_model(byol.parse_args([str(a) for a in folder_run(folder, out)])).state_dict()
     assert all(torch.equal(best["model"][k], start[k]) for k in start)
@@ -140,10 +144,10 @@ def test_patience_stops_when_validation_stops_improving(runs):
     assert rc == 0, err
     last = load(runs["base"] / "stopped" / "last.pt")
     state = last["early_stopping"]
-    scored = [r["val_r_precision"] for r in last["history"]]  # the start first: it competes too
-    # Stopped at the first evaluation that did not beat the best before it, and not before.
+    scored = [r["val_r_precision"] for r in last["history"][1:]]  # patience counts evaluations of training only
+    # Stopped at the first evaluation that did not beat the best trained one before it, and not before.
     first_stale = next(i for i in range(1, len(scored)) if scored[i] <= max(scored[:i]))
-    assert state["stopped"] and last["epoch"] == first_stale < 6  # this seed's validation stalls by then
+    assert state["stopped"] and last["epoch"] == first_stale + 1 < 6  # this seed's validation stalls by then
     assert "early stop: val_r_precision has not improved for 1 evaluations" in out
     # A resumed run that had stopped early trains nothing more.
     rc, out, err = run_main(byol, ["--resume", runs["base"] / "stopped" / "last.pt", "--no-progress"])
