@@ -123,9 +123,15 @@ def parse_args(argv=None, use_recipe=True):
     first.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None)
     first.add_argument("--freeze-encoder", action="store_true")
     first.add_argument("--init", default=None)
+    first.add_argument("--data-dir", type=Path, default=None)
+    first.add_argument("--labels", default="auto")
     known = first.parse_known_args(argv)[0]
     # --init gives the encoder's weights: a row's own --pretrained default (tll) then does not apply.
     pretrained = False if known.pretrained is None and known.init is not None else known.pretrained
+    # Class folders in colour fine-tune ImageNet weights; drawings and other grayscale folders train conv4 from scratch
+    # (each ahead of the other on the validation classes of the development sets of its kind: RESULTS.md).
+    if pretrained is None and known.data == "folder" and not known.freeze_encoder and known.labels != "none":
+        pretrained = folder_in_colour(known.data_dir)
     data, recipe = known.data, recipe_of(known.data, pretrained, known.freeze_encoder)
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -238,6 +244,35 @@ def parse_args(argv=None, use_recipe=True):
     if use_recipe:  # the recipe's batch size and epochs are ceilings, fitted to the data once it is loaded (fit_to_data)
         p.set_defaults(**{k: v for k, v in recipe.items() if k not in ("batch_size", "epochs", "max_pairs")}, epochs=None)
     return p.parse_args(argv)
+
+
+def colour_spread(images):
+    """Mean absolute difference between neighbouring channels of uint8 RGB images [N, 3, H, W], in [0, 1]: 0 for
+    grayscale, a few thousandths for grayscale saved as JPEG, about 0.05 or more for colour photos."""
+    x = images.float() / 255
+    return ((x[:, 0] - x[:, 1]).abs().mean() + (x[:, 1] - x[:, 2]).abs().mean()).item() / 2
+
+
+COLOUR = 0.01  # colour_spread above this: a colour folder
+
+
+def folder_in_colour(root, sample=64):
+    """Whether the class folders under `root` hold colour images: `sample` image files spread over the sorted list,
+    decoded at 32 px. A folder that holds loose images (unlabelled) or none, or is missing, counts as not colour (its
+    own error comes when the data loads)."""
+    if root is None or not Path(root).is_dir():
+        return False
+    if any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in Path(root).iterdir()):
+        return False  # unlabelled: --labels auto reads it as --labels none
+    files = image_files(root)
+    picked = files[:: max(1, len(files) // sample)][:sample]
+    decoded = []
+    for path in picked:
+        try:
+            decoded.append(decode_image(path.read_bytes, path, 32))
+        except (UserError, OSError):
+            continue  # a bad file is reported by name when the data loads
+    return bool(decoded) and colour_spread(torch.stack(decoded)) > COLOUR
 
 
 def run_dir(args):
@@ -1969,6 +2004,13 @@ def train(args):
     data = load_data(args)
     if ckpt is not None:
         check_resumed_data(ckpt, data, args)
+    if is_main and ckpt is None and args.data == "folder" and data.labels is not None and args.init is None:
+        colour = colour_spread(data.images[:: max(1, len(data.images) // 256)]) > COLOUR
+        if colour and args.pretrained and not args.freeze_encoder:
+            print(f"colour images: fine-tuning ImageNet weights ({args.arch} at {args.image_size} px), the folder recipe "
+                  "for colour; --no-pretrained trains conv4 from scratch")
+        elif not colour and not args.pretrained:
+            print("grayscale images: conv4 from scratch, the folder recipe for drawings; --pretrained fine-tunes ImageNet weights")
     fit_to_data(args, len(data.anchors), world, is_main)
     if args.per_group and (args.batch_size % (args.per_group * world) or args.batch_size < 2 * args.per_group):
         raise UserError(f"--per-group {args.per_group}: --batch-size {args.batch_size} must be a multiple of it (times the "

@@ -170,6 +170,10 @@ def seeds_table():
     ratios = {}
     for path in sorted((OUT / "test").glob("*-s*/eval-best/eval.json")):
         name, seed = path.parent.parent.name.rsplit("-s", 1)
+        if chosen(log_of(path.parent.parent))[1]["epoch"] == 0 and not name.startswith("head"):
+            # best.pt is the start (a run logged before the start competed holds a later epoch): Lite0's ImageNet
+            # weights, whose features at 96 px eval.py --baseline pretrained scores on the same split.
+            path = OUT / "pretrained" / f"s{seed}-96" / "eval.json"
         rows.setdefault(name, []).append(retrieval(path))
         frozen = OUT / "pretrained" / f"s{seed}-224" / "eval.json"
         if frozen.is_file():

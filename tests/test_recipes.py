@@ -77,7 +77,8 @@ def test_pretrained_adds_the_fine_tuning_row(name):
     frozen = mod.parse_args(["--data", "folder", "--pretrained", "--freeze-encoder"])
     assert (frozen.arch, frozen.image_size) == (mod.FINE_TUNE["folder"]["arch"], mod.FINE_TUNE["folder"]["image_size"])
     assert (frozen.freeze_bn_stats, frozen.backbone_lr_factor) == (False, 1.0)
-    # Without the flag, a row's own default decides: TLL photos start pretrained, class folders from scratch.
+    # Without the flag, a row's own default decides: TLL photos start pretrained, class folders (without a colour
+    # --data-dir: test_the_folder_recipe_fine_tunes_colour_and_trains_conv4_on_grayscale) from scratch.
     assert mod.parse_args(["--data", "tll"]).pretrained and not mod.parse_args(["--data", "folder"]).pretrained
     # --init gives the weights: the row's pretrained default gives way (an explicit --pretrained would not).
     assert not mod.parse_args(["--data", "tll", "--init", "w.pt"]).pretrained
@@ -87,6 +88,53 @@ def test_pretrained_adds_the_fine_tuning_row(name):
     fitted = mod.parse_args(["--data", "folder", "--pretrained"])
     mod.fit_to_data(fitted, 10 ** 6, 1, is_main=False)
     assert fitted.epochs * 10 ** 6 <= mod.FINE_TUNE["folder"]["max_pairs"] or fitted.epochs == 1
+
+
+def grayscale_folder(root, noise=0):
+    """A copy of make_folder's tiny folder in grayscale; noise: each channel off by up to that many levels, as a
+    scanner or a camera leaves a gray page."""
+    colour = make_folder(root / "colour", classes=4, per_class=4, seed=2)
+    rng = np.random.default_rng(0)
+    for path in sorted(colour.rglob("*.png")):
+        out = root / "gray" / path.relative_to(colour)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        gray = np.asarray(Image.open(path).convert("L"), dtype=np.int16)[..., None].repeat(3, axis=2)
+        gray = gray + rng.integers(-noise, noise + 1, gray.shape)
+        Image.fromarray(gray.clip(0, 255).astype(np.uint8)).save(out)
+    return colour, root / "gray"
+
+
+@pytest.mark.colour_rule
+@pytest.mark.parametrize("noise", [0, 2])
+def test_the_folder_recipe_fine_tunes_colour_and_trains_conv4_on_grayscale(tmp_path, noise):
+    colour, gray = grayscale_folder(tmp_path, noise)
+    assert byol.folder_in_colour(colour) and not byol.folder_in_colour(gray)
+    for name, mod in MODULES.items():
+        photos = mod.parse_args(["--data", "folder", "--data-dir", str(colour)])
+        assert (photos.pretrained, photos.arch, photos.image_size) == (True, *(mod.FINE_TUNE["folder"][k] for k in ("arch", "image_size"))), name
+        drawings = mod.parse_args(["--data", "folder", "--data-dir", str(gray)])
+        assert (drawings.pretrained, drawings.arch) == (False, "conv4"), name
+    # A flag decides over the rule, and so do --init and --freeze-encoder (which take no recipe from it).
+    assert not byol.parse_args(["--data", "folder", "--data-dir", str(colour), "--no-pretrained"]).pretrained
+    assert byol.parse_args(["--data", "folder", "--data-dir", str(gray), "--pretrained"]).pretrained
+    assert not byol.parse_args(["--data", "folder", "--data-dir", str(colour), "--init", "w.pt"]).pretrained
+    assert not byol.parse_args(["--data", "folder", "--data-dir", str(colour), "--freeze-encoder"]).pretrained
+    # Unlabelled images (loose in --data-dir, or --labels none) were not validated with it: conv4, as before.
+    assert not byol.parse_args(["--data", "folder", "--data-dir", str(colour), "--labels", "none"]).pretrained
+    shutil.copy(next(colour.rglob("*.png")), colour / "loose.png")
+    assert not byol.folder_in_colour(colour)
+    assert not byol.folder_in_colour(tmp_path / "missing") and not byol.folder_in_colour(None)
+
+
+@pytest.mark.colour_rule
+def test_a_colour_folder_run_says_it_fine_tunes(tmp_path, capsys):
+    colour, gray = grayscale_folder(tmp_path)
+    tiny = ["--data", "folder", "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--val-fraction", "0",
+            "--holdout", "0.5", "--workers", "1", "--no-progress"]
+    assert byol.main([*tiny, "--data-dir", str(colour), "--out", str(tmp_path / "c")]) == 0
+    assert "colour images: fine-tuning ImageNet weights (tf_efficientnet_lite0 at 32 px)" in capsys.readouterr().out
+    assert byol.main([*tiny, "--data-dir", str(gray), "--out", str(tmp_path / "g"), "--width", "8"]) == 0
+    assert "grayscale images: conv4 from scratch" in capsys.readouterr().out
 
 
 def test_the_command_line_overrides_the_recipe():
