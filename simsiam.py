@@ -159,10 +159,15 @@ def parse_args(argv=None, use_recipe=True):
     g.add_argument("--val-fraction", type=float, default=0.0,
                    help="fraction of the training pairs (classes, unlabelled images) carved off as validation: scored every "
                         "evaluation, it picks best.pt and stops early (--patience); the held-out test split never chooses")
-    g.add_argument("--image-size", type=int, default=64, help="training resolution")
+    g.add_argument("--image-size", type=int, default=64, help="resolution: images are decoded at it, embedded at it and "
+                   "(without --crop-size) trained at it")
     g.add_argument("--workers", type=int, default=4, help="threads that decode images once at start-up")
     g = p.add_argument_group("augmentation")
     g.add_argument("--crop-min-scale", type=float, default=0.2, help="smallest area of the random resized crop")
+    g.add_argument("--crop-size", type=int, default=0,
+                   help="training views at this many pixels, cut from the images at --image-size (0: --image-size). Smaller "
+                        "trains faster, and a network trained on crops that enlarge objects embeds better at a larger size "
+                        "(FixRes, Touvron et al. 2019)")
     g.add_argument("--jitter-strength", type=float, default=1.0,
                    help="scales BYOL's colour jitter (0.4, 0.4, 0.2, 0.1); 0 for binary strokes")
     g.add_argument("--flip-prob", type=float, default=0.5, help="horizontal flip probability; 0 for chiral characters")
@@ -295,7 +300,7 @@ def fill_defaults(args):
     if args.out is None:
         args.out = run_dir(args)
     for flag, value, low in [("--epochs", 1 if args.epochs is None else args.epochs, 1), ("--batch-size", 1 if args.batch_size is None else args.batch_size, 1),
-                             ("--image-size", args.image_size, 8), ("--log-every", args.log_every, 1),
+                             ("--image-size", args.image_size, 8), ("--crop-size", args.crop_size or 8, 8), ("--log-every", args.log_every, 1),
                              ("--eval-every", args.eval_every, 1), ("--workers", args.workers, 1), ("--patience", args.patience, 0),
                              ("--per-group", args.per_group, 0),
                              ("--stop-after-epochs", 1 if args.stop_after_epochs is None else args.stop_after_epochs, 1)]:
@@ -1011,11 +1016,11 @@ def gray(x):
 
 
 def augment(x, gen, blur_prob, solarize_prob, crop_min_scale=0.2, jitter_strength=1.0, flip_prob=0.5,
-            rotation=0.0, shear=0.0, stroke=0.0, gray_prob=0.2):
+            rotation=0.0, shear=0.0, stroke=0.0, gray_prob=0.2, size=None):
     """BYOL's augmentation with per-sample random parameters, as batched tensor ops, plus the
     handwriting ones: rotation and shear (degrees, uniform in +-) and stroke thickness.
 
-    x: uint8 [B,3,S,S] on the training device. Returns normalised float [B,3,S,S].
+    x: uint8 [B,3,S,S] on the training device. Returns normalised float [B,3,size,size] (size: S if None).
     """
     b, _, s, _ = x.shape
     dev = x.device
@@ -1035,6 +1040,7 @@ def augment(x, gen, blur_prob, solarize_prob, crop_min_scale=0.2, jitter_strengt
     flip = torch.where(torch.rand(b, generator=gen, device=dev) < flip_prob, -1.0, 1.0)
     angle = uniform(gen, b, -rotation, rotation, dev)
     slant = uniform(gen, b, -shear, shear, dev)
+    s = size or s  # the crop is resampled to the view's size
     grid = F.affine_grid(crop_affine(w, h, cx, cy, flip, angle, slant), [b, 3, s, s], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     # Colour jitter with p=0.8 (brightness, contrast, saturation, hue; fixed order).
@@ -1096,9 +1102,9 @@ def gaussian_blur(x, sigma):
     return y.reshape(b, c, s, s)
 
 
-def augment_pair(x1, x2, gen, args):
-    """BYOL's asymmetric views: blur 1.0 / 0.1, solarize 0.0 / 0.2."""
-    both = dict(rotation=args.rotation, shear=args.shear, stroke=args.stroke, gray_prob=args.gray_prob)
+def augment_pair(x1, x2, gen, args, size=None):
+    """BYOL's asymmetric views: blur 1.0 / 0.1, solarize 0.0 / 0.2; size: the views' pixels (None: the images')."""
+    both = dict(rotation=args.rotation, shear=args.shear, stroke=args.stroke, gray_prob=args.gray_prob, size=size)
     v1 = augment(x1, gen, 1.0, 0.0, args.crop_min_scale, args.jitter_strength, args.flip_prob, **both)
     v2 = augment(x2, gen, 0.1, args.solarize_prob, args.crop_min_scale, args.jitter_strength, args.flip_prob, **both)
     return v1, v2
@@ -2139,7 +2145,8 @@ def train(args):
             if args.freeze_encoder:  # x1, x2 are the pair's cached features: straight into the head, no augmentation
                 v1, v2 = x1, x2
             else:
-                v1, v2 = augment_pair(x1, x2, step_generator(args.seed, global_step, device, stream=1 + rank), args)
+                v1, v2 = augment_pair(x1, x2, step_generator(args.seed, global_step, device, stream=1 + rank), args,
+                                      size=args.crop_size or None)
                 v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
             # A method with negatives (contrastive.py) also takes each pair's group: who is a negative of whom.
             groups = () if group_of is None else (batch_groups(group_of, order, step, args.batch_size, rank, world, device),)

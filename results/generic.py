@@ -50,6 +50,9 @@ CONFIGS = {
     # (2e-3: AdamW's 4e-3 per 256 pairs at batch 128). SCRIPT=simsiam.py OUT=... SETS=small2 ... tune lr-half lr-double
     "lr-half": ["--lr", "1e-3"],
     "lr-double": ["--lr", "4e-3"],
+    # Fine-tuning on 96 px crops of images decoded (and embedded) at 160 px (--crop-size): the fine-tuned networks of
+    # test-pretrained, embedded at 128 / 160 / 224 px, gained on signdigits' validation classes (FixRes).
+    "ft160-c96": ["--pretrained", "--image-size", "160", "--crop-size", "96"],
     # Frozen ImageNet features at 224 px (plain, PCA-whitened on the training images, with the last 3 stages pooled),
     # each with a BYOL head trained on class pairs of them; epoch 0's baseline_frozen_* is the features themselves.
     "frozen224": ["--pretrained", "--freeze-encoder", "--image-size", "224", "--epochs", "30"],

@@ -428,6 +428,43 @@ def test_crop_min_scale_one_keeps_the_whole_image_content():
     assert ((bright_small - 0.5).abs() > 0.3).any()  # small crops can fall on one side only
 
 
+def test_crop_size_cuts_views_of_that_size_from_the_same_crops():
+    """--crop-size: the views are the same crops of the images, resampled to fewer pixels."""
+    x = torch.zeros(32, 3, 16, 16, dtype=torch.uint8)
+    x[..., :8] = 255
+    args = aug_args(crop_min_scale=0.3, jitter_strength=0.0, solarize_prob=0.0)
+    full = byol.augment_pair(x, x, byol.step_generator(4, 0, "cpu"), args)
+    small = byol.augment_pair(x, x, byol.step_generator(4, 0, "cpu"), args, size=8)
+    for f, v in zip(full, small):
+        assert v.shape == (32, 3, 8, 8) and f.shape == (32, 3, 16, 16)
+        # The same crop at half the pixels: each image's bright share agrees (blur and edges blur the border).
+        share = lambda t: (unstandardize(t).mean(1) > 0.5).float().flatten(1).mean(1)
+        assert (share(f) - share(v)).abs().max() < 0.15
+
+
+def test_a_run_trains_on_crops_and_embeds_at_the_image_size(tmp_path, one_thread):  # noqa: F811
+    root = make_folder(tmp_path / "data", classes=6, per_class=6)
+    seen = []
+    model_forward = byol.BYOL.forward
+
+    def forward(self, v1, v2, *rest):
+        seen.append(v1.shape[-1])
+        return model_forward(self, v1, v2, *rest)
+
+    byol.BYOL.forward = forward
+    try:
+        rc = byol.main(["--data", "folder", "--data-dir", str(root), "--image-size", "24", "--crop-size", "16",
+                        "--width", "8", "--hidden-dim", "32", "--proj-dim", "16", "--epochs", "1", "--batch-size", "4",
+                        "--val-fraction", "0", "--workers", "1", "--no-progress", "--out", str(tmp_path / "run")])
+    finally:
+        byol.BYOL.forward = model_forward
+    assert rc == 0 and set(seen) == {16}
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert (ckpt["args"]["image_size"], ckpt["args"]["crop_size"]) == (24, 16)
+    data = byol.load_data(byol.fill_defaults(byol.parse_args(["--data", "folder", "--data-dir", str(root), "--image-size", "24"])))
+    assert data.images.shape[-1] == 24  # decoded, and so embedded, at --image-size
+
+
 def test_solarize_prob_zero_keeps_white_pages_white():
     x = torch.full((400, 3, 8, 8), 255, dtype=torch.uint8)
     _, v2 = byol.augment_pair(x, x, byol.step_generator(1, 0, "cpu"), aug_args(jitter_strength=0.0, solarize_prob=0.0))

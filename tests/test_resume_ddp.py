@@ -149,12 +149,12 @@ SPY = textwrap.dedent("""
     real_train, real_augment_pair = byol.train, byol.augment_pair
     draws, inputs = [], []
 
-    def augment_pair(x1, x2, gen, args):
+    def augment_pair(x1, x2, gen, args, size=None):
         clone = torch.Generator(gen.device)
         clone.set_state(gen.get_state())
         draws.append(torch.rand(len(x1), generator=clone, device=gen.device).cpu())
         inputs.append(x1.float().mean().item())
-        return real_augment_pair(x1, x2, gen, args)
+        return real_augment_pair(x1, x2, gen, args, size)
 
     def train(args):
         model, history, args = real_train(args)
