@@ -10,6 +10,7 @@ carves its validation classes from the other half. Choices are made on val_r_pre
     python results/generic.py pretrained [--seeds 0 1 2]  # frozen ImageNet features (Lite0, 224 px) on each test split
     python results/generic.py table [OUT]                 # per run: validation and test margins over the best baseline
     python results/generic.py seeds [OUT]                 # the test runs over seeds, beside every baseline
+    python results/generic.py eval-sizes RUN [RUN ...]    # best.pt embedded at 96, 128, 160 and 224 px
 
 Variables: DEV=../shared/data/dev  OUT=results/runs/generic-dev  THREADS=1  JOBS=2  SCRIPT=byol.py  SETS="..."
 EXTRA="--loss triplet" appends flags to every run (e.g. SCRIPT=contrastive.py's triplet loss).
@@ -190,6 +191,24 @@ def table(out):
         print(f"| {tag} | " + " | ".join(cells) + f" | {mean} |")
 
 
+def eval_sizes(runs, sizes=(96, 128, 160, 224)):
+    """Validation and test R-Precision of each run's best.pt with its images decoded (and so embedded) at each size."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import byol
+    import eval as ev
+
+    for run in runs:
+        _, ckpt, args, model = ev.load_model(Path(run) / "best.pt")
+        cells = []
+        for size in sizes:
+            args.image_size, args.workers = size, 1
+            m = byol.evaluate(model, byol.load_data(args), torch.device("cpu"))
+            cells.append(f"{size} px: val {m['val_r_precision']:.3f} test {m['r_precision']:.3f}")
+        print(f"{run} (best.pt: epoch {ckpt['epoch']}) " + " | ".join(cells), flush=True)
+
+
 if __name__ == "__main__":
     stage, rest = sys.argv[1], sys.argv[2:]
     if stage == "tune":
@@ -212,5 +231,7 @@ if __name__ == "__main__":
         small2_folders(rest[0])
     elif stage == "table":
         table(rest[0] if rest else OUT)
+    elif stage == "eval-sizes":
+        eval_sizes(rest)
     else:
         sys.exit(f"results/generic.py: unknown stage {stage}; use tune, test, pretrained, table or seeds")
