@@ -313,11 +313,11 @@ def diverged_run(tmp_path_factory):
         seen["pairs"].append((data, decode_index(c1), decode_index(c2)))
         return real_batch(data, order, step, *rest)
 
-    def augment_pair(x1, x2, gen, args):
+    def augment_pair(x1, x2, gen, args, size=None):
         clone = torch.Generator(gen.device)
         clone.set_state(gen.get_state())
         seen["aug"].append(torch.rand(len(x1), generator=clone, device=gen.device).cpu())
-        return real_aug(x1, x2, gen, args)
+        return real_aug(x1, x2, gen, args, size)
 
     argv = [
         "--data",
