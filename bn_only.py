@@ -101,7 +101,10 @@ LITE0_96 = dict(arch="tf_efficientnet_lite0", image_size=96, backbone_lr_factor=
 # (RESULTS.md): batches of 32 (more steps: batches of 128 and 16 gained nothing on validation), at most 12,000 pairs
 # so that the full TLL also trains in minutes on 2 CPU cores.
 PHOTO_PAIRS = dict(LITE0_96, batch_size=32, epochs=10, max_pairs=12_000)
-FINE_TUNE = {"folder": dict(LITE0_96, epochs=6, max_pairs=8000), "tll": PHOTO_PAIRS, "pairs": PHOTO_PAIRS}
+# Class folders: trained on 96 px crops of images decoded at 160 px, so that validation, best.pt and the embedding are
+# at 160 (ahead of 96 px on the validation classes of gtsrb, signdigits and cifar10: RESULTS.md).
+FINE_TUNE = {"folder": dict(LITE0_96, image_size=160, crop_size=96, epochs=6, max_pairs=8000), "tll": PHOTO_PAIRS,
+             "pairs": PHOTO_PAIRS}
 
 
 # >>> shared: arguments (written by .ci/sync_shared.py from byol.py; edit it there)
@@ -175,7 +178,8 @@ def parse_args(argv=None, use_recipe=True):
     g = p.add_argument_group("augmentation")
     g.add_argument("--crop-min-scale", type=float, default=0.2, help="smallest area of the random resized crop")
     g.add_argument("--crop-size", type=int, default=0,
-                   help="training views at this many pixels, cut from the images at --image-size (0: --image-size). Smaller "
+                   help="training views at this many pixels (at most --image-size), cut from the images at --image-size (0: "
+                        "--image-size). Smaller "
                         "trains faster, and a network trained on crops that enlarge objects embeds better at a larger size "
                         "(FixRes, Touvron et al. 2019)")
     g.add_argument("--jitter-strength", type=float, default=1.0,
@@ -259,6 +263,11 @@ def parse_args(argv=None, use_recipe=True):
     if use_recipe:  # the recipe's batch size and epochs are ceilings, fitted to the data once it is loaded (fit_to_data)
         p.set_defaults(**{k: v for k, v in recipe.items() if k not in ("batch_size", "epochs", "max_pairs")}, epochs=None)
     return p.parse_args(argv)
+
+
+def view_size(args):
+    """The training views' pixels: --crop-size, at most --image-size (None: the images' own)."""
+    return min(args.crop_size, args.image_size) if args.crop_size else None
 
 
 def colour_spread(images):
@@ -2023,8 +2032,8 @@ def train(args):
     if is_main and ckpt is None and args.data == "folder" and data.labels is not None and args.init is None:
         colour = colour_spread(data.images[:: max(1, len(data.images) // 256)]) > COLOUR
         if colour and args.pretrained and not args.freeze_encoder:
-            print(f"colour images: fine-tuning ImageNet weights ({args.arch} at {args.image_size} px), the folder recipe "
-                  "for colour; --no-pretrained trains conv4 from scratch")
+            print(f"colour images: fine-tuning ImageNet weights ({args.arch}, trained at {view_size(args) or args.image_size} px, "
+                  f"embedded at {args.image_size} px), the folder recipe for colour; --no-pretrained trains conv4 from scratch")
         elif not colour and not args.pretrained:
             print("grayscale images: conv4 from scratch, the folder recipe for drawings; --pretrained fine-tunes ImageNet weights")
     fit_to_data(args, len(data.anchors), world, is_main)
@@ -2156,7 +2165,7 @@ def train(args):
                 v1, v2 = x1, x2
             else:
                 v1, v2 = augment_pair(x1, x2, step_generator(args.seed, global_step, device, stream=1 + rank), args,
-                                      size=args.crop_size or None)
+                                      size=view_size(args))
                 v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
             # A method with negatives (contrastive.py) also takes each pair's group: who is a negative of whom.
             groups = () if group_of is None else (batch_groups(group_of, order, step, args.batch_size, rank, world, device),)
