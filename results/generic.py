@@ -120,7 +120,8 @@ def summary(run):
     # The start competes for best.pt (since the twelfth session; a run logged before then is scored the same way).
     if "val_r_precision" in first and chosen["val_r_precision"] <= first["val_r_precision"]:
         chosen = first
-    wall = run.with_suffix(".txt").read_text().rsplit("wall ", 1)[-1].split()[0]
+    text = run.with_suffix(".txt").read_text()
+    wall = text.rsplit("wall ", 1)[-1].split()[0] if "\nexit " in text else None  # None: its driver was stopped first
     return (chosen.get("val_r_precision"), best_of("val_r_precision") if "val_r_precision" in first else None,
             chosen["r_precision"], best_of("r_precision"), chosen["epoch"], wall)
 
@@ -160,11 +161,11 @@ def seeds_table(out, stage):
             pre = json.loads(pre.read_text())["metrics"]["metric_learning"]["r_precision"] if pre.is_file() else None
             start = first.get("baseline_pretrained_r_precision", first.get("baseline_untrained_r_precision"))
             base = [start, first["baseline_pixels_r_precision"], *([pre] if pre else [])]
-            rows.append((test, base[0], base[1], pre, test - max(base), float(wall)))
+            rows.append((test, base[0], base[1], pre, test - max(base), None if wall is None else float(wall)))
         if rows:
             col = lambda i, rows=rows: [r[i] for r in rows if r[i] is not None]
             print(f"| {name} | {len(rows)} | {ms(col(0))} | {ms(col(1))} | {ms(col(2))} | {ms(col(3)) if col(3) else '–'} "
-                  f"| {ms(col(4))} | {statistics.mean(col(5)):.0f} |")
+                  f"| {ms(col(4))} | {f'{statistics.mean(col(5)):.0f}' if col(5) else '–'} |")
 
 
 def table(out):
