@@ -275,10 +275,8 @@ def folder_in_colour(root, sample=64):
     """Whether the class folders under `root` hold colour images: `sample` image files spread over the sorted list,
     decoded at 32 px. A folder that holds loose images (unlabelled) or none, or is missing, counts as not colour (its
     own error comes when the data loads)."""
-    if root is None or not Path(root).is_dir():
+    if root is None or not Path(root).is_dir() or holds_loose_images(root):  # loose: --labels auto reads it as none
         return False
-    if any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in Path(root).iterdir()):
-        return False  # unlabelled: --labels auto reads it as --labels none
     files = image_files(root)
     picked = files[:: max(1, len(files) // sample)][:sample]
     decoded = []
@@ -288,6 +286,11 @@ def folder_in_colour(root, sample=64):
         except (UserError, OSError):
             continue  # a bad file is reported by name when the data loads
     return bool(decoded) and colour_spread(torch.stack(decoded)) > COLOUR
+
+
+def holds_loose_images(root):
+    """Whether a folder holds images directly (unlabelled), not only in class subfolders."""
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in Path(root).iterdir())
 
 
 def run_dir(args):
@@ -336,8 +339,7 @@ def fill_defaults(args):
     if args.data != "folder" and args.labels != "auto":
         raise UserError(f"--labels {args.labels} applies to --data folder only; drop it for --data {args.data}")
     if args.data == "folder" and args.labels == "auto" and args.data_dir is not None and Path(args.data_dir).is_dir():
-        loose = any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in Path(args.data_dir).iterdir())
-        args.labels = "none" if loose else "folders"  # resolved here, so that the checkpoint records which
+        args.labels = "none" if holds_loose_images(args.data_dir) else "folders"  # resolved here: the checkpoint records which
     if args.data == "folder" and args.labels == "none":
         args.pairs = "aug"  # no class to draw a second image from
     for flag, value, low, high in [("--crop-min-scale", args.crop_min_scale, 0.01, 1.0), ("--flip-prob", args.flip_prob, 0.0, 1.0),
