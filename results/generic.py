@@ -4,12 +4,12 @@ The development sets are ../shared/data/dev (notmnist, cifar10, gtsrb, signdigit
 out as one folder per character. Every run holds out half of the classes as its test (--holdout 0.5); the recipe
 carves its validation classes from the other half. Choices are made on val_r_precision only.
 
-    python results/generic.py tune  CONFIG [CONFIG ...]   # seed 0, every set, CONFIGS[name]'s flags
+    python results/generic.py tune  CONFIG [CONFIG ...] [--seeds 1 2]  # seed 0 (or these), every set, CONFIGS[name]'s flags
     python results/generic.py test  [--seeds 0 1 2]       # the shipped recipe (no flags), every set
     python results/generic.py test-pretrained [--seeds 0 1 2]  # the same with --pretrained (its FINE_TUNE row)
     python results/generic.py pretrained [--seeds 0 1 2]  # frozen ImageNet features (Lite0, 224 px) on each test split
     python results/generic.py table [OUT]                 # per run: validation and test margins over the best baseline
-    python results/generic.py seeds [OUT]                 # the test runs over seeds, beside every baseline
+    python results/generic.py seeds [OUT [STAGE ...]]     # a stage's runs over seeds (test, test-pretrained, tune/CONFIG)
     python results/generic.py eval-sizes RUN [RUN ...]    # best.pt embedded at 96, 128, 160 and 224 px
 
 Variables: DEV=../shared/data/dev  OUT=results/runs/generic-dev  THREADS=1  JOBS=2  SCRIPT=byol.py  SETS="..."
@@ -54,6 +54,10 @@ CONFIGS = {
     # Fine-tuning on 96 px crops of images decoded (and embedded) at 160 px (--crop-size): the fine-tuned networks of
     # test-pretrained, embedded at 128 / 160 / 224 px, gained on signdigits' validation classes (FixRes).
     "ft160-c96": ["--pretrained", "--image-size", "160", "--crop-size", "96"],
+    # The colour default (fine-tuning) against forgetting the classes it does not train on (issue #28): positives that
+    # are two augmentations of one image, and a quarter of the learning rate.
+    "ft-aug": ["--pairs", "aug"],
+    "ft-lr-quarter": ["--lr", "5e-4"],
     # Frozen ImageNet features at 224 px (plain, PCA-whitened on the training images, with the last 3 stages pooled),
     # each with a BYOL head trained on class pairs of them; epoch 0's baseline_frozen_* is the features themselves.
     "frozen224": ["--pretrained", "--freeze-encoder", "--image-size", "224", "--epochs", "30"],
@@ -212,20 +216,23 @@ def eval_sizes(runs, sizes=(96, 128, 160, 224)):
 
 if __name__ == "__main__":
     stage, rest = sys.argv[1], sys.argv[2:]
-    if stage == "tune":
-        launch([(OUT / "tune" / config / f"s0-{name}", name, CONFIGS[config], 0) for config in rest for name in SETS])
+    seeds = [int(s) for s in rest[rest.index("--seeds") + 1:]] if "--seeds" in rest else None
+    rest = rest[:rest.index("--seeds")] if "--seeds" in rest else rest
+    if stage == "tune":  # seed 0 chooses; --seeds 1 2 then runs the chosen configuration's other seeds
+        launch([(OUT / "tune" / config / f"s{seed}-{name}", name, CONFIGS[config], seed)
+                for config in rest for seed in seeds or [0] for name in SETS])
     elif stage in ("test", "test-pretrained"):
-        seeds = [int(s) for s in rest[rest.index("--seeds") + 1:]] if "--seeds" in rest else [0, 1, 2]
+        seeds = seeds or [0, 1, 2]
         flags = ["--pretrained"] if stage == "test-pretrained" else []
         launch([(OUT / stage / f"s{seed}-{name}", name, flags, seed) for seed in seeds for name in SETS])
     elif stage == "pretrained":
-        seeds = [int(s) for s in rest[rest.index("--seeds") + 1:]] if "--seeds" in rest else [0, 1, 2]
+        seeds = seeds or [0, 1, 2]
         OUT.mkdir(parents=True, exist_ok=True)
         small2_folders()
         with ThreadPoolExecutor(int(os.environ.get("JOBS", "2"))) as pool:
             list(pool.map(lambda job: pretrained(*job), [(name, seed) for seed in seeds for name in SETS]))
     elif stage == "seeds":
-        for which in ("test", "test-pretrained"):
+        for which in rest[1:] or ("test", "test-pretrained"):
             print(f"\n{which}:\n")
             seeds_table(rest[0] if rest else OUT, which)
     elif stage == "small2-folders":
