@@ -11,6 +11,7 @@ carves its validation classes from the other half. Choices are made on val_r_pre
     python results/generic.py table [OUT]                 # per run: validation and test margins over the best baseline
     python results/generic.py seeds [OUT [STAGE ...]]     # a stage's runs over seeds (test, test-pretrained, tune/CONFIG)
     python results/generic.py eval-sizes RUN [RUN ...]    # best.pt embedded at 96, 128, 160 and 224 px
+    python results/generic.py interpolate RUN [RUN ...]   # last.pt moved back toward its start (WiSE-FT), 5 steps
 
 Variables: DEV=../shared/data/dev  OUT=results/runs/generic-dev  THREADS=1  JOBS=2  SCRIPT=byol.py  SETS="..."
 EXTRA="--loss triplet" appends flags to every run (e.g. SCRIPT=contrastive.py's triplet loss).
@@ -214,6 +215,29 @@ def eval_sizes(runs, sizes=(96, 128, 160, 224)):
         print(f"{run} (best.pt: epoch {ckpt['epoch']}) " + " | ".join(cells), flush=True)
 
 
+
+def interpolate(runs, alphas=(0.0, 0.25, 0.5, 0.75, 1.0)):
+    """WiSE-FT (Wortsman et al. 2022): each fine-tuned run's last.pt, its weights moved back toward its start (the
+    pretrained weights) as start + alpha (last - start); validation and test R-Precision of each alpha."""
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import eval as ev
+
+    for run in runs:
+        mod, ckpt, args, model = ev.load_model(Path(run) / "last.pt")
+        args.workers = 1
+        start = mod.build_model(argparse.Namespace(**{**vars(args), "pretrained": True})).state_dict()  # load_model drops it
+        end = ckpt["model"]
+        data, cells = mod.load_data(args), []
+        for alpha in alphas:
+            model.load_state_dict({k: v + alpha * (end[k] - v) if v.is_floating_point() else end[k] for k, v in start.items()})
+            m = mod.evaluate(model, data, torch.device("cpu"), shift=args.eval_shift)
+            cells.append(f"{alpha}: val {m['val_r_precision']:.3f} test {m['r_precision']:.3f}")
+        print(f"{run} (last.pt: epoch {ckpt['epoch']}) " + " | ".join(cells), flush=True)
+
 if __name__ == "__main__":
     stage, rest = sys.argv[1], sys.argv[2:]
     seeds = [int(s) for s in rest[rest.index("--seeds") + 1:]] if "--seeds" in rest else None
@@ -241,5 +265,7 @@ if __name__ == "__main__":
         table(rest[0] if rest else OUT)
     elif stage == "eval-sizes":
         eval_sizes(rest)
+    elif stage == "interpolate":
+        interpolate(rest)
     else:
         sys.exit(f"results/generic.py: unknown stage {stage}; use tune, test, pretrained, table or seeds")
