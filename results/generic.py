@@ -215,7 +215,6 @@ def eval_sizes(runs, sizes=(96, 128, 160, 224)):
         print(f"{run} (best.pt: epoch {ckpt['epoch']}) " + " | ".join(cells), flush=True)
 
 
-
 def interpolate(runs, alphas=(0.0, 0.25, 0.5, 0.75, 1.0)):
     """WiSE-FT (Wortsman et al. 2022): each fine-tuned run's last.pt, its weights moved back toward its start (the
     pretrained weights) as start + alpha (last - start); validation and test R-Precision of each alpha."""
@@ -237,6 +236,7 @@ def interpolate(runs, alphas=(0.0, 0.25, 0.5, 0.75, 1.0)):
             m = mod.evaluate(model, data, torch.device("cpu"), shift=args.eval_shift)
             cells.append(f"{alpha}: val {m['val_r_precision']:.3f} test {m['r_precision']:.3f}")
         print(f"{run} (last.pt: epoch {ckpt['epoch']}) " + " | ".join(cells), flush=True)
+
 
 if __name__ == "__main__":
     stage, rest = sys.argv[1], sys.argv[2:]
@@ -268,4 +268,4 @@ if __name__ == "__main__":
     elif stage == "interpolate":
         interpolate(rest)
     else:
-        sys.exit(f"results/generic.py: unknown stage {stage}; use tune, test, pretrained, table or seeds")
+        sys.exit(f"results/generic.py: unknown stage {stage}; use tune, test, test-pretrained, pretrained, seeds, table, small2-folders, eval-sizes or interpolate")
