@@ -197,21 +197,31 @@ def table(out):
         print(f"| {tag} | " + " | ".join(cells) + f" | {mean} |")
 
 
-def eval_sizes(runs, sizes=(96, 128, 160, 224)):
-    """Validation and test R-Precision of each run's best.pt with its images decoded (and so embedded) at each size."""
-    import torch
-
+def load_run(run, checkpoint):
+    """(script module, checkpoint, args, eval-mode model) of RUN/checkpoint, as eval.py loads it, decoding on 1 thread."""
     sys.path.insert(0, str(ROOT))
-    import byol
     import eval as ev
 
+    mod, ckpt, args, model = ev.load_model(Path(run) / checkpoint)
+    args.workers = 1
+    return mod, ckpt, args, model
+
+
+def val_and_test(mod, model, data, args):
+    import torch
+
+    m = mod.evaluate(model, data, torch.device("cpu"), shift=args.eval_shift)
+    return f"val {m['val_r_precision']:.3f} test {m['r_precision']:.3f}"
+
+
+def eval_sizes(runs, sizes=(96, 128, 160, 224)):
+    """Validation and test R-Precision of each run's best.pt with its images decoded (and so embedded) at each size."""
     for run in runs:
-        _, ckpt, args, model = ev.load_model(Path(run) / "best.pt")
+        mod, ckpt, args, model = load_run(run, "best.pt")
         cells = []
         for size in sizes:
-            args.image_size, args.workers = size, 1
-            m = byol.evaluate(model, byol.load_data(args), torch.device("cpu"))
-            cells.append(f"{size} px: val {m['val_r_precision']:.3f} test {m['r_precision']:.3f}")
+            args.image_size = size
+            cells.append(f"{size} px: {val_and_test(mod, model, mod.load_data(args), args)}")
         print(f"{run} (best.pt: epoch {ckpt['epoch']}) " + " | ".join(cells), flush=True)
 
 
@@ -220,21 +230,13 @@ def interpolate(runs, alphas=(0.0, 0.25, 0.5, 0.75, 1.0)):
     pretrained weights) as start + alpha (last - start); validation and test R-Precision of each alpha."""
     import argparse
 
-    import torch
-
-    sys.path.insert(0, str(ROOT))
-    import eval as ev
-
     for run in runs:
-        mod, ckpt, args, model = ev.load_model(Path(run) / "last.pt")
-        args.workers = 1
+        mod, ckpt, args, model = load_run(run, "last.pt")
         start = mod.build_model(argparse.Namespace(**{**vars(args), "pretrained": True})).state_dict()  # load_model drops it
-        end = ckpt["model"]
-        data, cells = mod.load_data(args), []
+        end, data, cells = ckpt["model"], mod.load_data(args), []
         for alpha in alphas:
             model.load_state_dict({k: v + alpha * (end[k] - v) if v.is_floating_point() else end[k] for k, v in start.items()})
-            m = mod.evaluate(model, data, torch.device("cpu"), shift=args.eval_shift)
-            cells.append(f"{alpha}: val {m['val_r_precision']:.3f} test {m['r_precision']:.3f}")
+            cells.append(f"{alpha}: {val_and_test(mod, model, data, args)}")
         print(f"{run} (last.pt: epoch {ckpt['epoch']}) " + " | ".join(cells), flush=True)
 
 
