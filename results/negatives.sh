@@ -22,8 +22,8 @@
 # compositional, for each seed in SEEDS: results/compositional.py make OUT/compositional/data (once), then rows
 #   byol, simsiam, bn_only, ntxent, triplet with --data pairs on its train.csv and its flags, then its score table
 #   (OUT/compositional/scores-s<seed>.md).
-# Run directories: OUT/<row>[-k<K>]-s<seed> (tuning: OUT/tune/<row>-s0), each with its console output and wall
-# time in OUT/...-s<seed>.txt. A run that finished is skipped, so the script resumes where it stopped.
+# Run directories: OUT/<row>[-k<K>]-s<seed> (tuning: OUT/tune/<row>-s0), each with the eval.json of its last.pt, and
+# its console output and wall time in OUT/...-s<seed>.txt. A run that finished is skipped, so the script resumes.
 #
 # Variables: SEEDS="0"  ROWS="ntxent ntxent-labels triplet triplet-semi-hard"  FN_SEEDS="$SEEDS"  KS="1 2 4 8"
 #            FN_ROWS="byol ntxent ntxent-labels triplet"  OUT=results/runs/negatives
@@ -56,20 +56,21 @@ row_cmd() {
     esac
 }
 
-# run DIR SCRIPT FLAGS...: train into DIR unless an earlier call finished it; the console output goes to DIR.txt
+# run DIR SCRIPT FLAGS...: train into DIR, then `eval.py DIR/last.pt` (the last epoch: DIR/eval.json), unless an
+# earlier call finished both; the console output and the training's wall time go to DIR.txt
 run() {
     local dir=$1
     shift
-    # Finished: time printed its wall time, the command exited 0 (not killed) and printed its end-of-run summary.
-    if [[ -f "$dir.txt" ]] && grep -q "^wall_s" "$dir.txt" && ! grep -qE "non-zero status|terminated by signal" "$dir.txt" \
-        && grep -q "^run directory:" "$dir.txt"; then
+    if [[ -f "$dir/eval.json" && -f "$dir.txt" ]] && grep -q "^wall_s" "$dir.txt"; then
         echo "skip $dir: finished"
         return 0
     fi
     mkdir -p "$(dirname "$dir")"
+    rm -f "$dir/eval.json"
     echo "[$(date +%H:%M:%S)] $* --out $dir"
     # shellcheck disable=SC2068
-    /usr/bin/time -f "wall_s %e" "$PYTHON" $@ --out "$dir" --overwrite --no-progress > "$dir.txt" 2>&1 || true
+    /usr/bin/time -f "wall_s %e" "$PYTHON" $@ --out "$dir" --overwrite --no-progress > "$dir.txt" 2>&1 \
+        && "$PYTHON" eval.py "$dir/last.pt" --baselines none >> "$dir.txt" 2>&1 || true
     tail -n 2 "$dir.txt"
 }
 

@@ -144,3 +144,104 @@ def the_real_colour_rule(request, monkeypatch):
 
         for name in SCRIPTS:
             monkeypatch.setattr(importlib.import_module(name), "folder_in_colour", _REAL_COLOUR_RULE[name])
+
+
+# --------------------------------------------------------------------------------------
+# Tiny prepared data files (the format of byol.py's docstring), written with torch.save
+# --------------------------------------------------------------------------------------
+def write_prepared(
+    path, kind="classes", groups=12, per_group=5, size=28, seed=0, episodes=0, way=4, key=None, labels=False, test=None
+):
+    """A prepared data file as prepare.py would write it, made here without prepare.py.
+
+    kind "classes": `groups` classes of `per_group` images, class g holding images g * per_group ...; "pairs":
+    `groups` pairs [i, groups + i] (left images first, then the right ones); "images": `groups` unlabelled images,
+    one a group. The images of a group share a pattern (a group's own random image plus a little noise), so that
+    they are a learnable signal and the raw pixels beat chance. episodes > 0: that many one-shot episodes of `way`
+    references and `way` queries, query i drawn from reference i's pattern, appended after the grouped images and in
+    no group. key: meta["key"] (by default it names the kind and the seed: other images, another key)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    noisy = lambda base, n: (base.short() + torch.randint(-12, 13, (n, *base.shape[1:]), generator=g)).clamp(0, 255)
+    if kind == "classes":
+        bases = torch.randint(0, 256, (groups, 1, 3, size, size), generator=g, dtype=torch.uint8)
+        images = torch.cat([noisy(b, per_group) for b in bases]).to(torch.uint8)
+        rows = torch.arange(groups * per_group).view(groups, per_group)
+    elif kind == "pairs":
+        left = torch.randint(0, 256, (groups, 3, size, size), generator=g, dtype=torch.uint8)
+        images = torch.cat([left, noisy(left, groups).to(torch.uint8)])
+        rows = torch.stack([torch.arange(groups), groups + torch.arange(groups)], 1)
+    elif kind == "images":
+        images = torch.randint(0, 256, (groups, 3, size, size), generator=g, dtype=torch.uint8)
+        rows = torch.arange(groups)[:, None]
+    else:
+        raise ValueError(kind)
+    n = len(images)
+    d = {
+        "images": images,
+        "groups": rows,
+        "kind": kind,
+        "group_names": [f"{kind[0]}{i}" for i in range(len(rows))],
+        "meta": {"key": key or f"{kind}-{groups}x{per_group}-{size}px-seed{seed}", "source": "tests"},
+    }
+    if episodes:
+        bases = torch.randint(0, 256, (episodes * way, 1, 3, size, size), generator=g, dtype=torch.uint8)
+        extra = torch.cat([noisy(b, 2) for b in bases]).to(torch.uint8)  # reference, query; reference, query; ...
+        d["images"] = torch.cat([images, extra])
+        d["episodes"] = (n + torch.arange(2 * episodes * way)).view(episodes, way, 2).transpose(1, 2).contiguous()
+    if labels:
+        d["labels"] = torch.full((len(d["images"]),), -1, dtype=torch.long)
+        d["labels"][rows[rows >= 0]] = torch.arange(len(rows))[:, None].expand_as(rows)[rows >= 0]
+    if test is not None:
+        d["test"] = torch.as_tensor(test, dtype=torch.bool)
+    d["names"] = [f"img{i}.png" for i in range(len(d["images"]))]
+    torch.save(d, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_data(tmp_path_factory):
+    """make_data(**kwargs of write_prepared) -> the path of a new prepared file (session-scoped: hypothesis's tests
+    may use it; each call writes a file of its own)."""
+
+    def make(**kwargs):
+        return write_prepared(tmp_path_factory.mktemp("data") / "data.pt", **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def classes_file(tmp_path_factory):
+    """60 images of 28 px in 12 classes of 5."""
+    return write_prepared(tmp_path_factory.mktemp("classes") / "classes.pt", "classes")
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory):
+    """20 pairs: 40 images of 28 px."""
+    return write_prepared(tmp_path_factory.mktemp("pairs") / "pairs.pt", "pairs", groups=20)
+
+
+@pytest.fixture(scope="session")
+def images_file(tmp_path_factory):
+    """60 unlabelled images of 28 px."""
+    return write_prepared(tmp_path_factory.mktemp("images") / "images.pt", "images", groups=60)
+
+
+@pytest.fixture(scope="session")
+def episodes_file(tmp_path_factory):
+    """The 12 classes of classes_file's kind and 3 one-shot validation episodes of 4 ways (24 more images)."""
+    return write_prepared(tmp_path_factory.mktemp("episodes") / "episodes.pt", "classes", episodes=3)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny networks are per-op overhead, and with other jobs on the cores, the
+    threads of a second would spin waiting (measured: tests/test_methods.py 8 s alone, 46 s beside a training run)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
