@@ -27,7 +27,6 @@ Use the method without this CLI:
 """
 
 import argparse
-import copy
 import fcntl
 import functools
 import importlib.resources
@@ -46,8 +45,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
-
-from kernels import ema_update_, symmetric_cosine_loss
 
 METHOD = "contrastive"
 BASE_LR = {"sgd": 0.5, "adamw": 4e-3}  # per 256 pairs, scaled with the batch (SGD: SimCLR's; AdamW: as BYOL's)
@@ -634,7 +631,7 @@ def build_optimizer(args, model, fixed_lr_params=()):
     fixed, encoder, groups = list(fixed_lr_params), {id(p) for p in model.encoder.parameters()}, {}
     for p in model.parameters():
         if p.requires_grad and all(p is not q for q in fixed):
-            key = (id(p) in encoder, p.ndim > 1)
+            key = (id(p) in encoder and args.backbone_lr_factor != 1, p.ndim > 1)  # few groups: few launches
             groups.setdefault(key, {"params": [], "lr": args.lr * (args.backbone_lr_factor if key[0] else 1),
                                     "weight_decay": args.weight_decay if key[1] else 0.0})["params"].append(p)
     groups = [groups[k] for k in sorted(groups)] + ([{"params": fixed, "lr": args.lr, "fix_lr": True}] if fixed else [])
@@ -828,7 +825,7 @@ def summary(history, args):
     best = max(history, key=lambda r: -math.inf if r.get(name) is None else r[name])  # the first of equals
     base = max((first[name], "the pretrained start" if args.pretrained else "the untrained start"),
                (first[f"pixels_{name}"], "raw pixels"))
-    return f"run directory: {args.out}\n" + ("no validation data: raise --val-fraction" if first[name] is None else
+    return f"run directory: {args.out}\n" + ("no validation: add data, or raise --val-fraction" if base[0] is None else
         f"{name}: {best[name]:.3f} best.pt (epoch {best['epoch']} of {args.epochs}) vs {base[0]:.3f} {base[1]}, the "
         f"strongest baseline: {'beats it' if best[name] > base[0] else 'does NOT beat it'}, {best[name] - base[0]:+.3f}"
         f"\nthe test split, every metric and more baselines: python eval.py {args.out}")

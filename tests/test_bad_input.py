@@ -24,8 +24,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny(method, data_file, out):
     dims = ["--proj-dim", "8", "--pred-dim", "4"] if method == "simsiam" else ["--hidden-dim", "16", "--proj-dim", "8"]
-    return ["--arch", "conv4", "--width", "8", *dims, "--epochs", "1", "--batch-size", "8", "--image-size", "28",
-            "--data-file", str(data_file), "--out", str(out), "--no-progress", "--val-fraction", "0.25"]
+    return [
+        "--arch",
+        "conv4",
+        "--width",
+        "8",
+        *dims,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "28",
+        "--data-file",
+        str(data_file),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--val-fraction",
+        "0.25",
+    ]
 
 
 def refused(module, argv, capsys):
@@ -54,6 +72,7 @@ def assert_untouched(out):
 
 
 # ----------------------------------------------------------------------------- the cases
+
 
 def missing_file(tmp, data):
     return {"--data-file": tmp / "none.pt"}, [str(tmp / "none.pt"), "prepare.py"]
@@ -144,10 +163,30 @@ def resume_other_method(tmp, data):
     return {"--resume": run / "last.pt"}, [f"--resume {run / 'last.pt'} is a simsiam run", "resume it with simsiam.py"]
 
 
-DATA_CASES = {f.__name__: f for f in [
-    missing_file, not_a_dict, no_groups, numpy_images, text_file, wrong_image_size, everything_held_out,
-    batch_larger_than_data, per_group_not_dividing, per_group_one_group_a_batch, not_a_model, pretrained_conv4, out_is_a_file, no_cuda,
-    not_a_device, resume_missing, resume_garbage, resume_folder_without_checkpoints, resume_other_method]}
+DATA_CASES = {
+    f.__name__: f
+    for f in [
+        missing_file,
+        not_a_dict,
+        no_groups,
+        numpy_images,
+        text_file,
+        wrong_image_size,
+        everything_held_out,
+        batch_larger_than_data,
+        per_group_not_dividing,
+        per_group_one_group_a_batch,
+        not_a_model,
+        pretrained_conv4,
+        out_is_a_file,
+        no_cuda,
+        not_a_device,
+        resume_missing,
+        resume_garbage,
+        resume_folder_without_checkpoints,
+        resume_other_method,
+    ]
+}
 
 
 def argv_of(changes, data, out):
@@ -232,9 +271,20 @@ def test_removed_flags_are_refused_naming_what_changed(flag, classes_file, tmp_p
 
 def test_every_script_refuses_the_same_removed_flags():
     assert all(m.REMOVED == byol.REMOVED for m in MODULES.values())
-    assert set(byol.REMOVED) >= {"--freeze-encoder", "--pca-dim", "--pool-stages", "--freeze-stages", "--labels",
-                                 "--init", "--workers", "--stem", "--weight-decay", "--warmup-epochs", "--log-every",
-                                 "--reference-kernels"}
+    assert set(byol.REMOVED) >= {
+        "--freeze-encoder",
+        "--pca-dim",
+        "--pool-stages",
+        "--freeze-stages",
+        "--labels",
+        "--init",
+        "--workers",
+        "--stem",
+        "--weight-decay",
+        "--warmup-epochs",
+        "--log-every",
+        "--reference-kernels",
+    }
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -259,10 +309,19 @@ def test_bad_input_never_costs_the_run_it_would_replace(classes_file, tmp_path, 
 
 def test_a_user_sees_one_line_and_exit_2_in_a_fresh_process(classes_file, tmp_path):
     """As a user runs them: a removed flag (refused before argparse), and a missing file (after it)."""
-    runs = {name: subprocess.Popen([sys.executable, "byol.py", *tiny("byol", data, tmp_path / name), *extra],
-                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for name, data, extra in [("removed", classes_file, ["--freeze-encoder"]),
-                                      ("missing", tmp_path / "none.pt", [])]}
+    runs = {
+        name: subprocess.Popen(
+            [sys.executable, "byol.py", *tiny("byol", data, tmp_path / name), *extra],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, data, extra in [
+            ("removed", classes_file, ["--freeze-encoder"]),
+            ("missing", tmp_path / "none.pt", []),
+        ]
+    }
     for name, p in runs.items():
         out, err = p.communicate(timeout=120)
         assert p.returncode == 2 and out == "" and len(err.strip().splitlines()) == 1, (name, p.returncode, err)

@@ -19,9 +19,30 @@ pytestmark = pytest.mark.skipif(
 
 def training_step(data_file, device):
     """byol.py's loop body, as train() builds it, for a tiny run on `data_file`: step(index) -> the step's loss."""
-    args = byol.parse_args(["--arch", "conv4", "--width", "8", "--hidden-dim", "16", "--proj-dim", "8", "--image-size",
-                            "28", "--batch-size", "8", "--epochs", "1", "--data-file", str(data_file), "--device",
-                            str(device), "--holdout", "0"])
+    args = byol.parse_args(
+        [
+            "--arch",
+            "conv4",
+            "--width",
+            "8",
+            "--hidden-dim",
+            "16",
+            "--proj-dim",
+            "8",
+            "--image-size",
+            "28",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--data-file",
+            str(data_file),
+            "--device",
+            str(device),
+            "--holdout",
+            "0",
+        ]
+    )
     data = byol.load_data(args)
     byol.fit_to_data(args, len(data.anchors), 1)
     data.images = data.images.to(device)  # the image cache on the GPU: a batch is a gather there

@@ -19,18 +19,46 @@ import eval as ev
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the command-line processes: one thread too (one_thread)
-TINY = ["--image-size", "28", "--arch", "conv4", "--width", "8", "--hidden-dim", "16", "--proj-dim", "8", "--epochs",
-        "2", "--batch-size", "8", "--holdout", "0.3", "--val-fraction", "0.25", "--no-progress"]
+TINY = [
+    "--image-size",
+    "28",
+    "--arch",
+    "conv4",
+    "--width",
+    "8",
+    "--hidden-dim",
+    "16",
+    "--proj-dim",
+    "8",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--holdout",
+    "0.3",
+    "--val-fraction",
+    "0.25",
+    "--no-progress",
+]
 
 
 def write_data(path, kind="classes", groups=12, per_group=5, size=28, seed=0, **extra):
     """A prepared file: groups x per_group random images, group g holding images g * per_group + 0 .. per_group - 1."""
     n = groups * per_group
     images = torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-    torch.save({"format": 1, "images": images, "kind": kind, "groups": torch.arange(n).view(groups, per_group),
-                "group_names": [f"g{i}" for i in range(groups)], "names": [f"i{i}" for i in range(n)],
-                "meta": {"source": "test", "root": str(path.parent), "image_size": size, "key": f"{kind}{seed}"},
-                **extra}, path)
+    torch.save(
+        {
+            "format": 1,
+            "images": images,
+            "kind": kind,
+            "groups": torch.arange(n).view(groups, per_group),
+            "group_names": [f"g{i}" for i in range(groups)],
+            "names": [f"i{i}" for i in range(n)],
+            "meta": {"source": "test", "root": str(path.parent), "image_size": size, "key": f"{kind}{seed}"},
+            **extra,
+        },
+        path,
+    )
     return path
 
 
@@ -42,8 +70,15 @@ def train(data_file, out, *flags):
 
 def cli(*argv):
     """python eval.py ARGV in a fresh process, as a user runs it (one thread: see one_thread)."""
-    return subprocess.run([sys.executable, "eval.py", *map(str, argv)], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, check=False, timeout=300)
+    return subprocess.run(
+        [sys.executable, "eval.py", *map(str, argv)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
 
 
 def one_line_error(capsys, argv, *words):
@@ -89,8 +124,11 @@ def run_data(run):
 
 def tie_orders(sim_row):
     """Every order of the gallery that sorts sim_row from high to low: ties broken every way, each equally likely."""
-    return [order for order in itertools.permutations(range(len(sim_row)))
-            if all(sim_row[a] >= sim_row[b] for a, b in itertools.pairwise(order))]
+    return [
+        order
+        for order in itertools.permutations(range(len(sim_row)))
+        if all(sim_row[a] >= sim_row[b] for a, b in itertools.pairwise(order))
+    ]
 
 
 def brute_force_pairs(queries, gallery, ks=(1, 5, 10)):
@@ -175,8 +213,9 @@ def test_whitening_whitens_and_is_capped_at_the_rank():
 
 def test_verdict_names_the_strongest_baseline():
     found = {"raw pixels": {"m": 0.30}, "untrained conv4": {"m": 0.50}, "frozen x": {"other": 0.9}}
-    assert ev.verdict("m", 0.4, found) == ("trained 0.4000: does NOT beat the strongest baseline, untrained conv4 "
-                                           "0.5000, by -0.1000 (m)")
+    assert ev.verdict("m", 0.4, found) == (
+        "trained 0.4000: does NOT beat the strongest baseline, untrained conv4 0.5000, by -0.1000 (m)"
+    )
     assert ev.verdict("m", 0.6, found).startswith("trained 0.6000: beats the strongest baseline, untrained conv4 0.5")
     assert ev.verdict("m", 0.5, found).startswith("trained 0.5000: does NOT beat")  # a tie does not beat
 
@@ -189,12 +228,21 @@ def test_each_kind_scores_its_metric(tmp_path, kind):
     gen = torch.Generator().manual_seed(4)
     runs = torch.randperm(30, generator=gen)[:24].view(3, 2, 4)
     near_copies = torch.randint(0, 256, (30, 3, 28, 28), generator=gen, dtype=torch.uint8)  # query i ~ reference i
-    near_copies[runs[:, 1]] = (near_copies[runs[:, 0]] + torch.randint(0, 60, (3, 4, 3, 28, 28), generator=gen,
-                                                                         dtype=torch.uint8)).clamp(max=255)
-    extra = {"labelled": {"labels": torch.randint(0, 3, (30,), generator=gen), "test": torch.arange(30) >= 20},
-             "unlabelled": {}, "one_shot": {"test_runs": runs, "images": near_copies}}[kind]
-    path = write_data(tmp_path / "d.pt", "classes" if kind == "one_shot" else "images", 30 if kind != "one_shot" else 6,
-                      1 if kind != "one_shot" else 5, **extra)
+    near_copies[runs[:, 1]] = (
+        near_copies[runs[:, 0]] + torch.randint(0, 60, (3, 4, 3, 28, 28), generator=gen, dtype=torch.uint8)
+    ).clamp(max=255)
+    extra = {
+        "labelled": {"labels": torch.randint(0, 3, (30,), generator=gen), "test": torch.arange(30) >= 20},
+        "unlabelled": {},
+        "one_shot": {"test_runs": runs, "images": near_copies},
+    }[kind]
+    path = write_data(
+        tmp_path / "d.pt",
+        "classes" if kind == "one_shot" else "images",
+        30 if kind != "one_shot" else 6,
+        1 if kind != "one_shot" else 5,
+        **extra,
+    )
     args = byol.parse_args(["--data-file", str(path), "--image-size", "28", "--holdout", "0.3", "--eval-shift", "0"])
     data, pixels = byol.load_data(args), byol.Pixels()
     got = ev.measure(pixels, data, args, "cpu")
@@ -248,8 +296,9 @@ def test_whitening_is_fitted_on_training_images_only(classes_run, tmp_path, monk
     assert {"frozen tf_efficientnet_lite0 32px", "frozen tf_efficientnet_lite0 32px whitened"} <= set(results)
     assert "upsampled to 32 px" in capsys.readouterr().out
     _, data, _ = run_data(classes_run)
-    embed = lambda part: byol.embed_images(ev.Embedding(encoder), ev.Resized(
-        data.images, 32)[data.groups[part].flatten()], "cpu")[0]
+    embed = lambda part: byol.embed_images(
+        ev.Embedding(encoder), ev.Resized(data.images, 32)[data.groups[part].flatten()], "cpu"
+    )[0]
     (feats,) = fitted
     train_feats = embed(data.train)
     assert feats.shape == train_feats.shape and torch.allclose(feats.mean(0), train_feats.mean(0), atol=1e-5)
@@ -258,8 +307,26 @@ def test_whitening_is_fitted_on_training_images_only(classes_run, tmp_path, monk
 
 def test_baseline_without_a_run_uses_the_scripts_split(tmp_path):
     path = write_data(tmp_path / "d.pt")
-    assert ev.main(["evaluate", "--baseline", "pixels", "--data-file", str(path), "--image-size", "28", "--seed", "3",
-                    "--holdout", "0.3", "--out", str(tmp_path / "e.json")]) == 0
+    assert (
+        ev.main(
+            [
+                "evaluate",
+                "--baseline",
+                "pixels",
+                "--data-file",
+                str(path),
+                "--image-size",
+                "28",
+                "--seed",
+                "3",
+                "--holdout",
+                "0.3",
+                "--out",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     args = byol.parse_args(["--data-file", str(path), "--image-size", "28", "--seed", "3", "--holdout", "0.3"])
     expected = ev.measure(byol.Pixels(), byol.load_data(args), args, "cpu")
     assert json.loads((tmp_path / "e.json").read_text())["results"] == {"raw pixels": expected}
@@ -279,8 +346,18 @@ def test_pretrained_baseline_decodes_a_source_again_at_its_native_size(tmp_path,
     torch.manual_seed(0)
     encoder = byol.build_encoder("conv4", width=[8] * 4)[0]
     monkeypatch.setattr(ev, "pretrained_encoder", lambda arch: (encoder, 40))
-    flags = ["--data", "tll", "--data-dir", str(tmp_path / "tll"), "--seed", "0", "--holdout", "0.3", "--image-size",
-             "24"]
+    flags = [
+        "--data",
+        "tll",
+        "--data-dir",
+        str(tmp_path / "tll"),
+        "--seed",
+        "0",
+        "--holdout",
+        "0.3",
+        "--image-size",
+        "24",
+    ]
     assert ev.main(["evaluate", "--baseline", "pretrained", *flags, "--out", str(tmp_path / "e.json")]) == 0
     assert "tll prepared again at 40 px" in capsys.readouterr().out
     assert sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "cache").iterdir()) == ["24px.pt", "40px.pt"]

@@ -31,14 +31,17 @@ SETTINGS = {"deadline": None, "derandomize": True}  # the same examples every ru
 
 def tiny_encoder():
     """conv-BN-ReLU-pool: an encoder with batch norm (so that per-view and joint batch norm differ), 4 features."""
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten()), 4
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    ), 4
 
 
 def views(b=6, s=8, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, 3, s, s, generator=g, dtype=torch.float64).to(dtype),
-            torch.randn(b, 3, s, s, generator=g, dtype=torch.float64).to(dtype))
+    return (
+        torch.randn(b, 3, s, s, generator=g, dtype=torch.float64).to(dtype),
+        torch.randn(b, 3, s, s, generator=g, dtype=torch.float64).to(dtype),
+    )
 
 
 def grads(model, loss):
@@ -114,8 +117,10 @@ def test_byol_target_gets_no_gradient_and_the_online_network_all_of_it():
 
 
 def online_and_target(model):
-    return ([p.detach().clone() for p in [*model.encoder.parameters(), *model.projector.parameters()]],
-            [p.detach().clone() for p in [*model.target_encoder.parameters(), *model.target_projector.parameters()]])
+    return (
+        [p.detach().clone() for p in [*model.encoder.parameters(), *model.projector.parameters()]],
+        [p.detach().clone() for p in [*model.target_encoder.parameters(), *model.target_projector.parameters()]],
+    )
 
 
 @settings(max_examples=25, **SETTINGS)
@@ -229,8 +234,9 @@ def bn_only_manual(model, x1, x2, detach, joint=False):
 @given(**INPUTS)
 def test_bn_only_gradients_reach_both_views_unless_stop_grad(dtype, stop_grad, predictor, b, seed):
     torch.manual_seed(seed)
-    model = bn_only.BNOnly(*tiny_encoder(), hidden_dim=16, proj_dim=8, stop_grad=stop_grad,
-                           predictor=predictor).to(dtype)
+    model = bn_only.BNOnly(*tiny_encoder(), hidden_dim=16, proj_dim=8, stop_grad=stop_grad, predictor=predictor).to(
+        dtype
+    )
     x1, x2 = views(b, seed=seed, dtype=dtype)
     loss = model(x1, x2)
     assert loss.ndim == 0 and 0 <= loss.item() <= 8
@@ -244,9 +250,19 @@ def batch_norms(module):
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-bn"], ["--no-bn", "--predictor"], ["--bn-placement", "all"],
-                                   ["--predictor"], ["--predictor", "--bn-placement", "all"], ["--stop-grad"]],
-                         ids=lambda f: " ".join(f) or "default")
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--no-bn"],
+        ["--no-bn", "--predictor"],
+        ["--bn-placement", "all"],
+        ["--predictor"],
+        ["--predictor", "--bn-placement", "all"],
+        ["--stop-grad"],
+    ],
+    ids=lambda f: " ".join(f) or "default",
+)
 def test_bn_only_switches_change_the_module_as_named(flags):
     model = bn_only.build_model(tiny_args(bn_only, *flags))
     heads = [model.projector, model.predictor]
@@ -376,8 +392,11 @@ def test_batch_negatives_ignore_the_groups_and_labels_use_them(loss):
     with torch.no_grad():
         z = torch.cat(both(lambda x: by_labels.projector(by_labels.encoder(x)), x1, x2, False))
         labels = torch.cat([groups, groups])
-        direct = (contrastive.ntxent_loss(z, labels, 0.2) if loss == "ntxent" else
-                  contrastive.triplet_loss(z, labels, 0.2, "batch-hard"))
+        direct = (
+            contrastive.ntxent_loss(z, labels, 0.2)
+            if loss == "ntxent"
+            else contrastive.triplet_loss(z, labels, 0.2, "batch-hard")
+        )
         assert torch.allclose(by_labels(x1, x2, groups), direct, atol=1e-6)
 
 
@@ -417,8 +436,11 @@ def test_conv4_relu_after_the_max_pool_is_the_usual_block():
     """max-pool and ReLU commute: conv-BN-ReLU-pool checkpoints load and embed the same."""
     torch.manual_seed(0)
     net, _ = byol.build_encoder("conv4", width=[8])
-    usual = nn.Sequential(*[m for i in range(4) for m in (net[4 * i], net[4 * i + 1], nn.ReLU(), nn.MaxPool2d(2))],
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    usual = nn.Sequential(
+        *[m for i in range(4) for m in (net[4 * i], net[4 * i + 1], nn.ReLU(), nn.MaxPool2d(2))],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
     usual.load_state_dict(net.state_dict())
     x = torch.randn(4, 3, 28, 28)
     for mode in (True, False):

@@ -25,8 +25,6 @@ def embedding(run, images):
     return F.normalize(byol.embed_images(ev.trained_model(mod, ckpt, args), images, "cpu", args.eval_shift)[0], dim=1)
 
 
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("conv4")
@@ -65,7 +63,12 @@ def test_embed_and_search_from_the_command_line(run, photos, tmp_path):
     assert all(p.startswith("/") for p in paths)  # absolute: search finds them from anywhere
     assert torch.allclose(embeddings, embedding(run, torch.stack([images[n] for n in names])), atol=1e-5)
     assert {k: meta[k] for k in ("method", "checkpoint", "epoch", "arch", "image_size")} == {
-        "method": "byol", "checkpoint": str(run / "best.pt"), "epoch": 2, "arch": "conv4", "image_size": 28}
+        "method": "byol",
+        "checkpoint": str(run / "best.pt"),
+        "epoch": 2,
+        "arch": "conv4",
+        "image_size": 28,
+    }
 
     query = paths[4]
     proc = cli("search", out, "--query", query, "--top-k", "3", "--out", tmp_path / "grid.png")
@@ -138,11 +141,21 @@ def exported(run, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data32 = write_data(root / "d32.pt", groups=6, per_group=4, size=32)
     small = ["--image-size", "32", "--epochs", "1", "--batch-size", "4", "--val-fraction", "0"]  # last.pt only
-    runs = {"conv4": run, "lite0": train(data32, root / "lite0", *small, "--arch", "tf_efficientnet_lite0",
-                                         "--pretrained")}
-    procs = {a: subprocess.Popen([sys.executable, "eval.py", "export", str(r), "--out", str(root / a / "enc.pt")],
-                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-             for a, r in runs.items()}
+    runs = {
+        "conv4": run,
+        "lite0": train(data32, root / "lite0", *small, "--arch", "tf_efficientnet_lite0", "--pretrained"),
+    }
+    procs = {
+        a: subprocess.Popen(
+            [sys.executable, "eval.py", "export", str(r), "--out", str(root / a / "enc.pt")],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for a, r in runs.items()
+    }
     for arch, r in runs.items():
         assert procs[arch].wait(timeout=300) == 0, procs[arch].communicate()[1]
         images = byol.load_data(ev.load_run(r)[2]).images[:7]
@@ -165,8 +178,14 @@ print("byol" in sys.modules or "eval" in sys.modules)
 def reloaded(exported):
     """{arch: largest difference} from a fresh process that loads the programs with torch alone."""
     folders = [exported / a for a in ("conv4", "lite0")]
-    proc = subprocess.run([sys.executable, "-c", CHECK, *map(str, folders)], env=ENV, capture_output=True, text=True,
-                          check=False, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK, *map(str, folders)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     *lines, imported = proc.stdout.splitlines()
     assert imported == "False"  # the program stands alone

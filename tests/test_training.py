@@ -39,9 +39,31 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny(method, data_file, out, *extra, epochs=2):
     """The smallest run of `method` on a prepared file: validation on a quarter of the training groups."""
     dims = ["--proj-dim", "8", "--pred-dim", "4"] if method == "simsiam" else ["--hidden-dim", "16", "--proj-dim", "8"]
-    return ["--arch", "conv4", "--width", "8", *dims, "--epochs", str(epochs), "--batch-size", "8", "--image-size",
-            "28", "--data-file", str(data_file), "--out", str(out), "--no-progress", "--holdout", "0.2",
-            "--val-fraction", "0.25", "--eval-every", "1", *extra]
+    return [
+        "--arch",
+        "conv4",
+        "--width",
+        "8",
+        *dims,
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+        "--image-size",
+        "28",
+        "--data-file",
+        str(data_file),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--holdout",
+        "0.2",
+        "--val-fraction",
+        "0.25",
+        "--eval-every",
+        "1",
+        *extra,
+    ]
 
 
 def run_main(module, argv):
@@ -137,7 +159,9 @@ def test_checkpoints_are_written_and_load_checkpoint_reads_them(runs, tmp_path):
     scored = [r["val_r_precision"] for r in history]
     assert best["epoch"] == max(range(3), key=lambda e: (scored[e], -e))  # the first of the best, the start included
     assert best["stopping"]["best"] == scored[best["epoch"]]
-    assert any(k.startswith("encoder.") for k in last["model"]) and any(k.startswith("projector.") for k in last["model"])
+    assert any(k.startswith("encoder.") for k in last["model"]) and any(
+        k.startswith("projector.") for k in last["model"]
+    )
     assert any(k.startswith("target_encoder.") for k in last["model"]) == (runs["name"] == "byol")
     assert last["optimizer"]["state"] and last["scheduler"]["last_epoch"] == 10
     assert last["args"]["epochs"] == 2 and last["args"]["out"] == str(out)
@@ -212,8 +236,9 @@ def test_resume_refuses_changed_data(make_data, tmp_path):
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
-@pytest.mark.parametrize("flag", [["--epochs", "5"], ["--lr", "0.5"], ["--data-file", "x.pt"], ["--out", "x"],
-                                  ["--seed", "1"]])
+@pytest.mark.parametrize(
+    "flag", [["--epochs", "5"], ["--lr", "0.5"], ["--data-file", "x.pt"], ["--out", "x"], ["--seed", "1"]]
+)
 def test_resume_refuses_the_flags_it_would_ignore(flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # refused before the checkpoint is read
         byol.main(["--resume", str(tmp_path / "run" / "last.pt"), "--no-progress", *flag])
@@ -253,8 +278,9 @@ def scripted_validation(monkeypatch, values):
     monkeypatch.setattr(byol, "score", score)
 
 
-def test_the_start_competes_for_best_pt_and_patience_counts_from_the_best_trained_epoch(classes_file, tmp_path,
-                                                                                        monkeypatch):
+def test_the_start_competes_for_best_pt_and_patience_counts_from_the_best_trained_epoch(
+    classes_file, tmp_path, monkeypatch
+):
     """Validation that never comes back to the start's: best.pt stays the network the run began with. Patience
     counts from the best trained evaluation, so the climb after epoch 1 is not cut short by the start's score."""
     scripted_validation(monkeypatch, [0.9, 0.5, 0.6, 0.7])
@@ -311,8 +337,10 @@ def test_a_new_run_never_replaces_another_without_overwrite(classes_file, tmp_pa
 
 def hold_lock(folder):
     """Another process that holds the folder's lock, as a running run does, until it is killed."""
-    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); "
-            "print('held', flush=True); time.sleep(120)")
+    code = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); "
+        "print('held', flush=True); time.sleep(120)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(folder / ".lock")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
@@ -352,8 +380,9 @@ def test_a_run_holds_its_folder_while_it_runs_and_frees_it_when_it_returns(class
     assert run_main(byol, tiny("byol", classes_file, out, epochs=1))[0] == 0 and seen
     # Returned: another process (a resume in a terminal beside a notebook) may take the folder.
     code = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
-    probe = subprocess.run([sys.executable, "-c", code, str(out / ".lock")], capture_output=True, text=True,
-                           check=False)
+    probe = subprocess.run(
+        [sys.executable, "-c", code, str(out / ".lock")], capture_output=True, text=True, check=False
+    )
     assert probe.returncode == 0, f"main() returned and still holds {out}: {probe.stderr.splitlines()[-1:]}"
 
 
@@ -432,8 +461,15 @@ def old_split(num_groups, holdout, val_fraction, seed):
 
 
 def data_args(path, holdout=0.2, val_fraction=0.0, seed=0, pairs="natural", image_size=28):
-    return SimpleNamespace(data_file=path, data="omniglot", image_size=image_size, holdout=holdout,
-                           val_fraction=val_fraction, seed=seed, pairs=pairs)
+    return SimpleNamespace(
+        data_file=path,
+        data="omniglot",
+        image_size=image_size,
+        holdout=holdout,
+        val_fraction=val_fraction,
+        seed=seed,
+        pairs=pairs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -450,9 +486,14 @@ def files(make_data):
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(kind=st.sampled_from(["classes", "pairs", "images"]), groups=st.sampled_from([2, 3, 7, 20, 41]),
-       holdout=st.sampled_from([0.0, 0.2, 0.5]), val_fraction=st.sampled_from([0.0, 0.1, 0.25]),
-       pairs=st.sampled_from(["natural", "aug"]), seed=st.integers(0, 2**20))
+@given(
+    kind=st.sampled_from(["classes", "pairs", "images"]),
+    groups=st.sampled_from([2, 3, 7, 20, 41]),
+    holdout=st.sampled_from([0.0, 0.2, 0.5]),
+    val_fraction=st.sampled_from([0.0, 0.1, 0.25]),
+    pairs=st.sampled_from(["natural", "aug"]),
+    seed=st.integers(0, 2**20),
+)
 def test_the_split_is_by_group_seeded_and_the_old_one(files, kind, groups, holdout, val_fraction, pairs, seed):
     path = files(kind, groups)
     data = byol.load_data(data_args(path, holdout, val_fraction, seed, pairs, image_size=8))
@@ -508,10 +549,15 @@ def epoch_pairs(data, epoch, batch_size=8, seed=0, world=1, rank=0, per_group=0)
     code = coded(data)
     order = byol.epoch_order(data, seed, epoch, batch_size, per_group)
     steps = len(order) // batch_size
-    parts = [list(byol.make_pair_batch(code, order, s, batch_size, rank, world, seed, epoch * steps + s, "cpu"))
-             for s in range(steps)]
-    return (torch.cat([decoded(p[0]) for p in parts]), torch.cat([decoded(p[1]) for p in parts]),
-            torch.cat([p[2] for p in parts]))
+    parts = [
+        list(byol.make_pair_batch(code, order, s, batch_size, rank, world, seed, epoch * steps + s, "cpu"))
+        for s in range(steps)
+    ]
+    return (
+        torch.cat([decoded(p[0]) for p in parts]),
+        torch.cat([decoded(p[1]) for p in parts]),
+        torch.cat([p[2] for p in parts]),
+    )
 
 
 def group_of_image(data):
@@ -593,9 +639,21 @@ def test_contrastive_trains_on_per_group_batches_with_label_negatives(classes_fi
 
 
 def aug_args(**overrides):
-    return SimpleNamespace(**{"crop_min_scale": 0.2, "jitter_strength": 1.0, "flip_prob": 0.5, "solarize_prob": 0.2,
-                              "gray_prob": 0.2, "rotation": 10.0, "shear": 5.0, "stroke": 0.3, "crop_size": 0,
-                              "image_size": 28, **overrides})
+    return SimpleNamespace(
+        **{
+            "crop_min_scale": 0.2,
+            "jitter_strength": 1.0,
+            "flip_prob": 0.5,
+            "solarize_prob": 0.2,
+            "gray_prob": 0.2,
+            "rotation": 10.0,
+            "shear": 5.0,
+            "stroke": 0.3,
+            "crop_size": 0,
+            "image_size": 28,
+            **overrides,
+        }
+    )
 
 
 MEAN = torch.tensor(byol.IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -649,8 +707,15 @@ def test_augment_draws_its_parameters_from_its_generator_alone():
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
-@given(w=st.floats(0.05, 1.0), h=st.floats(0.05, 1.0), cx=st.floats(-1, 1), cy=st.floats(-1, 1),
-       flip=st.sampled_from([-1.0, 1.0]), angle=st.floats(-180, 180), slant=st.floats(-60, 60))
+@given(
+    w=st.floats(0.05, 1.0),
+    h=st.floats(0.05, 1.0),
+    cx=st.floats(-1, 1),
+    cy=st.floats(-1, 1),
+    flip=st.sampled_from([-1.0, 1.0]),
+    angle=st.floats(-180, 180),
+    slant=st.floats(-60, 60),
+)
 def test_crop_affine_scales_area_by_the_crop_alone(w, h, cx, cy, flip, angle, slant):
     """Rotation and shear keep area: the determinant is the crop's w * h * flip, and the shift is its centre."""
     t = lambda v: torch.tensor([v], dtype=torch.float64)
@@ -672,8 +737,15 @@ def ink(views):
     return 1 - (views * STD + MEAN).mean((1, 2, 3))
 
 
-HANDWRITING = {"crop_min_scale": 0.9, "jitter_strength": 0.0, "flip_prob": 0.0, "gray_prob": 0.0, "rotation": 0.0,
-               "shear": 0.0, "stroke": 0.0}
+HANDWRITING = {
+    "crop_min_scale": 0.9,
+    "jitter_strength": 0.0,
+    "flip_prob": 0.0,
+    "gray_prob": 0.0,
+    "rotation": 0.0,
+    "shear": 0.0,
+    "stroke": 0.0,
+}
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
@@ -685,7 +757,9 @@ def test_stroke_thickens_or_thins_as_its_drawn_amount_says(seed):
     x[:, :, 12:15, 4:24] = 0
     x[:, :, 4:24, 12:15] = 0
     plain = byol.augment(x, torch.Generator().manual_seed(seed), 0.0, 0.0, aug_args(**HANDWRITING))
-    jittered = byol.augment(x, torch.Generator().manual_seed(seed), 0.0, 0.0, aug_args(**{**HANDWRITING, "stroke": 1.0}))
+    jittered = byol.augment(
+        x, torch.Generator().manual_seed(seed), 0.0, 0.0, aug_args(**{**HANDWRITING, "stroke": 1.0})
+    )
     amount = torch.rand(16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     strong = amount.abs() > 0.05
     assert strong.any() and torch.equal(((ink(jittered) - ink(plain)) > 0)[strong], (amount > 0)[strong])
@@ -701,8 +775,13 @@ def test_rotation_and_shear_move_the_strokes():
         return ((views * STD + MEAN).mean(1) < 0.5).any(2).sum(1).float().mean()
 
     still = byol.augment(x, torch.Generator().manual_seed(0), 0.0, 0.0, still_args)
-    turned = byol.augment(x, torch.Generator().manual_seed(0), 0.0, 0.0,
-                          SimpleNamespace(**{**vars(still_args), "rotation": 45.0, "shear": 20.0}))
+    turned = byol.augment(
+        x,
+        torch.Generator().manual_seed(0),
+        0.0,
+        0.0,
+        SimpleNamespace(**{**vars(still_args), "rotation": 45.0, "shear": 20.0}),
+    )
     assert rows_spanned(turned) > rows_spanned(still) + 3
 
 
@@ -735,16 +814,36 @@ def test_r_precision_counts_the_class_among_the_r_nearest():
 
 
 @pytest.mark.parametrize("which", ["episodes", "pairs", "classes", "images"])
-def test_validation_scores_each_kind_of_data_and_a_collapse_scores_chance(which, episodes_file, pairs_file,
-                                                                          classes_file, images_file):
+def test_validation_scores_each_kind_of_data_and_a_collapse_scores_chance(
+    which, episodes_file, pairs_file, classes_file, images_file
+):
     path = {"episodes": episodes_file, "pairs": pairs_file, "classes": classes_file, "images": images_file}[which]
-    args = SimpleNamespace(**{**vars(data_args(path, 0.2, 0.4)), "eval_shift": 0, "crop_min_scale": 0.9,
-                              "jitter_strength": 0.0, "flip_prob": 0.0, "solarize_prob": 0.0, "gray_prob": 0.0,
-                              "rotation": 0.0, "shear": 0.0, "stroke": 0.0, "crop_size": 0})
+    args = SimpleNamespace(
+        **{
+            **vars(data_args(path, 0.2, 0.4)),
+            "eval_shift": 0,
+            "crop_min_scale": 0.9,
+            "jitter_strength": 0.0,
+            "flip_prob": 0.0,
+            "solarize_prob": 0.0,
+            "gray_prob": 0.0,
+            "rotation": 0.0,
+            "shear": 0.0,
+            "stroke": 0.0,
+            "crop_size": 0,
+        }
+    )
     data = byol.load_data(args)
     name, pixels = byol.score(byol.Pixels(), data, "val", args, "cpu")
-    assert name == {"episodes": "val_one_shot", "pairs": "val_recall@1", "classes": "val_r_precision",
-                    "images": "val_aug_copy_recall@1"}[which]
+    assert (
+        name
+        == {
+            "episodes": "val_one_shot",
+            "pairs": "val_recall@1",
+            "classes": "val_r_precision",
+            "images": "val_aug_copy_recall@1",
+        }[which]
+    )
     assert pixels > 0.9  # the images of a group share a pattern: raw pixels find it
     assert byol.score(byol.Pixels(), data, "val", args, "cpu") == (name, pixels)  # the same at every evaluation
     if which == "images":  # the augmented copies it searches for are the same at every evaluation
@@ -764,20 +863,26 @@ def test_the_summary_compares_best_pt_with_the_strongest_baseline():
     assert byol.summary(history, args).splitlines() == [
         "run directory: runs/x",
         "val_r_precision: 0.600 best.pt (epoch 1 of 3) vs 0.500 raw pixels, the strongest baseline: beats it, +0.100",
-        "the test split, every metric and more baselines: python eval.py runs/x"]
+        "the test split, every metric and more baselines: python eval.py runs/x",
+    ]
     history = [{**first, "val_r_precision": 0.7}, {"epoch": 1, "val_r_precision": 0.6}]
     line = byol.summary(history, SimpleNamespace(**{**vars(args), "pretrained": True})).splitlines()[1]
-    assert line == ("val_r_precision: 0.700 best.pt (epoch 0 of 3) vs 0.700 the pretrained start, the strongest "
-                    "baseline: does NOT beat it, +0.000")
-    history = [{**first, "val_r_precision": None, "pixels_val_r_precision": None}, {"epoch": 1, "val_r_precision": None}]
-    assert byol.summary(history, args).splitlines()[1] == "no validation data: raise --val-fraction"
+    assert line == (
+        "val_r_precision: 0.700 best.pt (epoch 0 of 3) vs 0.700 the pretrained start, the strongest "
+        "baseline: does NOT beat it, +0.000"
+    )
+    history = [
+        {**first, "val_r_precision": None, "pixels_val_r_precision": None},
+        {"epoch": 1, "val_r_precision": None},
+    ]
+    assert byol.summary(history, args).splitlines()[1] == "no validation: add data, or raise --val-fraction"
 
 
 @pytest.mark.parametrize("sick, warned", [({}, False), ({"collapse_std": 0.01}, True), ({"effective_rank": 0.4}, True)])
 def test_a_collapse_gets_a_plain_warning(classes_file, tmp_path, monkeypatch, sick, warned):
     """The projector's spread under a tenth of 1/sqrt(d), or its effective rank under d/16: one warning line per
     validation, on stderr, the run going on."""
-    healthy = {"collapse_std": 0.3, "healthy_std": 8 ** -0.5, "effective_rank": 6.0}
+    healthy = {"collapse_std": 0.3, "healthy_std": 8**-0.5, "effective_rank": 6.0}
     monkeypatch.setattr(byol, "collapse", lambda *args: {**healthy, **sick})
     rc, _, err = run_main(byol, tiny("byol", classes_file, tmp_path / "run"))
     warnings = [line for line in err.splitlines() if line.startswith("warning: the representation looks collapsed")]
@@ -789,8 +894,12 @@ def test_partners_and_each_ranks_views_draw_from_streams_of_their_own():
     """Which member becomes the positive (stream 0) must not be tied to the numbers that augment (stream 1 + rank):
     no two (step, stream) of a run share a generator (nor one step's views the next step's partners), and the
     streams do not correlate."""
-    draws = torch.stack([torch.stack([torch.rand(3, generator=byol.step_generator(3, step, "cpu", stream))
-                                      for step in range(200)]) for stream in range(4)])  # [stream, step, 3]
+    draws = torch.stack(
+        [
+            torch.stack([torch.rand(3, generator=byol.step_generator(3, step, "cpu", stream)) for step in range(200)])
+            for stream in range(4)
+        ]
+    )  # [stream, step, 3]
     assert len({tuple(d.tolist()) for d in draws.flatten(0, 1)}) == 4 * 200
     corr = torch.corrcoef(draws[:, :, 0])
     assert (corr - torch.eye(4)).abs().max() < 0.25
@@ -810,8 +919,9 @@ def test_each_recipe_is_the_default_of_its_data_and_a_flag_wins(data):
             assert getattr(args, key) == value, key
     byol.fit_to_data(args, 1000, 1)
     assert args.batch_size == recipe.get("batch_size", 64) and args.epochs <= recipe["epochs"]
-    chosen = byol.parse_args(["--data", data, "--epochs", "3", "--batch-size", "10", "--image-size", "40",
-                              "--lr", "0.01"])
+    chosen = byol.parse_args(
+        ["--data", data, "--epochs", "3", "--batch-size", "10", "--image-size", "40", "--lr", "0.01"]
+    )
     byol.fit_to_data(chosen, 1000, 1)
     assert (chosen.epochs, chosen.batch_size, chosen.image_size, chosen.lr) == (3, 10, 40, 0.01)
 
@@ -822,14 +932,19 @@ def test_pretrained_adds_the_fine_tuning_row_and_help_shows_the_recipe(capsys):
         if key not in ("max_pairs", "epochs", "batch_size"):  # the last two: ceilings, fitted to the data
             assert getattr(args, key) == value, key
     assert args.crop_min_scale == byol.RECIPES["folder"]["crop_min_scale"]  # the rest is the data's recipe
-    assert byol.parse_args(["--data", "tll"]).pretrained and not byol.parse_args(["--data", "tll", "--no-pretrained"]).pretrained
+    assert (
+        byol.parse_args(["--data", "tll"]).pretrained
+        and not byol.parse_args(["--data", "tll", "--no-pretrained"]).pretrained
+    )
     with pytest.raises(SystemExit):
         byol.parse_args(["--data", "tll", "--help"])
     assert f"default {byol.recipe_of('tll', True)['epochs']}" in " ".join(capsys.readouterr().out.split())
 
 
-@pytest.mark.parametrize("anchors,world,expected", [(77, 1, 32), (3000, 1, 128), (4, 1, 2), (48, 1, 16), (77, 2, 32),
-                                                    (9, 4, 8), (77, 3, 30), (3000, 3, 126)])
+@pytest.mark.parametrize(
+    "anchors,world,expected",
+    [(77, 1, 32), (3000, 1, 128), (4, 1, 2), (48, 1, 16), (77, 2, 32), (9, 4, 8), (77, 3, 30), (3000, 3, 126)],
+)
 def test_the_batch_follows_the_data_without_a_flag(anchors, world, expected):
     args = byol.parse_args(["--data", "folder"])
     byol.fit_to_data(args, anchors, world)
@@ -859,9 +974,11 @@ def test_class_folders_in_colour_fine_tune_and_grayscale_ones_train_conv4(monkey
     g = torch.Generator().manual_seed(0)
     gray = torch.randint(0, 256, (20, 1, 32, 32), generator=g, dtype=torch.uint8).expand(-1, 3, -1, -1)
     noisy = (gray.short() + torch.randint(-2, 3, gray.shape, generator=g)).clamp(0, 255).to(torch.uint8)
-    files = {"colour": {"kind": "classes", "images": torch.randint(0, 256, (20, 3, 32, 32), generator=g,
-                                                                       dtype=torch.uint8)},
-             "gray": {"kind": "classes", "images": gray}, "noisy": {"kind": "classes", "images": noisy}}
+    files = {
+        "colour": {"kind": "classes", "images": torch.randint(0, 256, (20, 3, 32, 32), generator=g, dtype=torch.uint8)},
+        "gray": {"kind": "classes", "images": gray},
+        "noisy": {"kind": "classes", "images": noisy},
+    }
     files["loose"] = {**files["colour"], "kind": "images"}
 
     def fake_prepare(data, root, *args, **kwargs):
@@ -871,11 +988,20 @@ def test_class_folders_in_colour_fine_tune_and_grayscale_ones_train_conv4(monkey
 
     monkeypatch.setattr(prepare, "prepare", fake_prepare)
     monkeypatch.setattr(prepare, "load", lambda path, *a, **k: files[path])
-    assert [byol.folder_in_colour(root) for root in ("colour", "gray", "noisy", "loose", "missing", None)] == \
-        [True, False, False, False, False, False]
+    assert [byol.folder_in_colour(root) for root in ("colour", "gray", "noisy", "loose", "missing", None)] == [
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+    ]
     photos = byol.parse_args(["--data", "folder", "--data-dir", "colour"])
-    assert (photos.pretrained, photos.arch, photos.image_size) == (True, byol.FINE_TUNE["folder"]["arch"],
-                                                                 byol.FINE_TUNE["folder"]["image_size"])
+    assert (photos.pretrained, photos.arch, photos.image_size) == (
+        True,
+        byol.FINE_TUNE["folder"]["arch"],
+        byol.FINE_TUNE["folder"]["image_size"],
+    )
     drawings = byol.parse_args(["--data", "folder", "--data-dir", "gray"])
     assert (drawings.pretrained, drawings.arch) == (False, "conv4")
     assert not byol.parse_args(["--data", "folder", "--data-dir", "colour", "--no-pretrained"]).pretrained
@@ -883,8 +1009,9 @@ def test_class_folders_in_colour_fine_tune_and_grayscale_ones_train_conv4(monkey
 
 def test_the_four_scripts_share_their_machinery_word_for_word(tmp_path):
     def sync(*argv):
-        return subprocess.run([sys.executable, str(REPO / ".ci" / "sync_shared.py"), *argv], capture_output=True,
-                              text=True, check=False)
+        return subprocess.run(
+            [sys.executable, str(REPO / ".ci" / "sync_shared.py"), *argv], capture_output=True, text=True, check=False
+        )
 
     result = sync("--check")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -932,15 +1059,27 @@ def record_steps(module, record):
 def ddp_argv(data_file, out):
     """bn_only without batch norm in the heads and with the encoder's frozen: the loss is a mean over pairs, so the
     mean of 2 ranks' losses over 4 pairs is the loss over 8, and DDP's mean gradient is the one-process gradient."""
-    return tiny("bn_only", data_file, out, "--no-bn", "--freeze-bn-stats", "--optimizer", "sgd", "--lr", "0.05",
-                "--device", "cpu")
+    return tiny(
+        "bn_only",
+        data_file,
+        out,
+        "--no-bn",
+        "--freeze-bn-stats",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--device",
+        "cpu",
+    )
 
 
 def ddp_worker(rank, world, port, argv, spy):
     """One rank: a torchrun-like environment, then bn_only.main(argv) with record_steps' patches; writes what it saw
     to spy/rank<r>.pt, and first checks contrastive.py's gathered negatives on random projections."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     record = {"loss": [], "draws": [], "images": []}
     for name, fn in record_steps(bn_only, record).items():
@@ -956,10 +1095,24 @@ def ddp_worker(rank, world, port, argv, spy):
         dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port + 1}")
         gather = contrastive_gather_check(rank, world)
         dist.destroy_process_group()
-    torch.save({"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue(), "gather": gather, **record,
-                "params": {k: v.clone() for k, v in torch.load(Path(argv[argv.index("--out") + 1]) / "last.pt",
-                                                                 weights_only=False)["model"].items()}
-                if rank == 0 and rc == 0 else None}, Path(spy) / f"rank{rank}.pt")
+    torch.save(
+        {
+            "rc": rc,
+            "stdout": out.getvalue(),
+            "stderr": err.getvalue(),
+            "gather": gather,
+            **record,
+            "params": {
+                k: v.clone()
+                for k, v in torch.load(Path(argv[argv.index("--out") + 1]) / "last.pt", weights_only=False)[
+                    "model"
+                ].items()
+            }
+            if rank == 0 and rc == 0
+            else None,
+        },
+        Path(spy) / f"rank{rank}.pt",
+    )
 
 
 def contrastive_gather_check(rank, world):
@@ -976,9 +1129,14 @@ def contrastive_gather_check(rank, world):
     g1, g2, gathered = contrastive.global_batch(a, b, groups[mine])
     loss = contrastive.ntxent_loss(torch.cat([g1, g2]), torch.cat([gathered, gathered]), 0.2)
     loss.backward()
-    return {"groups": torch.equal(gathered, groups), "loss": (loss.item(), full.item()),
-            "grad": max((a.grad / world - full1.grad[mine]).abs().max().item(),
-                        (b.grad / world - full2.grad[mine]).abs().max().item())}
+    return {
+        "groups": torch.equal(gathered, groups),
+        "loss": (loss.item(), full.item()),
+        "grad": max(
+            (a.grad / world - full1.grad[mine]).abs().max().item(),
+            (b.grad / world - full2.grad[mine]).abs().max().item(),
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -995,8 +1153,7 @@ def ddp(classes_file, tmp_path_factory):
             patch.setattr(owner, attr, fn)
         one["result"] = run_main(bn_only, ddp_argv(classes_file, base / "one"))
     port = free_port()
-    mp.spawn(ddp_worker, args=(2, port, ddp_argv(classes_file, base / "two"), str(base / "spy")), nprocs=2,
-             join=True)
+    mp.spawn(ddp_worker, args=(2, port, ddp_argv(classes_file, base / "two"), str(base / "spy")), nprocs=2, join=True)
     ranks = [torch.load(base / "spy" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     return {"one": one, "ranks": ranks, "base": base}
 
@@ -1052,8 +1209,12 @@ def fresh(classes_file, pairs_file, images_file, episodes_file, tmp_path_factory
     data = {"byol": pairs_file, "simsiam": images_file, "bn_only": episodes_file, "contrastive": classes_file}
     commands = {name: [f"{name}.py", *tiny(name, data[name], base / name)] for name in MODULES}
     commands["diverged"] = ["byol.py", *tiny("byol", classes_file, base / "diverged", "--lr", "1e30")]
-    started = {name: subprocess.Popen([sys.executable, *argv], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True) for name, argv in commands.items()}
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, *argv], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, argv in commands.items()
+    }
     done = {}
     for name, p in started.items():
         out, err = p.communicate(timeout=300)
@@ -1061,8 +1222,12 @@ def fresh(classes_file, pairs_file, images_file, episodes_file, tmp_path_factory
     return done
 
 
-METRICS = {"byol": "val_recall@1", "simsiam": "val_aug_copy_recall@1", "bn_only": "val_one_shot",
-           "contrastive": "val_r_precision"}
+METRICS = {
+    "byol": "val_recall@1",
+    "simsiam": "val_aug_copy_recall@1",
+    "bn_only": "val_one_shot",
+    "contrastive": "val_r_precision",
+}
 
 
 @pytest.mark.parametrize("name", MODULES)
