@@ -629,9 +629,11 @@ def cmd_export(opts):
     files = [out, out.with_suffix(".json"), out.with_suffix(".pt2")]
     for path in files:
         check_out(path, opts.overwrite)
-    mod, ckpt, args, path = load_run(opts.run)
-    model = trained_model(mod, ckpt, args).eval()
-    function, size = Exported(model.encoder, args.eval_shift).eval(), args.image_size
+    if (opts.run is None) == (opts.baseline is None):
+        raise UserError("export needs RUN, or --baseline pretrained (frozen ImageNet features), not both")
+    model, size, shift, meta = embedder(opts.run, opts.baseline, (), "encoder", opts.pretrained_arch)
+    function, path = Exported(model.encoder, shift).eval(), Path(meta.get("checkpoint", meta["arch"]))
+    args = load_run(opts.run)[2] if opts.run else SimpleNamespace(arch=meta["arch"], width=None, stem="imagenet")
     example = torch.rand(2, 3, size, size)
     try:
         program = torch.export.export(function, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
@@ -643,12 +645,13 @@ def cmd_export(opts):
                         f"{str(e).splitlines()[0][:120]}); nothing written") from None
     if error > 1e-5:
         raise UserError(f"the exported program of {path} differs from it by {error:.1e}; nothing written")
-    sidecar = {"method": ckpt["method"], "checkpoint": str(path.resolve()), "epoch": ckpt["epoch"], "arch": args.arch,
+    sidecar = {**{k: meta[k] for k in ("method", "checkpoint", "epoch", "baseline") if k in meta}, "arch": args.arch,
                "width": args.width, "stem": args.stem, "image_size": size, "mean": byol.IMAGENET_MEAN,
-               "std": byol.IMAGENET_STD, "eval_shift": args.eval_shift, "embedding_dim": expected.shape[1],
+               "std": byol.IMAGENET_STD, "eval_shift": shift, "embedding_dim": expected.shape[1],
                "weights": f"{out.name}: the encoder's state dict; it takes (RGB / 255 - mean) / std",
-               "load": f"encoder = byol.build_encoder({args.arch!r}, stem={args.stem!r}, width={args.width!r})[0]; "
-                       f"encoder.load_state_dict(torch.load({out.name!r}))",
+               "load": f"encoder = byol.build_encoder({args.arch!r}, stem={args.stem!r}"
+                       + (f", width={args.width!r})[0]; " if args.width else ")[0]; ")
+                       + f"encoder.load_state_dict(torch.load({out.name!r}))",
                "program": f"{files[2].name}: torch.export.load(PATH).module() maps float RGB in [0, 1] [B, 3, "
                           f"{size}, {size}] (uint8 / 255) to the L2-normalised embedding, shifts and mean/std inside",
                "preprocess": f"RGB; shorter side resized to {size} (bilinear), then the centre crop"}
@@ -758,8 +761,10 @@ def parse_args(argv):
     e.add_argument("--device", default="auto")
     e.set_defaults(command=cmd_search)
 
-    e = add("export", "a run's encoder: OUT (state dict), OUT.json and OUT.pt2 (torch.export)")
-    e.add_argument("run", metavar="RUN", help=run_help)
+    e = add("export", "a run's encoder (or frozen features): OUT (state dict), OUT.json and OUT.pt2 (torch.export)")
+    e.add_argument("run", nargs="?", metavar="RUN", help=run_help)
+    e.add_argument("--baseline", choices=["pretrained"], help="instead of RUN: frozen ImageNet features")
+    e.add_argument("--pretrained-arch", **parch)
     e.add_argument("--out", required=True, help="e.g. enc.pt")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(command=cmd_export)

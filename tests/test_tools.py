@@ -136,8 +136,8 @@ def test_bad_embed_and_search_inputs_are_one_line(run, photos, tmp_path, capsys)
 
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory):
-    """A conv4 and a Lite0 run, each exported by `python eval.py export` (the two processes at once), and the
-    embeddings of their checkpoints, to compare with the programs in a fresh process."""
+    """A conv4 and a Lite0 run, and the frozen ImageNet features (`--baseline pretrained`), each exported by `python
+    eval.py export` (the processes at once), and their embeddings, to compare with the programs in a fresh process."""
     root = tmp_path_factory.mktemp("export")
     data32 = write_data(root / "d32.pt", groups=6, per_group=4, size=32)
     small = ["--image-size", "32", "--epochs", "1", "--batch-size", "4", "--val-fraction", "0"]  # last.pt only
@@ -145,6 +145,7 @@ def exported(run, tmp_path_factory):
         "conv4": run,
         "lite0": train(data32, root / "lite0", *small, "--arch", "tf_efficientnet_lite0", "--pretrained"),
     }
+    runs["frozen"] = "--baseline=pretrained"
     procs = {
         a: subprocess.Popen(
             [sys.executable, "eval.py", "export", str(r), "--out", str(root / a / "enc.pt")],
@@ -158,8 +159,16 @@ def exported(run, tmp_path_factory):
     }
     for arch, r in runs.items():
         assert procs[arch].wait(timeout=300) == 0, procs[arch].communicate()[1]
-        images = byol.load_data(ev.load_run(r)[2]).images[:7]
-        torch.save({"images": images, "expected": embedding(r, images)}, root / arch / "check.pt")
+        if arch == "frozen":  # the frozen features at their native 224 px: the encoder of eval.py's baseline
+            images = torch.randint(
+                0, 256, (3, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+            )
+            expected = ev.features(ev.baseline_model("pretrained", byol, None)[0], images, torch.arange(3), "cpu", 0)
+            expected = torch.nn.functional.normalize(expected, dim=1)
+        else:
+            images = byol.load_data(ev.load_run(r)[2]).images[:7]
+            expected = embedding(r, images)
+        torch.save({"images": images, "expected": expected}, root / arch / "check.pt")
     return root
 
 
@@ -177,7 +186,7 @@ print("byol" in sys.modules or "eval" in sys.modules)
 @pytest.fixture(scope="module")
 def reloaded(exported):
     """{arch: largest difference} from a fresh process that loads the programs with torch alone."""
-    folders = [exported / a for a in ("conv4", "lite0")]
+    folders = [exported / a for a in ("conv4", "lite0", "frozen")]
     proc = subprocess.run(
         [sys.executable, "-c", CHECK, *map(str, folders)],
         env=ENV,
@@ -196,11 +205,14 @@ def reloaded(exported):
     return out
 
 
-@pytest.mark.parametrize("arch", ["conv4", "lite0"])
+@pytest.mark.parametrize("arch", ["conv4", "lite0", "frozen"])
 def test_export_reloads_in_a_fresh_process_and_embeds_like_the_checkpoint(exported, reloaded, arch):
     assert reloaded[arch] <= 1e-5
     sidecar = json.loads((exported / arch / "enc.json").read_text())
-    assert sidecar["image_size"] == (28 if arch == "conv4" else 32) and sidecar["mean"] == list(byol.IMAGENET_MEAN)
+    assert sidecar["image_size"] == {"conv4": 28, "lite0": 32, "frozen": 224}[arch]
+    assert sidecar["mean"] == list(byol.IMAGENET_MEAN) and (sidecar.get("baseline") == "pretrained") == (
+        arch == "frozen"
+    )
     code = sidecar["load"].replace("'enc.pt'", repr(str(exported / arch / "enc.pt")))
     exec(code, {"byol": byol, "torch": torch})  # noqa: S102  its recipe rebuilds the encoder from the weights alone
 
