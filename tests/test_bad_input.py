@@ -88,6 +88,15 @@ def no_groups(tmp, data):
     return {"--data-file": tmp / "nogroups.pt"}, [str(tmp / "nogroups.pt"), "not a prepared data file", "prepare.py"]
 
 
+def no_meta(tmp, data):
+    """A file with images and groups but not the rest of the format (kind, group_names, meta)."""
+    torch.save(
+        {"images": torch.zeros(8, 3, 28, 28, dtype=torch.uint8), "groups": torch.arange(8).view(4, 2)},
+        tmp / "nometa.pt",
+    )
+    return {"--data-file": tmp / "nometa.pt"}, [str(tmp / "nometa.pt"), "not a prepared data file", "prepare.py"]
+
+
 def numpy_images(tmp, data):
     """A pickle that torch.load(weights_only=True) refuses, with its many-line explanation."""
     torch.save({"images": np.zeros((4, 3, 28, 28), np.uint8), "groups": torch.zeros(1, 4)}, tmp / "numpy.pt")
@@ -100,7 +109,7 @@ def text_file(tmp, data):
 
 
 def wrong_image_size(tmp, data):
-    return {"--image-size": "32"}, [f"--data-file {data} holds images of 28 px", "pass --image-size 28"]
+    return {"--image-size": "32"}, [f"--data-file {data} holds 28 px images", "pass --image-size 28"]
 
 
 def everything_held_out(tmp, data):
@@ -169,6 +178,7 @@ DATA_CASES = {
         missing_file,
         not_a_dict,
         no_groups,
+        no_meta,
         numpy_images,
         text_file,
         wrong_image_size,

@@ -1268,3 +1268,18 @@ def test_a_divergent_run_does_not_claim_a_checkpoint_it_never_wrote(classes_file
     assert rc == 1 and not list(out.glob("*.pt"))
     line = error_line(err)
     assert "the loss became nan" in line and "checkpoint is kept" not in line, line
+
+
+def test_resume_from_a_run_folder_continues_its_last_epoch_in_place(classes_file, tmp_path):
+    """--resume RUN (a folder) means RUN/last.pt, and the run goes on in RUN, not in its parent."""
+    out = tmp_path / "run"
+    assert run_main(byol, tiny("byol", classes_file, out, "--stop-after-epochs", "1"))[0] == 0
+    rc, stdout, _ = run_main(byol, ["--resume", out, "--no-progress"])
+    assert rc == 0 and f"run directory: {out}" in stdout
+    assert [r["epoch"] for r in log_of(out)] == [0, 1, 2] and not list(tmp_path.glob("*.jsonl"))
+
+
+def test_per_group_batches_take_any_seed(classes_file, tmp_path):
+    """The sampler's numpy seed stays in numpy's range for every --seed the flag accepts."""
+    rc, _, err = run_main(byol, tiny("byol", classes_file, tmp_path / "run", "--per-group", "2", "--seed", 2**32 - 1))
+    assert rc == 0, err
