@@ -16,6 +16,7 @@ import bn_only
 import byol
 import contrastive
 import simsiam
+import conftest
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only, "contrastive": contrastive}
@@ -23,27 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(method, data_file, out):
-    dims = ["--proj-dim", "8", "--pred-dim", "4"] if method == "simsiam" else ["--hidden-dim", "16", "--proj-dim", "8"]
-    return [
-        "--arch",
-        "conv4",
-        "--width",
-        "8",
-        *dims,
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--image-size",
-        "28",
-        "--data-file",
-        str(data_file),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--val-fraction",
-        "0.25",
-    ]
+    """conftest's smallest run, in one epoch, with nothing held out as test (the omniglot recipe's)."""
+    return conftest.tiny(method, data_file, out, epochs=1, holdout=0)
 
 
 def refused(module, argv, capsys):

@@ -29,41 +29,12 @@ import bn_only
 import byol
 import contrastive
 import simsiam
+from conftest import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only, "contrastive": contrastive}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(method, data_file, out, *extra, epochs=2):
-    """The smallest run of `method` on a prepared file: validation on a quarter of the training groups."""
-    dims = ["--proj-dim", "8", "--pred-dim", "4"] if method == "simsiam" else ["--hidden-dim", "16", "--proj-dim", "8"]
-    return [
-        "--arch",
-        "conv4",
-        "--width",
-        "8",
-        *dims,
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "8",
-        "--image-size",
-        "28",
-        "--data-file",
-        str(data_file),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--holdout",
-        "0.2",
-        "--val-fraction",
-        "0.25",
-        "--eval-every",
-        "1",
-        *extra,
-    ]
 
 
 def run_main(module, argv):
