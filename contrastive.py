@@ -143,7 +143,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="seeds split, weights, batches, views")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the step")
     g.add_argument("--out", type=Path, help="run directory (default runs/<method>-<data>-s<seed>)%(default).0s")
     g.add_argument("--resume", type=lambda t: Path(t, "last.pt" if Path(t).is_dir() else ""), help="a last.pt, or run")
     g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
@@ -177,7 +177,6 @@ def folder_in_colour(root):
         return False
     x = data["images"][:: max(1, len(data["images"]) // 256)].float() / 255
     return data["kind"] == "classes" and ((x[:, :2] - x[:, 1:]).abs().mean() > 0.01).item()
-
 # <<< shared: arguments
 
 # ----------------------------------------------------------------------------- the method: the losses with
@@ -296,9 +295,7 @@ def after_step(model, args, step, total_steps):
 
 
 # >>> shared: machinery (written by .ci/sync_shared.py from byol.py; edit it there)
-
 # ----------------------------------------------------------------------------- data
-
 def split(items, k, seed):
     """A seeded split of `items` into (kept, taken), k of them taken, both in their order."""
     taken = set(torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:k].tolist())
@@ -382,14 +379,11 @@ def make_pair_batch(data, order, step, batch_size, rank, world, seed, global_ste
     return (x.to(device, non_blocking=True) for x in batch)
 
 # ----------------------------------------------------------------------------- augmentation
-
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 YIQ_TO_RGB = ((1.0, 0.9562, 0.6214), (1.0, -0.2727, -0.6468), (1.0, -1.1037, 1.7006))  # inverse of RGB_TO_YIQ
 
-cached_tensor = functools.cache(torch.tensor)
-
-def constant(values, device):
+def constant(values, device, cached_tensor=functools.cache(torch.tensor)):
     """A constant, made once per CUDA device (a copy to it waits), but not while torch traces: none outlives it."""
     cache = torch.device(device).type == "cuda" and not torch.compiler.is_compiling()
     return (cached_tensor if cache else torch.tensor)(values, device=device)
@@ -405,16 +399,21 @@ def normalize(x):
 def gray(x):
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
+def drawn(gen, n, b, device):  # augment's n x b numbers from gen, a torch.rand call a row (a tensor: drawn already)
+    return gen if torch.is_tensor(gen) else torch.stack([torch.rand(b, generator=gen, device=device) for _ in range(n)])
+
 def augment(x, gen, blur_prob, solarize_prob, args, size=None):
     """BYOL's augmentation with per-sample parameters as batched ops on the device (3x torchvision per image's speed:
     BENCHMARKS.md), plus rotation, shear and stroke width for handwriting. uint8 [B,3,S,S] -> normalised views."""
     b, _, s, _ = x.shape
-    uniform = lambda low, high: torch.rand(b, generator=gen, device=x.device) * (high - low) + low  # noqa: E731
-    chance = lambda p: (torch.rand(b, generator=gen, device=x.device) < p).view(b, 1, 1, 1)  # noqa: E731
+    u = iter(drawn(gen, 17, b, x.device))
+    uniform = lambda low, high: next(u) * (high - low) + low  # noqa: E731
+    chance = lambda p: (next(u) < p).view(b, 1, 1, 1)  # noqa: E731
     x = x.float() / 255
     amount = uniform(-args.stroke, args.stroke).view(b, 1, 1, 1)
     if args.stroke > 0:  # blend towards a 3x3 min filter (thicker dark strokes) or max filter (thinner)
-        thicker, thinner = -F.max_pool2d(-x, 3, 1, 1), F.max_pool2d(x, 3, 1, 1)
+        shifts = torch.stack([shifted(x, i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)])  # 7x F.max_pool2d's speed
+        thicker, thinner = shifts.amin(0), shifts.amax(0)  # over the 9 shifts by a pixel, edges repeated
         x = x + amount.clamp(min=0) * (thicker - x) + (-amount).clamp(min=0) * (thinner - x)
     # Random resized crop, flip, rotation and shear in one affine resampling.
     area, log_ratio = uniform(args.crop_min_scale, 1.0), uniform(math.log(3 / 4), math.log(4 / 3))
@@ -452,9 +451,8 @@ def crop_affine(w, h, cx, cy, flip, angle, slant):
 def rotate_hue(x, hue):
     """Hue shift by `hue` turns, as a rotation of the chroma plane in YIQ space."""
     cos, sin = (hue * 2 * math.pi).cos(), (hue * 2 * math.pi).sin()
-    rot = torch.zeros(len(hue), 3, 3, device=x.device)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    one, zero = torch.ones_like(hue), torch.zeros_like(hue)
+    rot = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], 1).view(-1, 3, 3)
     m = constant(YIQ_TO_RGB, x.device) @ rot @ constant(RGB_TO_YIQ, x.device)  # [B,3,3]
     return torch.einsum("bij,bjhw->bihw", m, x)
 
@@ -472,8 +470,8 @@ def gaussian_blur(x, sigma):
 
 def augment_pair(x1, x2, gen, args):
     """BYOL's asymmetric views: blur 1.0 / 0.1, solarize 0.0 / --solarize-prob, at --crop-size px (0: the images')."""
-    size = min(args.crop_size, args.image_size) or None
-    return augment(x1, gen, 1.0, 0.0, args, size), augment(x2, gen, 0.1, args.solarize_prob, args, size)
+    size, u = min(args.crop_size, args.image_size) or None, drawn(gen, 34, len(x1), x1.device)
+    return augment(x1, u[:17], 1.0, 0.0, args, size), augment(x2, u[17:], 0.1, args.solarize_prob, args, size)
 
 def augmented_copies(images, args, chunk=64):
     """augment_pair's two views of each image, uint8, seeded per chunk of 64 (its first views, then its seconds)."""
@@ -484,7 +482,6 @@ def augmented_copies(images, args, chunk=64):
     return torch.cat([(v * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8) for v in views] + [images[:0]])
 
 # ----------------------------------------------------------------------------- encoders
-
 def conv4(widths):
     """The few-shot "conv4" (Vinyals et al. 2016) for 28-84 px images on a CPU; ReLU after max-pool: same, faster."""
     blocks = []
@@ -539,7 +536,6 @@ def freeze_bn_stats(module):
             m.eval()
 
 # ----------------------------------------------------------------------------- validation
-
 def shift_offsets(shift):
     """(dx, dy) of the image and, with shift > 0 (--eval-shift), of its copies moved left, right, up and down."""
     return [(0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift)] if shift else [(0, 0)]
@@ -625,16 +621,16 @@ def Pixels():
     return nn.ModuleDict({"encoder": nn.Flatten(), "projector": nn.Identity()})
 
 # ----------------------------------------------------------------------------- training
-
 def build_optimizer(args, model, fixed_lr_params=()):
     """No decay of biases and BN, the encoder at --backbone-lr-factor, fixed_lr_params unscheduled (--fix-pred-lr)."""
     fixed, encoder, groups = list(fixed_lr_params), {id(p) for p in model.encoder.parameters()}, {}
+    lr = torch.tensor if args.compile else float  # a compiled step reads a tensor's new rate: no recompiling
     for p in model.parameters():
         if p.requires_grad and all(p is not q for q in fixed):
             key = (id(p) in encoder and args.backbone_lr_factor != 1, p.ndim > 1)  # few groups: few launches
-            groups.setdefault(key, {"params": [], "lr": args.lr * (args.backbone_lr_factor if key[0] else 1),
+            groups.setdefault(key, {"params": [], "lr": lr(args.lr * (args.backbone_lr_factor if key[0] else 1)),
                                     "weight_decay": args.weight_decay if key[1] else 0.0})["params"].append(p)
-    groups = [groups[k] for k in sorted(groups)] + ([{"params": fixed, "lr": args.lr, "fix_lr": True}] if fixed else [])
+    groups = [groups[k] for k in sorted(groups)] + [{"params": fixed, "lr": lr(args.lr), "fix_lr": True}] * bool(fixed)
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
@@ -695,7 +691,7 @@ def fit_to_data(args, num_anchors, world):
 
 def train(args):
     """Trains as parse_args says; returns (model, history, args). The public API: parse_args, train, build_model,
-    build_method_optimizer, augment_pair, after_step, embed_images, load_data."""
+    build_method_optimizer, augment_pair (and drawn, its numbers), after_step, embed_images, load_data."""
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:  # the run continues with its own settings
         if ckpt["method"] != METHOD:
@@ -737,8 +733,17 @@ def train(args):
             part.load_state_dict(ckpt[k])
         history, start_epoch, stopping = ckpt["history"], ckpt["epoch"], ckpt["stopping"]
     net = nn.parallel.DistributedDataParallel(model, [device] * (device.type == "cuda") or None) if world > 1 else model
-    step_fn = torch.compile(net) if args.compile else net
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    def train_step(x1, x2, groups, gen, step):  # augmentation, forward, backward, updates
+        v1, v2 = augment_pair(x1, x2, gen, args)  # a method with negatives (contrastive.py) also takes the groups
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = net(v1, v2, groups) if getattr(model, "takes_groups", False) else net(v1, v2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return loss.detach(), after_step(model, args, step, total_steps)
+    # --compile: the graphs break only where torch breaks them (backward, optimiser, scheduler); a resume compiles again
+    step_fn = torch.compile(train_step, mode="reduce-overhead") if args.compile else train_step  # CUDA graphs on a GPU
     log = args.out / "log.jsonl"
     if rank == 0 and ckpt is not None and log.exists():  # drop the records after the checkpoint (a killed invocation's)
         kept = [r for r in log.read_text().splitlines() if r.endswith("}") and json.loads(r)["epoch"] <= start_epoch]
@@ -770,7 +775,7 @@ def train(args):
         record({"epoch": 0, "metric": name, name: value, f"pixels_{name}": pixels, **collapse(model, data, device)})
         stopping["best"] = -math.inf if value is None else value
         save(["best.pt"] * (value is not None), 0, 0)
-    name = history[0]["metric"]
+    name, compile_s = history[0]["metric"], 0.0
     stop = start_epoch if stopping["stopped"] else min(args.epochs, start_epoch + (args.stop_after_epochs or 2**62))
     for epoch in range(start_epoch, stop):
         order, loss_sum, start = order_of(args.seed, epoch), torch.zeros((), device=device), time.perf_counter()
@@ -780,22 +785,19 @@ def train(args):
             global_step = epoch * steps_per_epoch + step
             x1, x2, groups = make_pair_batch(data, order, step, args.batch_size, rank, world, args.seed, global_step,
                                              device)
-            v1, v2 = augment_pair(x1, x2, step_generator(args.seed, global_step, device, stream=1 + rank), args)
-            with autocast:  # a method with negatives (contrastive.py) also takes each pair's group
-                loss = step_fn(v1, v2, groups) if getattr(model, "takes_groups", False) else step_fn(v1, v2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            method_log = after_step(model, args, global_step + 1, total_steps)
-            loss_sum += loss.detach()
+            gen = step_generator(args.seed, global_step, device, stream=1 + rank)  # compiled: its numbers, drawn here
+            loss, method_log = step_fn(x1, x2, groups, drawn(gen, 34, len(x1), device) if args.compile else gen,
+                                       global_step + 1)
+            loss_sum += loss
+            compile_s = time.perf_counter() - start if step < 2 else compile_s  # the 2nd recompiles: step goes dynamic
             if (step + 1) % 20 == 0 or step + 1 == steps_per_epoch:
                 mean_loss = loss_sum.item() / (step + 1)  # the only host sync, every 20 steps
                 if not math.isfinite(mean_loss):
                     raise Diverged(f"the loss became {mean_loss} in epoch {epoch + 1}")
                 bar.set_postfix(loss=f"{mean_loss:.4f}", **{k: f"{v:.4g}" for k, v in method_log.items()})
-        entry = {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
-                 **method_log, "images_per_s": 2 * steps_per_epoch * args.batch_size / (time.perf_counter() - start)}
+        entry = {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": float(scheduler.get_last_lr()[0]),
+                 **method_log, "images_per_s": 2 * steps_per_epoch * args.batch_size / (time.perf_counter() - start),
+                 **({"compile_s": compile_s} if args.compile and epoch == start_epoch else {})}
         value = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             value = score(model, data, "val", args, device)[1]
@@ -852,6 +854,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
 # <<< shared: machinery

@@ -5,10 +5,11 @@
 #                                                  # tests, no interpreter), a training step with no host
 #                                                  # sync (tests/test_cuda_step.py), the kernel benchmarks
 #                                                  # (benchmarks/kernels.py)
-#   bash benchmarks/gpu.sh training OUT [DATA_DIR] # training step, epoch with data loading (GPU busy share),
-#                                                  # augmentation, fused kernels in a step: conv4 at 28 px (byol.py's
-#                                                  # default recipe, on the embedded Omniglot), resnet18 at 32 and
-#                                                  # 224 px, resnet50 at 224 px
+#   bash benchmarks/gpu.sh training OUT [DATA_DIR] # training step (also compiled, CUDA graphs, but for resnet50),
+#                                                  # epoch with data loading (GPU busy share), augmentation, fused
+#                                                  # kernels in a step: conv4 at 28 px (byol.py's default recipe, on
+#                                                  # the embedded Omniglot), resnet18 at 32 and 224 px, resnet50 at
+#                                                  # 224 px
 #
 # OUT receives a log per command and the JSON files. DATA_DIR is a TLL layout (left/*.jpg, right/*.jpg);
 # without it the epoch section writes 4096 synthetic JPEG pairs. Needs python3 with torch (CUDA), torchvision,
@@ -61,13 +62,13 @@ if [[ "$stage" == kernels ]]; then
     run bench-kernels python3 benchmarks/kernels.py --device cuda --json "$out/bench-kernels.json"
 else
     run training-conv4-28px python3 benchmarks/training.py --device cuda --arch conv4 --workers 8 --epochs 5 \
-        --only step epoch augment --json "$out/training-conv4-28px.json"
+        --only step epoch augment --compile --json "$out/training-conv4-28px.json"
     data_args=(--epochs 5 --max-pairs 4096)
     [[ -n "$data" ]] && data_args+=(--data-dir "$data")
     run training-resnet18-32px python3 benchmarks/training.py --device cuda --arch resnet18 --image-size 32 --batch-size 256 \
-        --workers 8 "${data_args[@]}" --json "$out/training-resnet18-32px.json"
+        --workers 8 --compile "${data_args[@]}" --json "$out/training-resnet18-32px.json"
     run training-resnet18-224px python3 benchmarks/training.py --device cuda --arch resnet18 --image-size 224 --batch-size 256 \
-        --workers 8 "${data_args[@]}" --json "$out/training-resnet18-224px.json"
+        --workers 8 --compile "${data_args[@]}" --json "$out/training-resnet18-224px.json"
     run training-resnet50-224px python3 benchmarks/training.py --device cuda --arch resnet50 --image-size 224 --batch-size 128 \
         --workers 8 --only step epoch "${data_args[@]}" --json "$out/training-resnet50-224px.json"
 fi

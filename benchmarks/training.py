@@ -3,9 +3,11 @@
 All three train the same encoder, made by byol.build_encoder and seeded alike: conv4 with `python byol.py`'s recipe
 (`byol.parse_args([])`: widths 32,64,128,256, 28 px, batch 128, AdamW, 1024/256 MLPs, batch norm per view, the
 handwriting augmentation), or a resnet from scratch with the ImageNet stem, SGD and 4096/256 MLPs. Sections (--only):
-  step     a training step, augmentation + forward + backward + optimiser + EMA (byol.train's loop body but its
-           scheduler), ours channels_last as byol.py trains (bf16 autocast on CUDA); the floor: our forward and
-           backward alone. The variants take turns, a step each per round: a change in load hits all alike
+  step     a training step, augmentation + forward + backward + optimiser + EMA (byol.train's step but its
+           scheduler), ours channels_last as byol.py trains (bf16 autocast on CUDA); with --compile also ours
+           compiled, as `byol.py --compile` runs it (torch.compile of the whole step; CUDA graphs on a GPU), its
+           compile seconds timed apart; the floor: our forward and backward alone. The variants take turns, a step
+           each per round: a change in load hits all alike
   epoch    an epoch with data loading: ours reads what prepare.py decodes once (load_data from an empty cache: the
            start-up), then make_pair_batch + our step; byol-pytorch and lightly read image files in a DataLoader
            every epoch (lightly's BYOLTransform augments there). Data: --data-dir's TLL pairs, else Omniglot for
@@ -16,6 +18,7 @@ handwriting augmentation), or a resnet from scratch with the ImageNet stem, SGD 
 Images count 2 views x batch. byol-pytorch and lightly: `pip install -e ".[bench]"` (a missing one's rows are left out).
 
     python benchmarks/training.py --device cpu --threads 2 --arch conv4 --only step epoch   # byol.py's default recipe
+    python benchmarks/training.py --device cpu --threads 2 --arch conv4 --only step --compile
     python benchmarks/training.py --device cpu --threads 2 --arch resnet18 --data-dir ../shared/data/tll-dev
     bash benchmarks/gpu.sh training OUT [DATA_DIR]    # CUDA: conv4 at 28 px, resnet18 at 32 and 224 px, resnet50
 """
@@ -52,7 +55,7 @@ SECTIONS = ("step", "epoch", "augment", "kernels")
 PEERS = ("byol-pytorch", "lightly")
 INSTALLED = {peer: importlib.util.find_spec(peer.replace("-", "_")) is not None for peer in PEERS}
 MISSING = {peer: f"{peer} is not installed (pip install -e '.[bench]'): its rows are left out" for peer in PEERS}
-OURS, FLOOR = "ours channels_last", "floor: forward + backward only"
+OURS, COMPILED, FLOOR = "ours channels_last", "ours compiled", "floor: forward + backward only"
 THEIR_AUGMENTATION = (
     "byol-pytorch draws one random parameter set per batch (its default SimCLR-style pipeline) inside its step; "
     "lightly augments each image in its DataLoader, outside the step; ours draws per-sample parameters for BYOL's "
@@ -80,6 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps before the timed ones")
     p.add_argument("--threads", type=at_least(1), help="torch intra-op threads (None: torch's own choice)")
     p.add_argument("--only", nargs="+", default=list(SECTIONS), choices=SECTIONS, metavar="SECTION", help="sections")
+    p.add_argument("--compile", action="store_true", help="step: also ours compiled, as byol.py --compile runs it")
     p.add_argument("--workers", type=at_least(0), default=4, help="their DataLoaders' workers")
     p.add_argument("--data-dir", type=Path, help="epoch: TLL pairs, DIR/left/*.jpg and DIR/right/*.jpg")
     p.add_argument("--max-pairs", type=at_least(2), help="epoch: at most this many pairs (None: all; or 8 steps)")
@@ -146,23 +150,40 @@ def generator(args, index, device):
 
 
 def our_trainer(args, device, total_steps):
-    """step(x1, x2, index): byol.train's loop body on uint8 pairs (its scheduler aside); its model, seeded and
-    channels_last, is step.model: as byol.train builds it."""
+    """step(x1, x2, index): byol.train's step on uint8 pairs (its scheduler aside), with args.compile compiled as
+    byol.train compiles it (the augmentation's numbers drawn outside); its model, seeded and channels_last, is
+    step.model: as byol.train builds it."""
     torch.manual_seed(args.seed)
     model = byol.build_model(args).to(device, memory_format=torch.channels_last)
-    optimizer = byol.build_method_optimizer(args, model)
+    optimizer = byol.build_method_optimizer(args, model)  # with args.compile, tensor learning rates
 
-    def step(x1, x2, index):
-        with autocast(device):  # augment_pair's views are channels_last
-            loss = model(*byol.augment_pair(x1, x2, generator(args, index, device), args))
+    def train_step(x1, x2, gen, index):
+        views = byol.augment_pair(x1, x2, gen, args)  # channels_last
+        with autocast(device):
+            loss = model(*views)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         byol.after_step(model, args, index + 1, total_steps)
-        return loss
+        return loss.detach()
+
+    compiled = args.compile and torch.compile(train_step, mode="reduce-overhead")  # CUDA graphs on a GPU
+
+    def step(x1, x2, index):
+        gen = generator(args, index, device)
+        if compiled:  # its numbers, drawn outside the compiled step as byol.train does
+            return compiled(x1, x2, byol.drawn(gen, 34, len(x1), device), index)
+        return train_step(x1, x2, gen, index)
 
     step.model = model
     return step
+
+
+def compiled_trainer(args, device, total_steps, x1, x2):
+    """(step, seconds): our_trainer compiled, and the seconds of its first two steps, where it compiles (the second
+    recompiles once, as byol.py does: the step number turns dynamic)."""
+    step = our_trainer(argparse.Namespace(**{**vars(args), "compile": True}), device, total_steps)
+    return step, timed_call(lambda: (step(x1, x2, 0), step(x1, x2, 1)), device)
 
 
 def their_trainer(args, device):
@@ -254,6 +275,11 @@ def run_step_section(cfg, device):
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     ours = our_trainer(args, device, total)
     steps = {OURS: (lambda i: ours(x1, x2, i), f"{precision}; model and views channels_last: byol.py's step")}
+    compile_s = None
+    if cfg.compile:  # compiled before the timed rounds; its compile seconds go in its row, not in its times
+        compiled, compile_s = compiled_trainer(args, device, total, x1, x2)
+        note = f"{precision}; {OURS}, the whole step torch.compile'd (byol.py --compile); compiling: {compile_s:.0f} s"
+        steps[COMPILED] = (lambda i: compiled(x1, x2, i), note)
     if INSTALLED["byol-pytorch"]:
         theirs, x = their_trainer(args, device), x1.float() / 255
         steps["byol-pytorch"] = (lambda i: theirs(x), f"{precision}, contiguous; one augmentation draw per batch")
@@ -272,7 +298,8 @@ def run_step_section(cfg, device):
 
     steps[FLOOR] = (floor, "ours without augmentation, optimiser or EMA: the compute of every step, channels_last")
     seconds = time_round_robin({name: step for name, (step, _) in steps.items()}, cfg.warmup, cfg.repeats, device)
-    return [timing_row(name, seconds[name], 2 * cfg.batch_size, note) for name, (_, note) in steps.items()]
+    rows = [timing_row(name, seconds[name], 2 * cfg.batch_size, note) for name, (_, note) in steps.items()]
+    return [r | ({"compile_s": compile_s} if r["name"] == COMPILED else {}) for r in rows]
 
 
 # ----------------------------------------------------------------------------- epochs with data loading

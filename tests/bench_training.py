@@ -3,8 +3,9 @@
 benchmarks/training.py's sections, one thread (CPU), for conv4 (byol.py's default recipe at width 8, 28 px, batch 16)
 and resnet18 (32 px, batch 32); their tables follow the run:
 
-* step: a training step of ours (channels_last, as byol.py trains), of byol-pytorch and of lightly (when installed),
-  and the floor (our forward + backward alone), taking turns;
+* step: a training step of ours (channels_last, as byol.py trains), for conv4 also compiled (byol.py --compile; not
+  for resnet18, whose compile takes minutes on a CPU), of byol-pytorch and of lightly (when installed), and the floor
+  (our forward + backward alone), taking turns;
 * epoch: a whole epoch with data loading, over 64 Omniglot images (conv4) or 64 synthetic JPEG pairs (resnet18);
 * augment: our batched augment_pair against torchvision's per-image transforms;
 * kernels: fused Triton vs reference inside our step (CUDA only).
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.skipif(not training.INSTALLED["byol-pytorch"], reason=t
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 COMMON = f"--device {DEVICE.type} --repeats 3 --warmup 1 --threads 1 --workers 1 --epochs 1 --max-pairs 64".split()
 CFGS = {
-    "conv4": training.parse_args(["--arch", "conv4", "--width", "8", "--batch-size", "16", *COMMON]),
+    "conv4": training.parse_args(["--arch", "conv4", "--width", "8", "--batch-size", "16", "--compile", *COMMON]),
     "resnet18": training.parse_args(["--arch", "resnet18", "--image-size", "32", "--batch-size", "32", *COMMON]),
 }
 ARCHS = pytest.mark.parametrize("arch", list(CFGS))
@@ -65,8 +66,9 @@ def assert_timed(rows):
 def test_training_step(arch, bench_table):
     cfg = CFGS[arch]
     rows = training.run_step_section(cfg, DEVICE)
-    names = [training.OURS, "byol-pytorch", *(["lightly"] * training.INSTALLED["lightly"]), training.FLOOR]
-    assert [r["name"] for r in rows] == names
+    names = [training.OURS, *[training.COMPILED] * cfg.compile, "byol-pytorch"]
+    assert [r["name"] for r in rows] == [*names, *(["lightly"] * training.INSTALLED["lightly"]), training.FLOOR]
+    assert all((r.get("compile_s", 0) > 0) == (r["name"] == training.COMPILED) for r in rows)  # timed apart
     assert_timed(rows)
     assert all(r["images_per_call"] == 2 * cfg.batch_size for r in rows)
     note = f"\nNote: {training.THEIR_AUGMENTATION}."
