@@ -41,16 +41,16 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-import byol  # the machinery below its "shared" marker is the same in all four scripts
+import byol  # the machinery below its "shared" marker is the same in all five scripts
 import prepare
 
-METHODS = ("byol", "simsiam", "bn_only", "contrastive")
+METHODS = ("byol", "simsiam", "bn_only", "contrastive", "redundancy")
 COMMANDS = ("evaluate", "embed", "search", "export", "plot")
 PATH_ARGS = ("data_dir", "pairs_csv", "data_file", "out")  # stored in checkpoints as str
 HEADLINE = ("one_shot_20way", "l2r_recall@1", "r_precision", "knn@20", "aug_copy_recall@1")  # the first found: verdict
 RECALL_KS = (1, 5, 10)
 KNN_K, KNN_T = 20, 0.07  # weighted kNN (Wu et al. 2018): the neighbours' votes weigh exp(cosine / T)
-WHITEN_DIMS, WHITEN_IMAGES = 256, 4096
+WHITEN_DIMS, WHITEN_IMAGES, SHRINKAGE = 256, 4096, 0.3
 LITE0 = "tf_efficientnet_lite0"
 CHUNK = 1024  # images decoded or embedded, or queries compared, at a time: memory stays bounded
 BASELINES = {"none": [], "cheap": ["pixels", "untrained"], "all": ["pixels", "untrained", "pretrained", "whitened"]}
@@ -75,7 +75,7 @@ def load_run(run):
         path = path / ("last.pt" if (path / "last.pt").is_file() and not (path / "best.pt").is_file() else "best.pt")
     if not path.is_file():
         raise UserError(f"{run} is neither a run directory nor a checkpoint; pass a run's folder or its best.pt")
-    ckpt = byol.load_checkpoint(path)  # one checkpoint layout for all four scripts
+    ckpt = byol.load_checkpoint(path)  # one checkpoint layout for all five scripts
     if ckpt.get("method") not in METHODS:
         raise UserError(f"{path} is not a checkpoint of {', '.join(m + '.py' for m in METHODS)}")
     args = SimpleNamespace(**ckpt["args"])
@@ -158,13 +158,39 @@ def fit_whitening(feats, dims=WHITEN_DIMS):
     return mean.float(), (vh[:k].T / variances.clamp(min=floor).sqrt()).float()
 
 
-def whitened(frozen, data, device):
-    """frozen, then whitening fitted on features of training images only (a seeded sample of at most 4096)."""
-    members = data.groups[data.train]
-    members = members[members >= 0]
-    sample = members[torch.randperm(len(members), generator=torch.Generator().manual_seed(0))[:WHITEN_IMAGES]]
-    whiten = Whiten(*fit_whitening(features(frozen, data.images, sample, device)))
-    return Embedding(nn.Sequential(frozen.encoder, whiten))
+def fit_pair_whitening(feats, pairs, dims=WHITEN_DIMS, shrinkage=SHRINKAGE):
+    """(mean, w) of learned whitening from positive pairs (Radenovic, Tolias & Chum 2018; cirtorch's whitenlearn) on
+    L2-normalised features: whiten by the covariance of the differences within pairs, shrunk toward its diagonal
+    (fewer pairs than dimensions), then rotate by PCA of the whitened features, keeping the top `dims`. Positives
+    only, in closed form: it cannot collapse. The inverse square root stands for cirtorch's inverse Cholesky factor:
+    they differ by a rotation, which the PCA undoes (up to each axis' sign, which cosines ignore)."""
+    x = F.normalize(feats.double(), dim=1)
+    mean, diff = x[pairs[:, 0]].mean(0), x[pairs[:, 0]] - x[pairs[:, 1]]
+    cov = diff.T @ diff / len(diff)
+    cov = (1 - shrinkage) * cov + shrinkage * torch.diag(cov.diagonal())
+    values, vectors = torch.linalg.eigh(cov)
+    p = vectors @ torch.diag(values.clamp(min=max(1e-6 * values[-1].item(), 1e-12)).rsqrt()) @ vectors.T
+    values, vectors = torch.linalg.eigh(p @ (x - mean).T @ (x - mean) @ p)  # the whitened features' PCA, ascending
+    return mean.float(), (p @ vectors.flip(1)[:, :dims]).float()
+
+
+def positive_pairs(rows):
+    """(a, b) image indices of the same group, each member with the next one (rows padded with -1)."""
+    a, b = rows[:, :-1].flatten(), rows[:, 1:].flatten()
+    return torch.stack([a, b], 1)[(a >= 0) & (b >= 0)]
+
+
+def whitened(frozen, data, device, shift=0):
+    """{suffix: frozen, then whitened}: PCA whitening, and learned whitening from the positive pairs, both fitted on
+    features of training images only (the images of a seeded sample of training groups, at most 4096 images)."""
+    rows = data.groups[data.train][torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))]
+    rows = rows[((rows >= 0).sum(1).cumsum(0) <= WHITEN_IMAGES) | (torch.arange(len(rows)) == 0)].clone()
+    images, rows[rows >= 0] = torch.unique(rows[rows >= 0], return_inverse=True)  # rows: positions in `images`
+    feats = features(frozen, data.images, images, device, shift)
+    found = {"whitened": Whiten(*fit_whitening(feats))}
+    if data.kind != "images" and len(pairs := positive_pairs(rows)):
+        found["whitened from positives"] = Whiten(*fit_pair_whitening(feats, pairs))
+    return {k: Embedding(nn.Sequential(frozen.encoder, w)) for k, w in found.items()}
 
 
 # ----------------------------------------------------------------------------- data
@@ -363,8 +389,8 @@ def baselines(kinds, mod, args, data, device, embedding, arch):
         notes += [f"{name}: {note}"] if note else []
         if "pretrained" in kinds:
             results[name] = measure(model, sized, sized_args, device)
-        if "whitened" in kinds:
-            results[f"{name} whitened"] = measure(whitened(model, sized, device), sized, sized_args, device)
+        for suffix, whitened_model in whitened(model, sized, device).items() if "whitened" in kinds else ():
+            results[f"{name} {suffix}"] = measure(whitened_model, sized, sized_args, device)
     return results, notes
 
 
@@ -452,6 +478,9 @@ def cmd_evaluate(opts):
     diagnostics = byol.collapse(model, data, device)
     found, notes = baselines(BASELINES[opts.baselines], mod, args, data, device, opts.embedding, opts.pretrained_arch)
     results.update(found)
+    for suffix, whitened_model in whitened(as_embedding(model, opts.embedding), data, device, args.eval_shift).items() \
+            if "whitened" in BASELINES[opts.baselines] else ():  # the trained features, whitened as the frozen ones
+        results[f"trained, {suffix}"] = measure(whitened_model, data, args, device)
     metric = next(m for m in HEADLINE if results["trained"].get(m) is not None)
     line = verdict(metric, results["trained"][metric], found)
     source = str(args.data_file) if args.data_file else args.data

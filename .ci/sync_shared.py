@@ -1,7 +1,7 @@
 """Keep the shared parts of the four training scripts word for word the same.
 
 byol.py is the source. Its blocks between "# >>> shared: NAME" and "# <<< shared: NAME"
-are written into the same-named blocks of simsiam.py, bn_only.py and contrastive.py; everything outside
+are written into the same-named blocks of simsiam.py, bn_only.py, contrastive.py and redundancy.py; everything outside
 the blocks (docstring, imports, recipes, the method) is each script's own.
 
     python .ci/sync_shared.py           # copy byol.py's shared blocks into the other two
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = "byol.py"
-TARGETS = ("simsiam.py", "bn_only.py", "contrastive.py")
+TARGETS = ("simsiam.py", "bn_only.py", "contrastive.py", "redundancy.py")
 BLOCK = re.compile(r"^# >>> shared: (\w+).*?^# <<< shared: \1\n", re.S | re.M)
 
 

@@ -122,7 +122,7 @@ def summary(run):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     ev = json.loads((run / "eval.json").read_text())
     name, at = log[0]["metric"], next(r for r in log if r["epoch"] == ev["epoch"])
-    base = {k: v["r_precision"] for k, v in ev["results"].items() if k != "trained"}
+    base = {k: v["r_precision"] for k, v in ev["results"].items() if not k.startswith("trained")}  # baselines
     wall = run.with_suffix(".txt").read_text().rsplit("wall ", 1)[1].split()[0]
     return {
         "val": at.get(name),

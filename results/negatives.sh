@@ -13,20 +13,22 @@
 #   val_one_shot (alphabets of small2 that training never sees), never on the 20 official test runs.
 # compare: for each seed in SEEDS, the rows in ROWS:
 #     ntxent, ntxent-labels (--negatives labels), triplet (batch-hard), triplet-semi-hard: contrastive.py;
+#     vicreg, barlow: redundancy.py --loss vicreg|barlow;
 #     byol, simsiam, bn_only: their scripts' own recipes (run_all.sh runs them too, into results/runs/omniglot:
 #     the same recipe and code path, so they are not in ROWS by default);
 #   then for each seed in FN_SEEDS, false negatives: --per-group K for K in KS (K drawings of each character per
 #   batch: K - 1 other pairs of its character, 2(K - 1) images that in-batch negatives push away) for the rows
 #   in FN_ROWS. On Omniglot K=1, 2 and 4 keep 21 steps an epoch; K=8 trains 16 of each character's 20 drawings an
 #   epoch (17 steps).
-# compositional, for each seed in SEEDS: results/compositional.py make OUT/compositional/data (once), then rows
-#   byol, simsiam, bn_only, ntxent, triplet with --data pairs on its train.csv and its flags, then its score table
+# compositional, for each seed in SEEDS: results/compositional.py make OUT/compositional/data (once), then the rows
+#   in COMP_ROWS with --data pairs on its train.csv and its flags, then its score table
 #   (OUT/compositional/scores-s<seed>.md).
 # Run directories: OUT/<row>[-k<K>]-s<seed> (tuning: OUT/tune/<row>-s0), each with the eval.json of its last.pt, and
 # its console output and wall time in OUT/...-s<seed>.txt. A run that finished is skipped, so the script resumes.
 #
 # Variables: SEEDS="0"  ROWS="ntxent ntxent-labels triplet triplet-semi-hard"  FN_SEEDS="$SEEDS"  KS="1 2 4 8"
-#            FN_ROWS="byol ntxent ntxent-labels triplet"  OUT=results/runs/negatives
+#            FN_ROWS="byol ntxent ntxent-labels triplet"  COMP_ROWS="byol simsiam bn_only ntxent triplet vicreg barlow"
+#            OUT=results/runs/negatives
 #            THREADS=1  JOBS=2 (runs side by side, each on THREADS threads)  PYTHON=python
 set -euo pipefail
 
@@ -36,6 +38,7 @@ ROWS="${ROWS:-ntxent ntxent-labels triplet triplet-semi-hard}"
 FN_SEEDS="${FN_SEEDS:-$SEEDS}"
 KS="${KS:-1 2 4 8}"
 FN_ROWS="${FN_ROWS:-byol ntxent ntxent-labels triplet}"
+COMP_ROWS="${COMP_ROWS:-byol simsiam bn_only ntxent triplet vicreg barlow}"
 OUT="${OUT:-results/runs/negatives}"
 THREADS="${THREADS:-1}"
 JOBS="${JOBS:-2}"
@@ -52,6 +55,7 @@ row_cmd() {
         ntxent-labels) echo "contrastive.py --loss ntxent --negatives labels" ;;
         triplet) echo "contrastive.py --loss triplet --mining batch-hard" ;;
         triplet-semi-hard) echo "contrastive.py --loss triplet --mining semi-hard" ;;
+        vicreg | barlow) echo "redundancy.py --loss $1" ;;
         *) echo "negatives.sh: unknown row $1" >&2; return 1 ;;
     esac
 }
@@ -102,7 +106,7 @@ case "$STAGE" in
         [[ -d "$data" ]] || "$PYTHON" results/compositional.py make "$data"  # written whole, or not at all
         read -r -a comp_flags <<< "$("$PYTHON" results/compositional.py flags)"
         for seed in $SEEDS; do
-            for row in byol simsiam bn_only ntxent triplet; do
+            for row in $COMP_ROWS; do
                 queue run "$OUT/compositional/$row-s$seed" "$(row_cmd "$row")" --data pairs --pairs-csv "$data/train.csv" "${comp_flags[*]}" --seed "$seed"
             done
         done
@@ -118,7 +122,9 @@ xargs -P "$JOBS" -I{} bash -c '{}' < "$jobs_file"
 if [[ "$STAGE" == compositional ]]; then
     for seed in $SEEDS; do
         runs=()
-        for row in byol simsiam bn_only ntxent triplet; do runs+=("$OUT/compositional/$row-s$seed"); done
+        for row in byol simsiam bn_only ntxent triplet vicreg barlow; do
+            [[ -d "$OUT/compositional/$row-s$seed" ]] && runs+=("$OUT/compositional/$row-s$seed")
+        done
         for which in best last; do
             "$PYTHON" results/compositional.py score "$OUT/compositional/data" "${runs[@]}" --checkpoint "$which" \
                 | tee "$OUT/compositional/scores-$which-s$seed.md"

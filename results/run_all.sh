@@ -11,19 +11,21 @@
 # Each row: `python SCRIPT.py FLAGS --seed S --out OUT/omniglot/ROW-sS`, then `python eval.py RUN/last.pt --baselines
 # cheap` (the last epoch, as RESULTS.md reports it, beside the raw pixels and the untrained network: RUN/eval.json),
 # its commands in RUN/command.txt. Rows: byol, simsiam, bn_only for each seed in SEEDS; bn_only's ablations (ABLATIONS:
-# no-bn, bn-all, predictor, stop-grad, joint-bn, simsiam-like = --predictor --stop-grad) for each seed in
-# ABLATION_SEEDS; byol-e<E_LONG> (the longer recipe) for each seed in LONG_SEEDS. Then
+# no-bn, bn-all, predictor, stop-grad, joint-bn, simsiam-like = --predictor --stop-grad; and beside them
+# redundancy.py's vicreg and barlow) for each seed in ABLATION_SEEDS; byol-e<E_LONG> (the longer recipe) for each seed
+# in LONG_SEEDS. Then
 # `python results/summarize.py OUT --plots-dir results > results/tables.md` (TABLES). A run with an eval.json is skipped
 # (unless FORCE=1); an unfinished one with a last.pt continues with --resume.
 #
-# Variables: SEEDS="0 1 2"  ABLATION_SEEDS="0 1 2"  ABLATIONS="no-bn bn-all predictor stop-grad joint-bn simsiam-like"
+# Variables: SEEDS="0 1 2"  ABLATION_SEEDS="0 1 2"
+#   ABLATIONS="no-bn bn-all predictor stop-grad joint-bn simsiam-like vicreg barlow"
 #   LONG_SEEDS="0"  E_LONG=120  OUT=results/runs (a variable set to " " runs none of its rows)  THREADS=$(nproc)
 #   FORCE=0  TABLES=results/tables.md  PYTHON=python  TRAIN_ARGS="" (flags for every training run, e.g. "--device cuda")
 set -euo pipefail
 
 SEEDS="${SEEDS:-0 1 2}"
 ABLATION_SEEDS="${ABLATION_SEEDS:-0 1 2}"
-ABLATIONS="${ABLATIONS:-no-bn bn-all predictor stop-grad joint-bn simsiam-like}"
+ABLATIONS="${ABLATIONS:-no-bn bn-all predictor stop-grad joint-bn simsiam-like vicreg barlow}"
 LONG_SEEDS="${LONG_SEEDS:-0}"
 E_LONG="${E_LONG:-120}"
 OUT="${OUT:-results/runs}"
@@ -72,6 +74,8 @@ for seed in $ABLATION_SEEDS; do
             stop-grad) train bn_only-stop-grad "$seed" bn_only --stop-grad ;;
             joint-bn) train bn_only-joint-bn "$seed" bn_only --bn-stats joint ;;
             simsiam-like) train bn_only-simsiam-like "$seed" bn_only --predictor --stop-grad ;;
+            vicreg) train redundancy-vicreg "$seed" redundancy --loss vicreg ;;
+            barlow) train redundancy-barlow "$seed" redundancy --loss barlow ;;
             *) log "error: unknown ablation $ablation"; exit 2 ;;
         esac
     done

@@ -72,7 +72,7 @@ def discover(out_dir):
             "baselines": {},
         }
         for key, result in ev["results"].items():
-            if key == "trained":
+            if key.startswith("trained"):  # the run itself (and its whitened features): not a baseline
                 continue
             val = None
             if log and key == "raw pixels":

@@ -117,7 +117,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 # --------------------------------------------------------------------------------------
 # Tiny folders train conv4
 # --------------------------------------------------------------------------------------
-SCRIPTS = ("byol", "simsiam", "bn_only", "contrastive")
+SCRIPTS = ("byol", "simsiam", "bn_only", "contrastive", "redundancy")
 _REAL_COLOUR_RULE = {}
 
 
@@ -249,7 +249,9 @@ def one_thread():
 
 def tiny(method, data_file, out, *extra, epochs=2, holdout=0.2):
     """The smallest run of `method` on a prepared file: validation on a quarter of the training groups."""
-    dims = ["--proj-dim", "8", "--pred-dim", "4"] if method == "simsiam" else ["--hidden-dim", "16", "--proj-dim", "8"]
+    dims = {"simsiam": ["--proj-dim", "8", "--pred-dim", "4"], "redundancy": ["--hidden-dim", "16"]}.get(
+        method, ["--hidden-dim", "16", "--proj-dim", "8"]
+    )
     return [
         "--arch",
         "conv4",

@@ -15,11 +15,14 @@ import torch
 import bn_only
 import byol
 import contrastive
+import redundancy
 import simsiam
 import conftest
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only, "contrastive": contrastive}
+MODULES = {
+    "byol": byol, "simsiam": simsiam, "bn_only": bn_only, "contrastive": contrastive, "redundancy": redundancy
+}  # fmt: skip
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -240,6 +243,7 @@ BAD_VALUES = [  # (script, flags, what the line names)
     ("contrastive", ["--temperature", "0"], "--temperature"),
     ("contrastive", ["--margin", "-1"], "--margin"),
     ("contrastive", ["--mining", "hardest"], "--mining"),
+    ("redundancy", ["--loss", "simclr"], "--loss"),
 ]
 
 

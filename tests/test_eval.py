@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import byol
 import eval as ev
@@ -211,6 +214,46 @@ def test_whitening_whitens_and_is_capped_at_the_rank():
     assert ev.fit_whitening(feats, dims=2)[1].shape == (6, 2)
 
 
+def cirtorch_whitenlearn(X, qidxs, pidxs):
+    """cirtorch's whitenlearn (filipradenovic/cnnimageretrieval-pytorch), transcribed: X [d, n], L2-normed columns."""
+    m = X[:, qidxs].mean(axis=1, keepdims=True)
+    df = X[:, qidxs] - X[:, pidxs]
+    S = np.dot(df, df.T) / df.shape[1]
+    return m, S
+
+
+def cirtorch_whitenlearn_from(m, S, X):
+    P = np.linalg.inv(np.linalg.cholesky(S))
+    df = np.dot(P, X - m)
+    D = np.dot(df, df.T)
+    eigval, eigvec = np.linalg.eig(D)
+    order = eigval.argsort()[::-1]
+    return np.dot(eigvec[:, order].T, P)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**16), d=st.integers(2, 12), extra=st.integers(0, 40), dims=st.integers(1, 12),
+       shrinkage=st.sampled_from([0.0, 0.3, 1.0]))
+def test_learned_whitening_is_cirtorchs_whitenlearn_with_shrinkage(seed, d, extra, dims, shrinkage):
+    """The same whitened cosines as the transcription (up to each output axis' sign, which cosines ignore), with the
+    pairs' covariance shrunk toward its diagonal by `shrinkage`: 0 is cirtorch's plain estimate."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 2 * d + 4 + extra  # more pairs than dimensions: cirtorch's Cholesky needs a full-rank covariance
+    mix = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    feats = torch.randn(n, d, generator=gen, dtype=torch.float64) @ mix
+    pairs = torch.stack([torch.arange(0, n - 1, 2), torch.arange(1, n, 2)], 1)
+    mean, w = ev.fit_pair_whitening(feats, pairs, dims, shrinkage)
+    ours = F.normalize((F.normalize(feats, dim=1).float() - mean) @ w, dim=1).double()
+    X = F.normalize(feats, dim=1).numpy().T
+    m, S = cirtorch_whitenlearn(X, pairs[:, 0].numpy(), pairs[:, 1].numpy())
+    S = (1 - shrinkage) * S + shrinkage * np.diag(np.diag(S))
+    P = cirtorch_whitenlearn_from(m, S, X)
+    theirs = torch.from_numpy(np.dot(P[:dims], X - m).T.real)
+    theirs = F.normalize(theirs, dim=1)
+    assert w.shape == (d, min(dims, d))
+    assert torch.allclose(ours @ ours.T, theirs @ theirs.T, atol=2e-4), (ours @ ours.T - theirs @ theirs.T).abs().max()
+
+
 def test_verdict_names_the_strongest_baseline():
     found = {"raw pixels": {"m": 0.30}, "untrained conv4": {"m": 0.50}, "frozen x": {"other": 0.9}}
     assert ev.verdict("m", 0.4, found) == (
@@ -285,24 +328,31 @@ def test_run_dir_and_checkpoint_give_the_same_result(classes_run, tmp_path):
 
 
 def test_whitening_is_fitted_on_training_images_only(classes_run, tmp_path, monkeypatch, capsys):
-    """The frozen-encoder baselines with a tiny stand-in encoder (native size 32 px: the 28 px images upsampled)."""
+    """The frozen-encoder baselines with a tiny stand-in encoder (native size 32 px: the 28 px images upsampled), PCA
+    and learned whitening of them and of the trained features: each fitted on training images and their pairs."""
     torch.manual_seed(0)
     encoder = byol.build_encoder("conv4", width=[8] * 4)[0]
     monkeypatch.setattr(ev, "pretrained_encoder", lambda arch: (encoder, 32))
-    fitted, fit = [], ev.fit_whitening
-    monkeypatch.setattr(ev, "fit_whitening", lambda feats, *a: fitted.append(feats) or fit(feats, *a))
+    fitted, fit, fit_pairs = [], ev.fit_whitening, ev.fit_pair_whitening
+    monkeypatch.setattr(ev, "fit_whitening", lambda feats, *a: fitted.append((feats, None)) or fit(feats, *a))
+    monkeypatch.setattr(ev, "fit_pair_whitening", lambda f, pairs: fitted.append((f, pairs)) or fit_pairs(f, pairs))
     assert ev.main([str(classes_run), "--out", str(tmp_path / "e.json")]) == 0
     results = json.loads((tmp_path / "e.json").read_text())["results"]
-    assert {"frozen tf_efficientnet_lite0 32px", "frozen tf_efficientnet_lite0 32px whitened"} <= set(results)
+    frozen = "frozen tf_efficientnet_lite0 32px"
+    assert {frozen, f"{frozen} whitened", f"{frozen} whitened from positives", "trained, whitened",
+            "trained, whitened from positives"} <= set(results)
     assert "upsampled to 32 px" in capsys.readouterr().out
     _, data, _ = run_data(classes_run)
-    embed = lambda part: byol.embed_images(
-        ev.Embedding(encoder), ev.Resized(data.images, 32)[data.groups[part].flatten()], "cpu"
-    )[0]
-    (feats,) = fitted
-    train_feats = embed(data.train)
-    assert feats.shape == train_feats.shape and torch.allclose(feats.mean(0), train_feats.mean(0), atol=1e-5)
-    assert not torch.allclose(feats.mean(0), embed(data.test).mean(0), atol=1e-3)
+    members = data.groups[data.train].flatten()
+    members = members[members >= 0].sort().values  # whitened() orders the images by index
+    embed = lambda part: byol.embed_images(ev.Embedding(encoder), ev.Resized(data.images, 32)[part], "cpu")[0]
+    train_feats = embed(members)
+    (pca, _), (learned, pairs) = fitted[:2]  # the frozen features' (the trained ones' follow)
+    assert torch.equal(pca, learned) and len(fitted) == 4
+    assert pca.shape == train_feats.shape and torch.allclose(pca, train_feats, atol=1e-5)
+    assert not torch.allclose(pca.mean(0), embed(data.groups[data.test].flatten()).mean(0), atol=1e-3)
+    label = {int(i): g for g, row in enumerate(data.groups[data.train]) for i in row if i >= 0}
+    assert len(pairs) and all(label[int(members[a])] == label[int(members[b])] for a, b in pairs)
 
 
 def test_baseline_without_a_run_uses_the_scripts_split(tmp_path):

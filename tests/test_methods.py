@@ -20,10 +20,13 @@ from torch import nn
 import bn_only
 import byol
 import contrastive
+import redundancy
 import simsiam
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only, "contrastive": contrastive}
+MODULES = {
+    "byol": byol, "simsiam": simsiam, "bn_only": bn_only, "contrastive": contrastive, "redundancy": redundancy
+}  # fmt: skip
 TOL = {torch.float64: {"rtol": 1e-9, "atol": 1e-9}, torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
 DTYPES = list(TOL)
 SETTINGS = {"deadline": None, "derandomize": True}  # the same examples every run: a failure reproduces
@@ -64,7 +67,9 @@ def both(net, x1, x2, joint):
 
 
 def tiny_args(module, *flags):
-    dims = ["--proj-dim", "8", "--pred-dim", "4"] if module is simsiam else ["--hidden-dim", "16", "--proj-dim", "8"]
+    dims = {simsiam: ["--proj-dim", "8", "--pred-dim", "4"], redundancy: ["--hidden-dim", "16"]}.get(
+        module, ["--hidden-dim", "16", "--proj-dim", "8"]
+    )
     return module.parse_args(["--arch", "conv4", "--width", "4", "--image-size", "16", *dims, *flags])
 
 
@@ -285,6 +290,68 @@ def test_bn_only_switches_change_the_module_as_named(flags):
     assert model.stop_grad == ("--stop-grad" in flags)
     x = torch.randn(4, 3, 16, 16)
     assert model(x, x.flip(-1)).ndim == 0
+
+
+# ----------------------------------------------------------------------------- redundancy: VICReg and Barlow Twins
+
+
+def barlow_twins_algorithm_1(z_a, z_b, lambd=5e-3):
+    """The paper's Algorithm 1, line by line; its normalisation as the authors' code (BatchNorm1d(affine=False): the
+    biased std with eps 1e-5), where the printed pseudo-code's std is unbiased."""
+    n, d = z_a.shape
+    z_a_norm = (z_a - z_a.mean(0)) / (z_a.var(0, unbiased=False) + 1e-5).sqrt()
+    z_b_norm = (z_b - z_b.mean(0)) / (z_b.var(0, unbiased=False) + 1e-5).sqrt()
+    c = torch.mm(z_a_norm.T, z_b_norm) / n
+    c_diff = (c - torch.eye(d, dtype=c.dtype)).pow(2)
+    c_diff[~torch.eye(d, dtype=torch.bool)] *= lambd  # off_diagonal(c_diff).mul_(lambda)
+    return c_diff.sum()
+
+
+# b from 4: over 2 or 3 rows a standardised column is about +-1 and its float32 gradient carries rounding past 1e-5
+REDUNDANCY_SIZES = {"seed": st.integers(0, 2**31), "b": st.integers(4, 24), "d": st.integers(2, 16)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=30, **SETTINGS)
+@given(**REDUNDANCY_SIZES, scale=st.floats(0.01, 10.0))
+def test_vicreg_loss_is_pml_vicreg_loss(dtype, seed, b, d, scale):
+    """Its three terms with the paper's weights 25/25/1; scale sweeps the variance hinge from all on to all off."""
+    z1, z2, _ = batch(seed, b, d, 0, dtype)
+    ours = redundancy.vicreg_loss(z1 * scale, z2 * scale)
+    ref = losses.VICRegLoss()(z1 * scale, ref_emb=z2 * scale)
+    same_value_and_grads(ours, ref, (z1, z2), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=30, **SETTINGS)
+@given(**REDUNDANCY_SIZES, lambd=st.floats(1e-4, 1.0))
+def test_barlow_twins_loss_is_the_papers_algorithm_1(dtype, seed, b, d, lambd):
+    z1, z2, _ = batch(seed, b, d, 0, dtype)
+    same_value_and_grads(redundancy.barlow_twins_loss(z1, z2, lambd), barlow_twins_algorithm_1(z1, z2, lambd), (z1, z2),
+                         dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=30, **SETTINGS)
+@given(**REDUNDANCY_SIZES)
+def test_barlow_twins_loss_is_lightlys(dtype, seed, b, d):
+    lightly_loss = pytest.importorskip("lightly.loss", reason="lightly is in the bench extra").BarlowTwinsLoss()
+    z1, z2, _ = batch(seed, b, d, 0, dtype)
+    same_value_and_grads(redundancy.barlow_twins_loss(z1, z2), lightly_loss(z1, z2), (z1, z2), dtype)
+
+
+@pytest.mark.parametrize("loss", ["vicreg", "barlow"])
+def test_redundancy_trains_a_3_layer_expander_by_its_loss_alone(loss):
+    model = redundancy.build_model(tiny_args(redundancy, "--loss", loss))
+    linears = [m for m in model.projector.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(4, 16), (16, 16), (16, 16)]
+    assert len(batch_norms(model.projector)) == 2 and not hasattr(model, "predictor")
+    x1, x2 = views(5, 16)
+    z1, z2 = model.projector(model.encoder(x1)), model.projector(model.encoder(x2))
+    reference = {"vicreg": losses.VICRegLoss()(z1, ref_emb=z2), "barlow": barlow_twins_algorithm_1(z1, z2)}[loss]
+    assert torch.allclose(model(x1, x2), reference, **TOL[torch.float32])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # batch statistics stay fp32
+        assert model(x1, x2).dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- batch norm per view or joint

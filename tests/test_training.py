@@ -28,11 +28,14 @@ from torch import nn
 import bn_only
 import byol
 import contrastive
+import redundancy
 import simsiam
 from conftest import tiny
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = {"byol": byol, "simsiam": simsiam, "bn_only": bn_only, "contrastive": contrastive}
+MODULES = {
+    "byol": byol, "simsiam": simsiam, "bn_only": bn_only, "contrastive": contrastive, "redundancy": redundancy
+}  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -1177,7 +1180,8 @@ def fresh(classes_file, pairs_file, images_file, episodes_file, tmp_path_factory
     """Each script once as `python SCRIPT.py ...` in a fresh process, one per kind of data (episodes: Omniglot's
     one-shot validation), and byol.py once with --lr 1e30; all at once."""
     base = tmp_path_factory.mktemp("fresh")
-    data = {"byol": pairs_file, "simsiam": images_file, "bn_only": episodes_file, "contrastive": classes_file}
+    data = {"byol": pairs_file, "simsiam": images_file, "bn_only": episodes_file, "contrastive": classes_file,
+            "redundancy": pairs_file}  # fmt: skip
     commands = {name: [f"{name}.py", *tiny(name, data[name], base / name)] for name in MODULES}
     commands["diverged"] = ["byol.py", *tiny("byol", classes_file, base / "diverged", "--lr", "1e30")]
     started = {
@@ -1198,6 +1202,7 @@ METRICS = {
     "simsiam": "val_aug_copy_recall@1",
     "bn_only": "val_one_shot",
     "contrastive": "val_r_precision",
+    "redundancy": "val_recall@1",
 }
 
 
