@@ -232,8 +232,13 @@ def cirtorch_whitenlearn_from(m, S, X):
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
-@given(seed=st.integers(0, 2**16), d=st.integers(2, 12), extra=st.integers(0, 40), dims=st.integers(1, 12),
-       shrinkage=st.sampled_from([0.0, 0.3, 1.0]))
+@given(
+    seed=st.integers(0, 2**16),
+    d=st.integers(2, 12),
+    extra=st.integers(0, 40),
+    dims=st.integers(1, 12),
+    shrinkage=st.sampled_from([0.0, 0.3, 1.0]),
+)
 def test_learned_whitening_is_cirtorchs_whitenlearn_with_shrinkage(seed, d, extra, dims, shrinkage):
     """The same whitened cosines as the transcription (up to each output axis' sign, which cosines ignore), with the
     pairs' covariance shrunk toward its diagonal by `shrinkage`: 0 is cirtorch's plain estimate."""
@@ -339,8 +344,13 @@ def test_whitening_is_fitted_on_training_images_only(classes_run, tmp_path, monk
     assert ev.main([str(classes_run), "--out", str(tmp_path / "e.json")]) == 0
     results = json.loads((tmp_path / "e.json").read_text())["results"]
     frozen = "frozen tf_efficientnet_lite0 32px"
-    assert {frozen, f"{frozen} whitened", f"{frozen} whitened from positives", "trained, whitened",
-            "trained, whitened from positives"} <= set(results)
+    assert {
+        frozen,
+        f"{frozen} whitened",
+        f"{frozen} whitened from positives",
+        "trained, whitened",
+        "trained, whitened from positives",
+    } <= set(results)
     assert "upsampled to 32 px" in capsys.readouterr().out
     _, data, _ = run_data(classes_run)
     members = data.groups[data.train].flatten()

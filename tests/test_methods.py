@@ -327,8 +327,9 @@ def test_vicreg_loss_is_pml_vicreg_loss(dtype, seed, b, d, scale):
 @given(**REDUNDANCY_SIZES, lambd=st.floats(1e-4, 1.0))
 def test_barlow_twins_loss_is_the_papers_algorithm_1(dtype, seed, b, d, lambd):
     z1, z2, _ = batch(seed, b, d, 0, dtype)
-    same_value_and_grads(redundancy.barlow_twins_loss(z1, z2, lambd), barlow_twins_algorithm_1(z1, z2, lambd), (z1, z2),
-                         dtype)
+    same_value_and_grads(
+        redundancy.barlow_twins_loss(z1, z2, lambd), barlow_twins_algorithm_1(z1, z2, lambd), (z1, z2), dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
