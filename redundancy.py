@@ -44,7 +44,7 @@ import torchvision
 from tqdm import tqdm
 
 METHOD = "redundancy"
-BASE_LR = {"sgd": 0.4, "adamw": 8e-3}  # peak rate per 256 pairs, scaled with the batch: AdamW's twice BYOL's (RESULTS.md)
+BASE_LR = {"sgd": 0.4, "adamw": 8e-3}  # peak rate per 256 pairs, scaled with the batch; AdamW: twice BYOL's
 
 # Recipes: the defaults of each --data (`--data X --help` shows X's), each chosen on validation data (RESULTS.md);
 # a flag overrides any. --pretrained (the default for tll, and for class folders in colour) adds a FINE_TUNE row.
