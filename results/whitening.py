@@ -7,6 +7,7 @@ score it: Omniglot's one-shot episodes, TLL-dev's validation pairs (R@1), small2
     python results/whitening.py tll        # ../shared/data/tll-dev (TLL=...)
     python results/whitening.py omniglot   # the embedded Omniglot
     python results/whitening.py small2     # small2 as class folders (SMALL2=..., written by results/generic.py)
+    python results/whitening.py DIR        # any class folder, half of its classes held out as generic.py does
 """
 
 import os
@@ -35,7 +36,8 @@ FLAGS = {
 
 
 def main(name):
-    args = byol.parse_args([*FLAGS[name], "--image-size", "224"])  # seed 0's split, the images at Lite0's size
+    flags = FLAGS.get(name, ["--data", "folder", "--holdout", "0.5", "--data-dir", name])
+    args = byol.parse_args([*flags, "--image-size", "224"])  # seed 0's split, the images at Lite0's size
     args.eval_shift = 0
     data, model = byol.load_data(args), ev.Embedding(ev.pretrained_encoder(ev.LITE0)[0])
     rows = data.groups[data.train].clone()
