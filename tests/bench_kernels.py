@@ -5,31 +5,17 @@ CPU the Triton column runs in Triton's interpreter (conftest sets it): there it 
 kernels' outputs, not their speed. Full sizes: ``python benchmarks/kernels.py --device cuda``.
 """
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
-NAME = "benchmarks_kernels"  # benchmarks/ is a folder of scripts: loaded by path, registered once
-if NAME not in sys.modules:
-    spec = importlib.util.spec_from_file_location(
-        NAME, Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
-    )
-    sys.modules[NAME] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules[NAME])
-bench = sys.modules[NAME]
+bench = load_benchmark("kernels")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_kernel_benchmark(bench_table):

@@ -14,27 +14,16 @@ Then benchmarks/time_to_quality.py, both runs side by side for one epoch of a wi
 commands in the two scripts' docstrings.
 """
 
-import importlib.util
 import itertools
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark(script):
-    """benchmarks/<script>.py as a module, registered as tests/test_benchmarks.py registers it."""
-    name = f"benchmarks_{script}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{script}.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
 
 
 training, time_to_quality = load_benchmark("training"), load_benchmark("time_to_quality")

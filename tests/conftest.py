@@ -235,6 +235,21 @@ def episodes_file(tmp_path_factory):
     return write_prepared(tmp_path_factory.mktemp("episodes") / "episodes.pt", "classes", episodes=3)
 
 
+def load_benchmark(script):
+    """benchmarks/<script>.py as a module (benchmarks/ is a folder of scripts, loaded by path); registered once, as
+    DataLoader workers may pickle its classes."""
+    import importlib.util
+    import pathlib
+
+    name = f"benchmarks_{script}"
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module: tiny networks are per-op overhead, and with other jobs on the cores, the

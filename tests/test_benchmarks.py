@@ -3,15 +3,14 @@ that they drive byol.py as byol.train does (recipe, fitted settings, schedule, v
 variant trains, and their tables. byol-pytorch and lightly (the bench extra) are needed only by the tests that say so.
 """
 
-import importlib.util
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,29 +19,13 @@ import byol
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_benchmark(script):
-    """benchmarks/<script>.py as a module (benchmarks/ is a folder of scripts); registered, as DataLoader workers may
-    pickle its classes."""
-    name = f"benchmarks_{script}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{script}.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
 training, ttq = load_benchmark("training"), load_benchmark("time_to_quality")
 CPU = torch.device("cpu")
 TINY = "--width 4 --image-size 16 --batch-size 4 --repeats 2 --warmup 1 --threads 1 --workers 0".split()
 needs_peers = pytest.mark.skipif(not all(training.INSTALLED.values()), reason="byol-pytorch and lightly: .[bench]")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -238,7 +221,7 @@ def test_time_to_quality_ratio_lines():
     later = {
         "curve": [{"epoch": 0, "train_s": 0.0, "val_one_shot": 0.05}, {"epoch": 1, "train_s": 4.0, "val_one_shot": 0.3}]
     }
-    line = lambda a, b, level: ttq.ratio_line("ours", "byol-pytorch", {"ours": a, "byol-pytorch": b}, level)  # noqa: E731
+    line = lambda a, b, level: ttq.ratio_line("ours", "byol-pytorch", {"ours": a, "byol-pytorch": b}, level)
     assert line(later, start, 0.1) == "- byol-pytorch starts at or above 0.10 (epoch 0); pick a higher --level"
     assert line(start, start, 0.1) == "- ours and byol-pytorch start at or above 0.10 (epoch 0); pick a higher --level"
     assert line(later, later, 0.2) == "- ours / byol-pytorch: 1.00x"
