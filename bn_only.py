@@ -330,8 +330,7 @@ def standardize(x):
     """float [B,3,H,W] in [0, 1] -> ImageNet-normalised."""
     return (x - constant(IMAGENET_MEAN, x.device).view(1, 3, 1, 1)) / constant(IMAGENET_STD, x.device).view(1, 3, 1, 1)
 
-def normalize(x):
-    """uint8 [B,3,H,W] -> float, ImageNet-normalised: what the network sees at evaluation."""
+def normalize(x):  # uint8 [B,3,H,W] -> float, ImageNet-normalised: what the network sees at evaluation
     return standardize(x.float() / 255)
 
 def gray(x):
@@ -364,8 +363,7 @@ def augment(x, gen, blur_prob, solarize_prob, args, size=None):
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     # Colour jitter with p=0.8 (brightness, contrast, saturation, hue; fixed order).
     on, k = chance(0.8).float(), args.jitter_strength
-    bright = 1 + on * uniform(-0.4 * k, 0.4 * k).view(b, 1, 1, 1)
-    contrast = 1 + on * uniform(-0.4 * k, 0.4 * k).view(b, 1, 1, 1)
+    bright, contrast = (1 + on * uniform(-0.4 * k, 0.4 * k).view(b, 1, 1, 1) for _ in range(2))  # in this order
     saturation = 1 + on * uniform(-0.2 * k, 0.2 * k).view(b, 1, 1, 1)
     hue = on.view(b) * uniform(-0.1 * k, 0.1 * k)
     x = (x * bright).clamp(0, 1)
@@ -520,10 +518,14 @@ def r_precision(features, labels):
     hits &= torch.arange(hits.shape[1], device=hits.device)[None] < r[:, None]
     return (hits.sum(1)[r > 0] / r[r > 0]).mean().item()
 
-def score(model, data, part, args, device):
+def score(model, data, part, args, device, distractors=1024):
     """(name, value) of `part` ("val", "test"): one-shot accuracy of episodes, Recall@1 left -> right of pairs,
-    R-Precision of classes, recall@1 of augmented copies of single images among them; None: nothing to score."""
+    R-Precision of classes, recall@1 of augmented copies of single images among them; None: nothing to score. "val"
+    ranks among `distractors` training images too: a few classes alone saturate (RESULTS.md, "Validation")."""
     embed = lambda x: embed_images(model, x, device, args.eval_shift)[0]  # noqa: E731
+    pool = data.groups[data.train][:, data.kind == "pairs":].flatten()  # training images; of pairs, the right ones
+    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))]
+    extra = pool[pool >= 0][:distractors * (part == "val")]
     if part == "val" and data.episodes is not None:
         e, (n, way) = data.episodes, data.episodes.shape[::2]
         ref, query = (F.normalize(embed(data.images[e[:, i].flatten()]), dim=1).view(n, way, -1) for i in (0, 1))
@@ -533,11 +535,11 @@ def score(model, data, part, args, device):
     name = f"{part}_" + {"pairs": "recall@1", "classes": "r_precision", "images": "aug_copy_recall@1"}[data.kind]
     if len(rows) < 2:
         return name, None
-    if data.kind == "pairs":
-        return name, recall_at_1(embed(data.images[rows[:, 0]]), embed(data.images[rows[:, 1]]))
-    if data.kind == "classes":
-        label = torch.arange(len(rows), device=device)[:, None].expand_as(rows)[rows >= 0]
-        return name, r_precision(embed(data.images[rows[rows >= 0]]), label)
+    if data.kind == "pairs":  # row i of the gallery is query i's pair; the distractors follow
+        return name, recall_at_1(embed(data.images[rows[:, 0]]), embed(data.images[torch.cat([rows[:, 1], extra])]))
+    if data.kind == "classes":  # a distractor is alone in its class: it is never a query
+        label = torch.cat([torch.arange(len(rows))[:, None].expand_as(rows)[rows >= 0], -1 - torch.arange(len(extra))])
+        return name, r_precision(embed(data.images[torch.cat([rows[rows >= 0], extra])]), label.to(device))
     originals = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed))[:2048], 0]
     owner = torch.cat([c.repeat(2) for c in torch.arange(len(originals)).split(64)]).to(device)  # as copies are made
     sim = (F.normalize(embed(augmented_copies(data.images[originals], args)), dim=1)
@@ -628,8 +630,7 @@ def fit_to_data(args, num_anchors, world):
                         f"and an epoch a batch of the {num_anchors} training anchors; change it, or add data")
 
 def train(args):
-    """Trains as parse_args says; returns (model, history, args). The public API: parse_args, train, build_model,
-    build_method_optimizer, augment_pair (and drawn, its numbers), after_step, embed_images, load_data."""
+    """Trains as parse_args says; returns (model, history, args). The public API: README.md lists it."""
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:  # the run continues with its own settings
         if ckpt["method"] != METHOD:
@@ -708,8 +709,7 @@ def train(args):
     for name in ("last.pt", "best.pt", "log.jsonl") if rank == 0 and ckpt is None else ():  # --overwrite, once the
         (args.out / name).unlink(missing_ok=True)  # data and the settings proved good
     if ckpt is None:  # epoch 0: the start and the raw pixels on the validation data; the start competes for best.pt
-        name, value = score(model, data, "val", args, device)
-        pixels = score(Pixels(), data, "val", args, device)[1]
+        (name, value), pixels = score(model, data, "val", args, device), score(Pixels(), data, "val", args, device)[1]
         record({"epoch": 0, "metric": name, name: value, f"pixels_{name}": pixels, **collapse(model, data, device)})
         stopping["best"] = -math.inf if value is None else value
         save(["best.pt"] * (value is not None), 0, 0)

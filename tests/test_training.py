@@ -825,9 +825,36 @@ def test_validation_scores_each_kind_of_data_and_a_collapse_scores_chance(
         originals = data.images[data.groups[data.val, 0]]
         assert torch.equal(byol.augmented_copies(originals, harsh), byol.augmented_copies(originals, harsh))
     collapsed = nn.ModuleDict({"encoder": Constant(), "projector": nn.Identity()})
-    chance = {"episodes": 1 / 4, "pairs": 1 / len(data.val), "classes": None, "images": 1 / len(data.val)}[which]
+    among = len(data.val) + len(data.train)  # pairs: each validation right image and every training one
+    chance = {"episodes": 1 / 4, "pairs": 1 / among, "classes": None, "images": 1 / len(data.val)}[which]
     if chance is not None:
         assert byol.score(collapsed, data, "val", args, "cpu")[1] == pytest.approx(chance)
+
+
+def test_validation_on_a_few_classes_ranks_among_training_images_and_does_not_saturate():
+    """Two validation classes that raw pixels tell apart perfectly, among training classes that look like them (a
+    small folder's carve): R-Precision over the two alone is 1 whatever the network; among the training images as
+    distractors it is not, and an embedding that separates the classes still scores higher."""
+    g = torch.Generator().manual_seed(0)
+    noise = lambda base, n, amount: base + amount * torch.randn(n, *base.shape, generator=g)  # noqa: E731
+    bases = torch.rand(2, 3, 16, 16, generator=g)  # validation classes 0 and 1; training classes 2-9 near them
+    centres = torch.cat([bases, *[noise(bases[k % 2], 1, 0.01) for k in range(8)]])
+    images = torch.cat([noise(c, 5, 0.05) for c in centres]).clamp(0, 1).mul(255).round().to(torch.uint8)
+    data = SimpleNamespace(images=images, groups=torch.arange(50).view(10, 5), kind="classes", episodes=None,
+                           train=list(range(2, 10)), val=[0, 1])
+    args = SimpleNamespace(seed=0, eval_shift=0)
+    val_alone = byol.r_precision(byol.embed_images(byol.Pixels(), images[:10], "cpu")[0], torch.arange(10) // 5)
+    assert val_alone == 1.0  # the old protocol saturates
+    name, pixels = byol.score(byol.Pixels(), data, "val", args, "cpu")
+    assert name == "val_r_precision"
+
+    class KnowsTheClass(nn.Module):  # the image's class as a one-hot feature, beside its pixels
+        def forward(self, x):
+            owner = (x.flatten(1)[:, None] == byol.normalize(images).flatten(1)[None]).all(2).float().argmax(1) // 5
+            return torch.cat([torch.nn.functional.one_hot(owner, 10).float() * 30, x.flatten(1)], 1)
+
+    better = nn.ModuleDict({"encoder": KnowsTheClass(), "projector": nn.Identity()})
+    assert byol.score(better, data, "val", args, "cpu")[1] == 1.0 and pixels < 0.7
 
 
 def test_the_summary_compares_best_pt_with_the_strongest_baseline():
