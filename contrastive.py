@@ -830,7 +830,7 @@ def summary(history, args):
     return f"run directory: {args.out}\n" + ("no validation: add data, or raise --val-fraction" if base[0] is None else
         f"{name}: {best[name]:.3f} best.pt (epoch {best['epoch']} of {args.epochs}) vs {base[0]:.3f} {base[1]}, the "
         f"strongest baseline: {'beats it' if best[name] > base[0] else 'does NOT beat it'}, {best[name] - base[0]:+.3f}"
-        f"\nthe test split, every metric and more baselines: python eval.py {args.out}")
+        f"\nthe test, every baseline, and the embedding to ship (chosen on validation): python eval.py {args.out}")
 
 def main(argv=None):
     args = parse_args(argv)

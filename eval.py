@@ -54,6 +54,7 @@ WHITEN_DIMS, WHITEN_IMAGES, SHRINKAGE = 256, 4096, 0.3
 LITE0 = "tf_efficientnet_lite0"
 CHUNK = 1024  # images decoded or embedded, or queries compared, at a time: memory stays bounded
 BASELINES = {"none": [], "cheap": ["pixels", "untrained"], "all": ["pixels", "untrained", "pretrained", "whitened"]}
+STARTS = ("trained", "frozen")  # the embeddings a run may ship (names that begin so), chosen on validation
 
 
 class UserError(Exception):
@@ -377,21 +378,35 @@ def measure(model, data, args, device):
 
 
 def baselines(kinds, mod, args, data, device, embedding, arch):
-    """({name: metrics}, notes) of the baselines `kinds` on the run's test data."""
-    results, notes = {}, []
+    """({name: (model, data, args)}, notes) of the baselines `kinds`, each with the data it reads: the pretrained
+    encoder's at its native size."""
+    found, notes = {}, []
     for kind in [k for k in kinds if k != "whitened"]:
         model, size = baseline_model(kind, mod, args, embedding, arch)
         if kind != "pretrained":
-            results["raw pixels" if kind == "pixels" else f"untrained {args.arch}"] = measure(model, data, args, device)
+            found["raw pixels" if kind == "pixels" else f"untrained {args.arch}"] = (model, data, args)
             continue
         name = f"frozen {arch} {size}px"
         sized, sized_args, note = at_size(mod, args, data, size)
         notes += [f"{name}: {note}"] if note else []
         if "pretrained" in kinds:
-            results[name] = measure(model, sized, sized_args, device)
+            found[name] = (model, sized, sized_args)
         for suffix, whitened_model in whitened(model, sized, device).items() if "whitened" in kinds else ():
-            results[f"{name} {suffix}"] = measure(whitened_model, sized, sized_args, device)
-    return results, notes
+            found[f"{name} {suffix}"] = (whitened_model, sized, sized_args)
+    return found, notes
+
+
+def choose(validation):
+    """(name, line) of the embedding a run ships: of the trained and the frozen embeddings, plain or whitened, the
+    best on validation; the trained one on a tie, or when nothing was validated."""
+    scored = {k: v for k, v in validation.items() if v is not None and k.startswith(STARTS)}
+    if "trained" not in scored:
+        return "trained", "no validation data: the trained embedding ships, unchosen (raise --val-fraction)"
+    best = max(scored, key=scored.get)  # the first of equals: the trained embedding comes first
+    runner_up = max((k for k in scored if k != best), key=scored.get, default=None)
+    margin = f", {scored[best] - scored[runner_up]:+.4f} over {runner_up}" if runner_up else ""
+    lost = "" if best.startswith("trained") else ": training did not beat the frozen features, so they ship"
+    return best, f"ships {best}, the best on validation ({scored[best]:.4f}{margin}){lost}"
 
 
 def verdict(metric, trained, baseline_results):
@@ -477,24 +492,36 @@ def cmd_evaluate(opts):
                         "test split); retrain with --holdout 0.2")
     diagnostics = byol.collapse(model, data, device)
     found, notes = baselines(BASELINES[opts.baselines], mod, args, data, device, opts.embedding, opts.pretrained_arch)
-    results.update(found)
-    for suffix, whitened_model in whitened(as_embedding(model, opts.embedding), data, device, args.eval_shift).items() \
-            if "whitened" in BASELINES[opts.baselines] else ():  # the trained features, whitened as the frozen ones
-        results[f"trained, {suffix}"] = measure(whitened_model, data, args, device)
+    trained = as_embedding(model, opts.embedding)
+    entries = {"trained": (trained, data, args), **{f"trained, {suffix}": (whitened_model, data, args) for suffix,
+               whitened_model in (whitened(trained, data, device, args.eval_shift).items() if "whitened" in
+                                  BASELINES[opts.baselines] else ())}, **found}  # trained: whitened as the frozen
+    results.update({name: measure(*entry, device) for name, entry in entries.items() if name != "trained"})
+    val_metric = byol.score(trained, data, "val", args, device)[0]  # each embedding on validation, as training scores
+    validation = {name: byol.score(e, d, "val", a, device)[1] for name, (e, d, a) in entries.items()}
     metric = next(m for m in HEADLINE if results["trained"].get(m) is not None)
-    line = verdict(metric, results["trained"][metric], found)
+    line = verdict(metric, results["trained"][metric], {k: v for k, v in results.items() if k in found})
+    chosen, chosen_line = choose(validation)
     source = str(args.data_file) if args.data_file else args.data
     print(f"{ckpt['method']} {path} (epoch {ckpt['epoch']}, {opts.embedding}) on {source}: {len(data.test)} held-out "
           f"{data.kind}" + (", the 20 official one-shot runs" if data.test_runs is not None else ""))
-    print(table(results), *notes, sep="\n")
+    print(table({name: {val_metric: validation[name], **r} for name, r in results.items()}), *notes, sep="\n")
     print("collapse (projector, training images): " + ", ".join(f"{k} {v:.4g}" for k, v in diagnostics.items()))
     print(line or "no baselines (--baselines none): nothing to compare with")
+    print(f"{chosen_line}; on the test, {metric} {results[chosen][metric]:.4f}")
     out = out or path.parent / "eval.json"
+    whiten = entries[chosen][0].encoder[-1] if isinstance(entries[chosen][0].encoder, nn.Sequential) else None
+    state = {"written_by": "eval.py evaluate", "checkpoint": str(path.resolve()), "epoch": ckpt["epoch"],
+             "chosen": chosen, "embedding": opts.embedding, "pretrained_arch": opts.pretrained_arch,
+             "image_size": entries[chosen][2].image_size, "eval_shift": entries[chosen][2].eval_shift,
+             "whiten": whiten.state_dict() if isinstance(whiten, Whiten) else None}
+    write_atomic({path.parent / "chosen.pt": lambda tmp: torch.save(state, tmp)})
     write_json(out, {"written_by": "eval.py evaluate", "checkpoint": str(path.resolve()), "method": ckpt["method"],
                      "epoch": ckpt["epoch"], "embedding": opts.embedding, "data": source, "kind": data.kind,
                      "test_groups": len(data.test), "metric": metric, "results": results, "collapse": diagnostics,
-                     "notes": notes, "verdict": line})
-    print(f"wrote {out}")
+                     "notes": notes, "verdict": line, "validation_metric": val_metric, "validation": validation,
+                     "chosen": chosen, "chosen_line": chosen_line})
+    print(f"wrote {out} and {path.parent / 'chosen.pt'} (what embed and export use)")
 
 
 def baseline_args(opts, keys):
@@ -510,7 +537,8 @@ def evaluate_baseline(opts, device, out):
                                    "arch"))
     data = byol.load_data(args)
     kinds = ["pretrained", "whitened"] if opts.whiten else [opts.baseline]
-    results, notes = baselines(kinds, byol, args, data, device, "encoder", opts.pretrained_arch)
+    found, notes = baselines(kinds, byol, args, data, device, "encoder", opts.pretrained_arch)
+    results = {name: measure(*entry, device) for name, entry in found.items()}
     print(f"{args.data_file or args.data}: {len(data.test)} held-out {data.kind} (seed {args.seed}, holdout "
           f"{args.holdout}, {args.image_size} px)")
     print(table(results), *notes, sep="\n")
@@ -520,15 +548,33 @@ def evaluate_baseline(opts, device, out):
         print(f"wrote {out}")
 
 
-def embedder(run=None, baseline=None, flags=(), embedding="encoder", arch=LITE0):
+def chosen_of(path, epoch):
+    """The chosen.pt that evaluate wrote beside the checkpoint `path` at `epoch`, or None (none, or a stale one)."""
+    file = path.parent / "chosen.pt"
+    chosen = torch.load(file, weights_only=True) if file.is_file() else None
+    return chosen if chosen and (chosen["checkpoint"], chosen["epoch"]) == (str(path.resolve()), epoch) else None
+
+
+def embedder(run=None, baseline=None, flags=(), embedding="chosen", arch=LITE0):
     """(model for embed_images, image size, test-time shift, meta) of a run, or of a baseline built from the training
-    scripts' flags: what embed writes into its .npz and search rebuilds from it."""
+    scripts' flags: what embed writes into its .npz and search rebuilds from it. A run's "chosen" embedding is the
+    one evaluate chose on validation (its chosen.pt), else the trained encoder's."""
     if run is not None:
         mod, ckpt, args, path = load_run(run)
-        meta = {"method": ckpt["method"], "checkpoint": str(path.resolve()), "epoch": ckpt["epoch"], "arch": args.arch}
-        model, size, shift = as_embedding(trained_model(mod, ckpt, args), embedding), args.image_size, args.eval_shift
+        chosen = chosen_of(path, ckpt["epoch"]) if embedding == "chosen" else None
+        meta = {"method": ckpt["method"], "checkpoint": str(path.resolve()), "epoch": ckpt["epoch"], "arch": args.arch,
+                "width": args.width, "stem": args.stem, "chosen": chosen and chosen["chosen"]}
+        if chosen and chosen["chosen"].startswith("frozen"):
+            meta.update(arch=chosen["pretrained_arch"], width=None, stem="imagenet")
+            model = Embedding(pretrained_encoder(chosen["pretrained_arch"])[0])
+        else:
+            model = as_embedding(trained_model(mod, ckpt, args), chosen["embedding"] if chosen else
+                                 "encoder" if embedding == "chosen" else embedding)
+        size, shift = (chosen["image_size"], chosen["eval_shift"]) if chosen else (args.image_size, args.eval_shift)
+        if chosen and chosen["whiten"] is not None:
+            model = Embedding(nn.Sequential(model.encoder, Whiten(chosen["whiten"]["mean"], chosen["whiten"]["w"])))
     else:
-        args = byol.parse_args(flags)
+        args, embedding = byol.parse_args(flags), "encoder" if embedding == "chosen" else embedding
         model, size = baseline_model(baseline, byol, args, embedding, arch)
         shift = 0 if baseline == "pretrained" else args.eval_shift
         meta = {"baseline": baseline, "flags": list(flags), "arch": arch if baseline == "pretrained" else args.arch}
@@ -559,8 +605,8 @@ def cmd_embed(opts):
     paths = np.array([source_name(s) for s in sources])
     write_atomic({out: lambda tmp: np.savez(tmp, embeddings=embeddings.numpy().astype(np.float32), paths=paths,
                                             meta=np.array(json.dumps(meta)))})
-    print(f"wrote {out}: {len(sources)} images x {embeddings.shape[1]} dimensions ({meta['embedding']} of "
-          f"{meta.get('checkpoint') or 'the ' + meta['baseline'] + ' baseline'}, {size} px)")
+    what = f"{meta.get('chosen') or meta['embedding']} of {meta.get('checkpoint') or 'the ' + meta['baseline']}"
+    print(f"wrote {out}: {len(sources)} images x {embeddings.shape[1]} dimensions ({what}, {size} px)")
 
 
 def read_npz(path):
@@ -591,9 +637,10 @@ def cmd_search(opts):
         names, sources = opts.query, [source_of(q, "--query") for q in opts.query]
         model, size, shift, now = embedder(meta.get("checkpoint"), meta.get("baseline"), meta.get("flags", ()),
                                            meta["embedding"], meta["arch"])
-        if now.get("epoch") != meta.get("epoch"):
-            raise UserError(f"{meta['checkpoint']} is now epoch {now['epoch']}, {opts.embeddings} was embedded at "
-                            f"epoch {meta['epoch']}; embed again")
+        if (now.get("epoch"), now.get("chosen")) != (meta.get("epoch"), meta.get("chosen")):
+            was = meta.get("chosen") or "its encoder"
+            raise UserError(f"{meta['checkpoint']} is now epoch {now['epoch']} ({now['chosen'] or 'its encoder'}), "
+                            f"{opts.embeddings} was embedded at epoch {meta['epoch']} ({was}); embed again")
         queries = embed_sources(model, sources, size, shift, pick_device(opts.device), 1)
     sim = F.normalize(queries.float(), dim=1) @ F.normalize(embeddings.float(), dim=1).T
     if opts.index is not None:  # an image is not its own result
@@ -660,9 +707,11 @@ def cmd_export(opts):
         check_out(path, opts.overwrite)
     if (opts.run is None) == (opts.baseline is None):
         raise UserError("export needs RUN, or --baseline pretrained (frozen ImageNet features), not both")
-    model, size, shift, meta = embedder(opts.run, opts.baseline, (), "encoder", opts.pretrained_arch)
+    model, size, shift, meta = embedder(opts.run, opts.baseline, (), "chosen", opts.pretrained_arch)
     function, path = Exported(model.encoder, shift).eval(), Path(meta.get("checkpoint", meta["arch"]))
-    args = load_run(opts.run)[2] if opts.run else SimpleNamespace(arch=meta["arch"], width=None, stem="imagenet")
+    args = SimpleNamespace(arch=meta["arch"], width=meta.get("width"), stem=meta.get("stem", "imagenet"))
+    whiten = model.encoder[-1] if isinstance(model.encoder, nn.Sequential) else None
+    whiten = whiten if isinstance(whiten, Whiten) else None
     example = torch.rand(2, 3, size, size)
     try:
         program = torch.export.export(function, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
@@ -674,12 +723,15 @@ def cmd_export(opts):
                         f"{str(e).splitlines()[0][:120]}); nothing written") from None
     if error > 1e-5:
         raise UserError(f"the exported program of {path} differs from it by {error:.1e}; nothing written")
-    sidecar = {**{k: meta[k] for k in ("method", "checkpoint", "epoch", "baseline") if k in meta}, "arch": args.arch,
+    sidecar = {**{k: meta[k] for k in ("method", "checkpoint", "epoch", "baseline", "chosen") if k in meta},
+               "arch": args.arch,
                "width": args.width, "stem": args.stem, "image_size": size, "mean": byol.IMAGENET_MEAN,
                "std": byol.IMAGENET_STD, "eval_shift": shift, "embedding_dim": expected.shape[1],
                "weights": f"{out.name}: the encoder's state dict; it takes (RGB / 255 - mean) / std",
                "load": f"encoder = byol.build_encoder({args.arch!r}, stem={args.stem!r}"
                        + (f", width={args.width!r})[0]; " if args.width else ")[0]; ")
+                       + (f"encoder = torch.nn.Sequential(encoder, eval.Whiten(torch.zeros({whiten.w.shape[0]}), "
+                          f"torch.zeros{tuple(whiten.w.shape)})); " if whiten is not None else "")
                        + f"encoder.load_state_dict(torch.load({out.name!r}))",
                "program": f"{files[2].name}: torch.export.load(PATH).module() maps float RGB in [0, 1] [B, 3, "
                           f"{size}, {size}] (uint8 / 255) to the L2-normalised embedding, shifts and mean/std inside",
@@ -687,8 +739,8 @@ def cmd_export(opts):
     write_atomic({files[0]: lambda tmp: torch.save(model.encoder.state_dict(), tmp),
                   files[1]: lambda tmp: tmp.write_text(json.dumps(sidecar, indent=1) + "\n"),
                   files[2]: lambda tmp: torch.export.save(program, tmp)})
-    print(f"wrote {', '.join(map(str, files))}: the encoder of {path} ({args.arch}, {size} px, "
-          f"{sidecar['embedding_dim']} dimensions)")
+    print(f"wrote {', '.join(map(str, files))}: {meta.get('chosen') or 'the encoder'} of {path} ({args.arch}, "
+          f"{size} px, {sidecar['embedding_dim']} dimensions)")
 
 
 def cmd_plot(opts):
@@ -769,7 +821,8 @@ def parse_args(argv):
     e.add_argument("source", metavar="SOURCE", help="a folder tree, a .zip, or a CSV whose first column lists images")
     e.add_argument("--out", required=True, help="the .npz: embeddings (L2-normalised), paths, meta")
     e.add_argument("--overwrite", action="store_true")
-    e.add_argument("--embedding", choices=["encoder", "projector"], default="encoder")
+    e.add_argument("--embedding", choices=["chosen", "encoder", "projector"], default="chosen",
+                   help="chosen: what evaluate chose on validation (RUN/chosen.pt; without one, the encoder)")
     e.add_argument("--baseline", choices=["pixels", "untrained", "pretrained"], help="instead of RUN")
     e.add_argument("--image-size", type=byol.bounded(int, 16, 1024), help="--baseline pixels, untrained")
     e.add_argument("--arch", help="--baseline untrained (default conv4)")

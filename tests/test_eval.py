@@ -365,6 +365,27 @@ def test_whitening_is_fitted_on_training_images_only(classes_run, tmp_path, monk
     assert len(pairs) and all(label[int(members[a])] == label[int(members[b])] for a, b in pairs)
 
 
+def test_the_run_ships_the_best_start_on_validation_and_says_which(classes_run, tmp_path, capsys):
+    chosen, line = ev.choose(
+        {"trained": 0.5, "trained, whitened": 0.6, "raw pixels": 0.9, "frozen X": 0.7, "frozen X whitened": None}
+    )  # raw pixels are a baseline, not a start
+    assert chosen == "frozen X" and "+0.1000 over trained, whitened" in line and "did not beat" in line
+    assert ev.choose({"trained": 0.7, "frozen X": 0.7, "trained, whitened": 0.6})[0] == "trained"  # a tie: trained
+    assert (
+        ev.choose({"trained": 0.8, "frozen X": 0.7})[1] == "ships trained, the best on validation (0.8000, "
+        "+0.1000 over frozen X)"
+    )
+    chosen, line = ev.choose({"trained": None, "frozen X": None})
+    assert chosen == "trained" and line.startswith("no validation data")
+    assert ev.main([str(classes_run), "--out", str(tmp_path / "e.json")]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    starts = {k: v for k, v in report["validation"].items() if k.startswith(("trained", "frozen"))}
+    assert len(starts) == 6 and set(report["validation"]) == set(report["results"])
+    assert report["chosen"] == max(starts, key=starts.get)
+    assert report["chosen_line"] in capsys.readouterr().out
+    assert torch.load(classes_run / "chosen.pt", weights_only=True)["chosen"] == report["chosen"]
+
+
 def test_baseline_without_a_run_uses_the_scripts_split(tmp_path):
     path = write_data(tmp_path / "d.pt")
     assert (

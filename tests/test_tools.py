@@ -4,6 +4,7 @@ the scripts (a conv4 and a tf_efficientnet_lite0 run; Lite0's ImageNet weights l
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -215,6 +216,44 @@ def test_export_reloads_in_a_fresh_process_and_embeds_like_the_checkpoint(export
     )
     code = sidecar["load"].replace("'enc.pt'", repr(str(exported / arch / "enc.pt")))
     exec(code, {"byol": byol, "torch": torch})  # noqa: S102  its recipe rebuilds the encoder from the weights alone
+
+
+def test_embed_and_export_carry_the_whitening_that_evaluate_chose(run, photos, tmp_path, monkeypatch):
+    mine = shutil.copytree(run, tmp_path / "run")
+    monkeypatch.setattr(ev, "choose", lambda validation: ("trained, whitened from positives", "as if it won"))
+    assert ev.main([str(mine), "--out", str(tmp_path / "eval.json")]) == 0
+    chosen = torch.load(mine / "chosen.pt", weights_only=True)
+    whiten = ev.Whiten(chosen["whiten"]["mean"], chosen["whiten"]["w"])
+    root, images = photos
+    assert ev.main(["embed", str(mine), str(root / "tree"), "--out", str(tmp_path / "w.npz")]) == 0
+    got, paths, meta = read(tmp_path / "w.npz")
+    x = torch.stack([images[p.rsplit("/", 1)[-1]] for p in paths])
+    mod, ckpt, args, _ = ev.load_run(mine)
+    encoder = ev.trained_model(mod, ckpt, args).encoder
+    expected = byol.embed_images(ev.Embedding(torch.nn.Sequential(encoder, whiten)), x, "cpu", args.eval_shift)[0]
+    assert meta["chosen"] == "trained, whitened from positives" and got.shape[1] == whiten.w.shape[1]
+    assert torch.allclose(got, F.normalize(expected, dim=1), atol=1e-5)
+    assert ev.main(["export", str(mine), "--out", str(tmp_path / "enc.pt")]) == 0
+    program = torch.export.load(tmp_path / "enc.pt2").module()
+    assert torch.allclose(program(x.float() / 255), got, atol=1e-4)
+    sidecar = json.loads((tmp_path / "enc.json").read_text())
+    scope = {"byol": byol, "torch": torch, "eval": ev}
+    exec(sidecar["load"].replace("'enc.pt'", repr(str(tmp_path / "enc.pt"))), scope)  # noqa: S102
+    assert isinstance(scope["encoder"][1], ev.Whiten)
+    with torch.no_grad():  # the sidecar's recipe rebuilds the whitened encoder from the weights alone
+        assert torch.allclose(
+            scope["encoder"].eval()(byol.normalize(x)),
+            torch.nn.Sequential(encoder, whiten).eval()(byol.normalize(x)),
+            atol=1e-5,
+        )
+    assert (
+        ev.main(["embed", str(mine), str(root / "tree"), "--embedding", "encoder", "--out", str(tmp_path / "raw.npz")])
+        == 0
+    )
+    assert torch.allclose(read(tmp_path / "raw.npz")[0], embedding(mine, x), atol=1e-5)
+    torch.save({**chosen, "epoch": -1}, mine / "chosen.pt")  # evaluated at another epoch: stale, so not used
+    assert ev.main(["embed", str(mine), str(root / "tree"), "--out", str(tmp_path / "stale.npz")]) == 0
+    assert read(tmp_path / "stale.npz")[2]["chosen"] is None
 
 
 def test_failed_export_leaves_nothing(run, tmp_path, monkeypatch, capsys):

@@ -840,8 +840,14 @@ def test_validation_on_a_few_classes_ranks_among_training_images_and_does_not_sa
     bases = torch.rand(2, 3, 16, 16, generator=g)  # validation classes 0 and 1; training classes 2-9 near them
     centres = torch.cat([bases, *[noise(bases[k % 2], 1, 0.01) for k in range(8)]])
     images = torch.cat([noise(c, 5, 0.05) for c in centres]).clamp(0, 1).mul(255).round().to(torch.uint8)
-    data = SimpleNamespace(images=images, groups=torch.arange(50).view(10, 5), kind="classes", episodes=None,
-                           train=list(range(2, 10)), val=[0, 1])
+    data = SimpleNamespace(
+        images=images,
+        groups=torch.arange(50).view(10, 5),
+        kind="classes",
+        episodes=None,
+        train=list(range(2, 10)),
+        val=[0, 1],
+    )
     args = SimpleNamespace(seed=0, eval_shift=0)
     val_alone = byol.r_precision(byol.embed_images(byol.Pixels(), images[:10], "cpu")[0], torch.arange(10) // 5)
     assert val_alone == 1.0  # the old protocol saturates
@@ -864,7 +870,7 @@ def test_the_summary_compares_best_pt_with_the_strongest_baseline():
     assert byol.summary(history, args).splitlines() == [
         "run directory: runs/x",
         "val_r_precision: 0.600 best.pt (epoch 1 of 3) vs 0.500 raw pixels, the strongest baseline: beats it, +0.100",
-        "the test split, every metric and more baselines: python eval.py runs/x",
+        "the test, every baseline, and the embedding to ship (chosen on validation): python eval.py runs/x",
     ]
     history = [{**first, "val_r_precision": 0.7}, {"epoch": 1, "val_r_precision": 0.6}]
     line = byol.summary(history, SimpleNamespace(**{**vars(args), "pretrained": True})).splitlines()[1]
@@ -1244,7 +1250,10 @@ def test_each_script_runs_in_a_fresh_process(fresh, name):
     summary = r.out.strip().splitlines()[-3:]
     assert summary[0] == f"run directory: {r.dir}"
     assert summary[1].startswith(f"{metric}: ") and ("beats it" in summary[1] or "does NOT beat it" in summary[1])
-    assert summary[2] == f"the test split, every metric and more baselines: python eval.py {r.dir}"
+    assert (
+        summary[2] == f"the test, every baseline, and the embedding to ship (chosen on validation): python eval.py "
+        f"{r.dir}"
+    )
 
 
 def test_the_pixel_baseline_sees_the_groups_pattern(fresh):
