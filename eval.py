@@ -20,12 +20,17 @@ r_precision, score): ties count at random, so a collapsed embedding scores chanc
   labelled images           cifar10, stl10: weighted kNN accuracy (k=20) on the official test split
   unlabelled images         the recall@1 of augmented copies among the held-out originals (as validation)
 Baselines, on the same test data: raw pixels, the untrained network (same arch and seed), a frozen ImageNet encoder
-at its native resolution (tf_efficientnet_lite0 at 224 px, offline), and the same PCA-whitened on training images.
+at its native resolution (tf_efficientnet_lite0 at 224 px, offline), and the same whitened on training images: by
+PCA, and from the positive pairs (learned whitening). The trained features are whitened the same ways.
+What ships: each embedding is also scored on the run's validation split, as training scores it; the best of the
+trained and the frozen ones, plain or whitened, is the run's embedding (RUN/chosen.pt), which embed, search and
+export use.
 Checkpoints are unpickled: evaluate only files you trust.
 """
 
 import argparse
 import csv
+import hashlib
 import importlib
 import json
 import os
@@ -103,6 +108,21 @@ class Embedding(nn.Module):
     def __init__(self, encoder):
         super().__init__()
         self.encoder, self.projector = encoder, nn.Identity()
+
+
+class Remembered(nn.Module):
+    """An encoder that keeps its output for each batch it has seen (keyed by the batch's bytes): the embeddings built
+    on it (plain and whitened), scored on validation and on the test, extract each image's features once."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder, self.seen = encoder, {}
+
+    def forward(self, x):
+        key = hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+        if key not in self.seen:
+            self.seen[key] = self.encoder(x)
+        return self.seen[key]
 
 
 def as_embedding(model, which):
@@ -386,7 +406,7 @@ def baselines(kinds, mod, args, data, device, embedding, arch):
         if kind != "pretrained":
             found["raw pixels" if kind == "pixels" else f"untrained {args.arch}"] = (model, data, args)
             continue
-        name = f"frozen {arch} {size}px"
+        name, model = f"frozen {arch} {size}px", Embedding(Remembered(model.encoder))
         sized, sized_args, note = at_size(mod, args, data, size)
         notes += [f"{name}: {note}"] if note else []
         if "pretrained" in kinds:
@@ -492,7 +512,7 @@ def cmd_evaluate(opts):
                         "test split); retrain with --holdout 0.2")
     diagnostics = byol.collapse(model, data, device)
     found, notes = baselines(BASELINES[opts.baselines], mod, args, data, device, opts.embedding, opts.pretrained_arch)
-    trained = as_embedding(model, opts.embedding)
+    trained = Embedding(Remembered(as_embedding(model, opts.embedding).encoder))
     entries = {"trained": (trained, data, args), **{f"trained, {suffix}": (whitened_model, data, args) for suffix,
                whitened_model in (whitened(trained, data, device, args.eval_shift).items() if "whitened" in
                                   BASELINES[opts.baselines] else ())}, **found}  # trained: whitened as the frozen

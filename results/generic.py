@@ -128,6 +128,8 @@ def summary(run):
         "val": at.get(name),
         "val_base": max(log[0][name], log[0][f"pixels_{name}"]),
         "test": ev["results"]["trained"]["r_precision"],
+        "chosen": ev.get("chosen", "trained"),  # eval.py's choice on validation: what the run ships
+        "shipped": ev["results"][ev.get("chosen", "trained")]["r_precision"],
         "test_base": max(base.values(), default=None),
         "baselines": base,
         "epoch": ev["epoch"],
@@ -136,18 +138,20 @@ def summary(run):
 
 
 def seeds_table(out, stage):
-    """Mean ± std over a stage's seeds, per set: trained (best.pt, chosen on validation) beside each baseline."""
+    """Mean ± std over a stage's seeds, per set: trained (best.pt, chosen on validation), the embedding eval.py chose
+    on validation among the trained and the frozen ones (what the run ships), beside each baseline."""
     ms = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
     runs = {name: [summary(r) for r in sorted(Path(out, stage).glob(f"s*-{name}")) if finished(r)] for name in SETS}
     names = list(dict.fromkeys(k for rows in runs.values() for r in rows for k in r["baselines"]))
-    print(f"| set | seeds | trained | {' | '.join(names)} | trained − best baseline | wall s |")
-    print("| --- | ---: | ---: |" + " ---: |" * (len(names) + 2))
+    print(f"| set | seeds | trained | shipped | {' | '.join(names)} | shipped − best baseline | chosen | wall s |")
+    print("| --- | ---: | ---: | ---: |" + " ---: |" * (len(names) + 1) + " --- | ---: |")
     for name, rows in runs.items():
         if rows:
             cells = [ms([r["baselines"][k] for r in rows if k in r["baselines"]] or [float("nan")]) for k in names]
             print(
-                f"| {name} | {len(rows)} | {ms([r['test'] for r in rows])} | {' | '.join(cells)} "
-                f"| {ms([r['test'] - r['test_base'] for r in rows])} | {statistics.mean(r['wall'] for r in rows):.0f} |"
+                f"| {name} | {len(rows)} | {ms([r['test'] for r in rows])} | {ms([r['shipped'] for r in rows])} "
+                f"| {' | '.join(cells)} | {ms([r['shipped'] - r['test_base'] for r in rows])} "
+                f"| {'; '.join(r['chosen'] for r in rows)} | {statistics.mean(r['wall'] for r in rows):.0f} |"
             )
 
 
