@@ -416,16 +416,20 @@ def baselines(kinds, mod, args, data, device, embedding, arch):
     return found, notes
 
 
-def choose(validation):
+def choose(validation, among=None):
     """(name, line) of the embedding a run ships: of the trained and the frozen embeddings, plain or whitened, the
-    best on validation; the trained one on a tie, or when nothing was validated."""
-    scored = {k: v for k, v in validation.items() if v is not None and k.startswith(STARTS)}
+    best on validation; between equals, the best among training images as distractors (`among`, as the scripts
+    validate), then the first (the trained one comes first); the trained one when nothing was validated."""
+    scored, among = {k: v for k, v in validation.items() if v is not None and k.startswith(STARTS)}, among or {}
     if "trained" not in scored:
         return "trained", "no validation data: the trained embedding ships, unchosen (raise --val-fraction)"
-    best = max(scored, key=scored.get)  # the first of equals: the trained embedding comes first
-    runner_up = max((k for k in scored if k != best), key=scored.get, default=None)
+    key = lambda k: (scored[k], among.get(k) or -float("inf"))  # noqa: E731
+    best = max(scored, key=key)
+    runner_up = max((k for k in scored if k != best), key=key, default=None)
     if runner_up and scored[best] == scored[runner_up]:
-        return best, f"ships {best}: validation cannot tell it from {runner_up} ({scored[best]:.4f} both)"
+        return best, f"ships {best}: on validation it ties with {runner_up} ({scored[best]:.4f}), " + (
+            f"and among training images as distractors scores {among[best]:.4f} against {among[runner_up]:.4f}"
+            if key(best) != key(runner_up) else "and so it does among training images: validation cannot decide")
     margin = f", {scored[best] - scored[runner_up]:+.4f} over {runner_up}" if runner_up else ""
     lost = "" if best.startswith("trained") else ": training did not beat the frozen features, so they ship"
     return best, f"ships {best}, the best on validation ({scored[best]:.4f}{margin}){lost}"
@@ -523,9 +527,11 @@ def cmd_evaluate(opts):
     # scripts use them to pick an epoch, would meet whitenings fitted on those very images (RESULTS.md, "Validation").
     val_metric = byol.score(trained, data, "val", args, device, distractors=0)[0]
     validation = {name: byol.score(e, d, "val", a, device, distractors=0)[1] for name, (e, d, a) in entries.items()}
+    among = {name: byol.score(e, d, "val", a, device)[1] for name, (e, d, a) in entries.items() if
+             name.startswith(STARTS) and list(validation.values()).count(validation[name]) > 1}  # ties only
     metric = next(m for m in HEADLINE if results["trained"].get(m) is not None)
     line = verdict(metric, results["trained"][metric], {k: v for k, v in results.items() if k in found})
-    chosen, chosen_line = choose(validation)
+    chosen, chosen_line = choose(validation, among)
     source = str(args.data_file) if args.data_file else args.data
     print(f"{ckpt['method']} {path} (epoch {ckpt['epoch']}, {opts.embedding}) on {source}: {len(data.test)} held-out "
           f"{data.kind}" + (", the 20 official one-shot runs" if data.test_runs is not None else ""))
@@ -544,6 +550,7 @@ def cmd_evaluate(opts):
                      "epoch": ckpt["epoch"], "embedding": opts.embedding, "data": source, "kind": data.kind,
                      "test_groups": len(data.test), "metric": metric, "results": results, "collapse": diagnostics,
                      "notes": notes, "verdict": line, "validation_metric": val_metric, "validation": validation,
+                     "validation_among_training_images": among,
                      "chosen": chosen, "chosen_line": chosen_line})
     print(f"wrote {out} and {path.parent / 'chosen.pt'} (what embed and export use)")
 

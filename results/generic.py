@@ -143,7 +143,8 @@ def seeds_table(out, stage):
     ms = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
     runs = {name: [summary(r) for r in sorted(Path(out, stage).glob(f"s*-{name}")) if finished(r)] for name in SETS}
     names = list(dict.fromkeys(k for rows in runs.values() for r in rows for k in r["baselines"]))
-    print(f"| set | seeds | trained | shipped | {' | '.join(names)} | shipped − best baseline | chosen | wall s |")
+    short = [k.replace("tf_efficientnet_lite0", "Lite0") for k in names]
+    print(f"| set | seeds | trained | shipped | {' | '.join(short)} | shipped − best baseline | chosen | wall s |")
     print("| --- | ---: | ---: | ---: |" + " ---: |" * (len(names) + 1) + " --- | ---: |")
     for name, rows in runs.items():
         if rows:

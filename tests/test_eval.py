@@ -370,8 +370,11 @@ def test_the_run_ships_the_best_start_on_validation_and_says_which(classes_run, 
         {"trained": 0.5, "trained, whitened": 0.6, "raw pixels": 0.9, "frozen X": 0.7, "frozen X whitened": None}
     )  # raw pixels are a baseline, not a start
     assert chosen == "frozen X" and "+0.1000 over trained, whitened" in line and "did not beat" in line
-    chosen, line = ev.choose({"trained": 0.7, "frozen X": 0.7, "trained, whitened": 0.6})  # a tie: trained, said so
-    assert chosen == "trained" and line == "ships trained: validation cannot tell it from frozen X (0.7000 both)"
+    tie = {"trained": 0.7, "frozen X": 0.7, "trained, whitened": 0.6}
+    chosen, line = ev.choose(tie)  # a tie that nothing breaks: the trained embedding, and the line says so
+    assert chosen == "trained" and line.endswith("validation cannot decide") and "ties with frozen X (0.7000)" in line
+    chosen, line = ev.choose(tie, among={"trained": 0.4, "frozen X": 0.5})  # the scripts' validation breaks it
+    assert chosen == "frozen X" and line.endswith("scores 0.5000 against 0.4000")
     assert (
         ev.choose({"trained": 0.8, "frozen X": 0.7})[1] == "ships trained, the best on validation (0.8000, "
         "+0.1000 over frozen X)"
@@ -382,7 +385,8 @@ def test_the_run_ships_the_best_start_on_validation_and_says_which(classes_run, 
     report = json.loads((tmp_path / "e.json").read_text())
     starts = {k: v for k, v in report["validation"].items() if k.startswith(("trained", "frozen"))}
     assert len(starts) == 6 and set(report["validation"]) == set(report["results"])
-    assert report["chosen"] == max(starts, key=starts.get)
+    among = report["validation_among_training_images"]  # what breaks ties
+    assert report["chosen"] == max(starts, key=lambda k: (starts[k], among.get(k, -1)))
     args, data, model = run_data(classes_run)  # validation scored as the test is: its classes alone
     assert report["validation"]["trained"] == byol.score(model, data, "val", args, "cpu", distractors=0)[1]
     assert report["chosen_line"] in capsys.readouterr().out
