@@ -60,6 +60,8 @@ CONFIGS = {
     # are two augmentations of one image, and a quarter of the learning rate.
     "ft-aug": "--pairs aug",
     "ft-lr-quarter": "--lr 5e-4",
+    # The start the colour rule does not pick: conv4 from scratch on colour folders (test-pretrained: the converse).
+    "scratch": "--no-pretrained",
 }
 
 
