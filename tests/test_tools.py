@@ -220,7 +220,7 @@ def test_export_reloads_in_a_fresh_process_and_embeds_like_the_checkpoint(export
 
 def test_embed_and_export_carry_the_whitening_that_evaluate_chose(run, photos, tmp_path, monkeypatch):
     mine = shutil.copytree(run, tmp_path / "run")
-    monkeypatch.setattr(ev, "choose", lambda validation: ("trained, whitened from positives", "as if it won"))
+    monkeypatch.setattr(ev, "choose", lambda *scores: ("trained, whitened from positives", "as if it won"))
     assert ev.main([str(mine), "--out", str(tmp_path / "eval.json")]) == 0
     chosen = torch.load(mine / "chosen.pt", weights_only=True)
     whiten = ev.Whiten(chosen["whiten"]["mean"], chosen["whiten"]["w"])
