@@ -150,11 +150,14 @@ def seeds_table(out, stage):
     print("| --- | ---: | ---: | ---: |" + " ---: |" * (len(names) + 1) + " --- | ---: |")
     for name, rows in runs.items():
         if rows:
-            cells = [ms([r["baselines"][k] for r in rows if k in r["baselines"]] or [float("nan")]) for k in names]
+            cells = [
+                ms(values) if (values := [r["baselines"][k] for r in rows if k in r["baselines"]]) else "–"
+                for k in names
+            ]
             print(
                 f"| {name} | {len(rows)} | {ms([r['test'] for r in rows])} | {ms([r['shipped'] for r in rows])} "
                 f"| {' | '.join(cells)} | {ms([r['shipped'] - r['test_base'] for r in rows])} "
-                f"| {'; '.join(r['chosen'] for r in rows)} | {statistics.mean(r['wall'] for r in rows):.0f} |"
+                f"| {'; '.join(r['chosen'].replace('tf_efficientnet_lite0', 'Lite0') for r in rows)} | {statistics.mean(r['wall'] for r in rows):.0f} |"
             )
 
 

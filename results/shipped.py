@@ -40,6 +40,7 @@ if __name__ == "__main__":
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for r in rows:
         cells = " | ".join(f"{r[k]:.3f}" for k in numbers)
-        print(f"| {r['run']} | {cells} | {r['shipped'] - r['baseline']:+.3f} | {r['chosen']} | {r['baseline name']} |")
+        names = [r[k].replace("tf_efficientnet_lite0", "Lite0") for k in ("chosen", "baseline name")]
+        print(f"| {r['run']} | {cells} | {r['shipped'] - r['baseline']:+.3f} | {' | '.join(names)} |")
     means = " | ".join(ms([r[k] for r in rows]) for k in numbers)
     print(f"| mean ± std | {means} | {ms([r['shipped'] - r['baseline'] for r in rows])} | | |")

@@ -1,6 +1,7 @@
 """Does validation carry signal on a small folder? Each run's start and its best.pt, scored on the run's validation
 classes (or pairs) alone, as the scripts scored them before, and among up to 1024 training images as distractors, as
-they score them now, beside the test that chose nothing (RESULTS.md, "Validation on small data").
+they score them now, beside the test that chose nothing; then best.pt's features plain and whitened as eval.py
+whitens them, both ways (RESULTS.md, "A user's own images").
 
     python results/validation.py RUN [RUN ...]   # run directories of the training scripts (their best.pt)
 
@@ -23,6 +24,8 @@ def protocols(run):
     data = mod.load_data(args)
     torch.manual_seed(args.seed)  # as train() seeds, then builds
     models = {"start": mod.build_model(args), "best.pt": ev.trained_model(mod, ckpt, args)}
+    trained = ev.Embedding(ev.Remembered(models["best.pt"].encoder))
+    models.update({f"best.pt, {k}": m for k, m in ev.whitened(trained, data, "cpu", args.eval_shift).items()})
     row = {}
     for name, model in models.items():
         row[name] = {
@@ -39,7 +42,14 @@ if __name__ == "__main__":
         "| test: start, best.pt |"
     )
     print("| --- | ---: | ---: | --- | --- | --- |")
+    whitening = []
     for run in sys.argv[1:]:
         row, groups, epoch = protocols(run)
         cells = [f"{row['start'][k]:.3f}, {row['best.pt'][k]:.3f}" for k in ("alone", "among training images", "test")]
         print(f"| {Path(run).name} | {groups} | {epoch} | " + " | ".join(cells) + " |")
+        whitening += [(Path(run).name, name, r) for name, r in row.items() if name.startswith("best.pt")]
+    print("\n| run | best.pt's features | alone | among training images | test |\n| --- | --- | ---: | ---: | ---: |")
+    for run, name, r in whitening:
+        print(
+            f"| {run} | {name[9:] or 'plain'} | {r['alone']:.3f} | {r['among training images']:.3f} | {r['test']:.3f} |"
+        )
