@@ -593,6 +593,9 @@ def embedder(run=None, baseline=None, flags=(), embedding="chosen", arch=LITE0):
     if run is not None:
         mod, ckpt, args, path = load_run(run)
         chosen = chosen_of(path, ckpt["epoch"]) if embedding == "chosen" else None
+        if embedding == "chosen" and chosen is None and (path.parent / "chosen.pt").is_file():
+            print(f"note: {path.parent / 'chosen.pt'} is of another checkpoint or epoch, so the trained encoder is "
+                  f"used; python eval.py {path.parent} chooses again", file=sys.stderr)
         meta = {"method": ckpt["method"], "checkpoint": str(path.resolve()), "epoch": ckpt["epoch"], "arch": args.arch,
                 "width": args.width, "stem": args.stem, "chosen": chosen and chosen["chosen"]}
         if chosen and chosen["chosen"].startswith("frozen"):

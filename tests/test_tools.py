@@ -218,7 +218,7 @@ def test_export_reloads_in_a_fresh_process_and_embeds_like_the_checkpoint(export
     exec(code, {"byol": byol, "torch": torch})  # noqa: S102  its recipe rebuilds the encoder from the weights alone
 
 
-def test_embed_and_export_carry_the_whitening_that_evaluate_chose(run, photos, tmp_path, monkeypatch):
+def test_embed_and_export_carry_the_whitening_that_evaluate_chose(run, photos, tmp_path, monkeypatch, capsys):
     mine = shutil.copytree(run, tmp_path / "run")
     monkeypatch.setattr(ev, "choose", lambda *scores: ("trained, whitened from positives", "as if it won"))
     assert ev.main([str(mine), "--out", str(tmp_path / "eval.json")]) == 0
@@ -254,6 +254,7 @@ def test_embed_and_export_carry_the_whitening_that_evaluate_chose(run, photos, t
     torch.save({**chosen, "epoch": -1}, mine / "chosen.pt")  # evaluated at another epoch: stale, so not used
     assert ev.main(["embed", str(mine), str(root / "tree"), "--out", str(tmp_path / "stale.npz")]) == 0
     assert read(tmp_path / "stale.npz")[2]["chosen"] is None
+    assert "chosen.pt is of another checkpoint or epoch" in capsys.readouterr().err
 
 
 def test_failed_export_leaves_nothing(run, tmp_path, monkeypatch, capsys):
