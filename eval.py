@@ -877,7 +877,8 @@ def parse_args(argv):
     e.add_argument("--device", default="auto")
     e.set_defaults(command=cmd_search)
 
-    e = add("export", "a run's encoder (or frozen features): OUT (state dict), OUT.json and OUT.pt2 (torch.export)")
+    e = add("export", "a run's embedding, as evaluate chose it (RUN/chosen.pt; else its encoder), or frozen features: "
+            "OUT (state dict), OUT.json and OUT.pt2 (torch.export)")
     e.add_argument("run", nargs="?", metavar="RUN", help=run_help)
     e.add_argument("--baseline", choices=["pretrained"], help="instead of RUN: frozen ImageNet features")
     e.add_argument("--pretrained-arch", **parch)
