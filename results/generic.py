@@ -12,6 +12,7 @@ and --pca-dim configurations and its eval-sizes and interpolate stages ran at co
     python results/generic.py test-pretrained [--seeds 0 1 2]  # the same with --pretrained (its FINE_TUNE row)
     python results/generic.py table [OUT]                 # per run: validation and test margins over the best baseline
     python results/generic.py seeds [OUT [STAGE ...]]     # a stage's runs over seeds (test, test-pretrained, tune/CONFIG)
+    python results/generic.py starts [OUT]                # the colour rule's start against the other, on validation
 
 Variables: DEV=../shared/data/dev  OUT=results/runs/generic-dev  THREADS=1  JOBS=2  SCRIPT=byol.py  SETS="..."
 BASELINES=all (eval.py's: the raw pixels, the untrained network, frozen Lite0 at 224 px, and the same whitened)
@@ -161,6 +162,37 @@ def seeds_table(out, stage):
             )
 
 
+def starts_table(out):
+    """Per set and seed, the colour rule's run (test/) against the other start's (test-pretrained/ for grayscale
+    sets, tune/scratch/ for colour ones): the validation score of what each ships (eval.py's choice, scored as the
+    test is), which a competition of starts would pick, and both test scores, reported only."""
+    print("| set | seed | rule's start: validation, test | other start: validation, test | a competition picks |")
+    print("| --- | ---: | --- | --- | --- |")
+    for run in sorted(Path(out, "test").glob("s*-*")):
+        if run.suffix or not finished(run):
+            continue
+        other = next(
+            (
+                o
+                for o in (Path(out, "test-pretrained", run.name), Path(out, "tune", "scratch", run.name))
+                if finished(o)
+            ),
+            None,
+        )
+        if other is None:
+            continue
+        cells = []
+        for r in (run, other):
+            ev = json.loads((r / "eval.json").read_text())
+            cells.append((ev["validation"][ev["chosen"]], ev["results"][ev["chosen"]]["r_precision"]))
+        seed, name = run.name.split("-", 1)
+        pick = "the rule's" if cells[0][0] >= cells[1][0] else "the other"
+        print(
+            f"| {name} | {seed[1:]} | {cells[0][0]:.3f}, {cells[0][1]:.3f} | {cells[1][0]:.3f}, {cells[1][1]:.3f} "
+            f"| {pick} |"
+        )
+
+
 def table(out):
     """Every finished run, then each configuration's validation margin per set and on average (what chose)."""
     print("| run | set | val | val baseline | val margin | test | test baseline | test margin | epoch | wall s |")
@@ -210,5 +242,7 @@ if __name__ == "__main__":
             seeds_table(rest[0] if rest else OUT, which)
     elif stage == "table":
         table(rest[0] if rest else OUT)
+    elif stage == "starts":
+        starts_table(rest[0] if rest else OUT)
     else:
-        sys.exit(f"results/generic.py: unknown stage {stage}; use tune, test, test-pretrained, seeds or table")
+        sys.exit(f"results/generic.py: unknown stage {stage}; use tune, test, test-pretrained, seeds, starts or table")
