@@ -585,9 +585,6 @@ def score(model, data, part, args, device, distractors=1024):
     R-Precision of classes, recall@1 of augmented copies of single images among them; None: nothing to score. "val"
     ranks among `distractors` training images too: a few classes alone saturate (RESULTS.md, "Validation")."""
     embed = lambda x: embed_images(model, x, device, args.eval_shift)[0]  # noqa: E731
-    pool = data.groups[data.train][:, data.kind == "pairs":].flatten()  # training images; of pairs, the right ones
-    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))]
-    extra = pool[pool >= 0][:distractors * (part == "val")]
     if part == "val" and data.episodes is not None:
         e, (n, way) = data.episodes, data.episodes.shape[::2]
         ref, query = (F.normalize(embed(data.images[e[:, i].flatten()]), dim=1).view(n, way, -1) for i in (0, 1))
@@ -597,6 +594,9 @@ def score(model, data, part, args, device, distractors=1024):
     name = f"{part}_" + {"pairs": "recall@1", "classes": "r_precision", "images": "aug_copy_recall@1"}[data.kind]
     if len(rows) < 2:
         return name, None
+    pool = data.groups[data.train][:, data.kind == "pairs":].flatten()  # training images; of pairs, the right ones
+    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))]
+    extra = pool[pool >= 0][:distractors * (part == "val")]
     if data.kind == "pairs":  # row i of the gallery is query i's pair; the distractors follow
         return name, recall_at_1(embed(data.images[rows[:, 0]]), embed(data.images[torch.cat([rows[:, 1], extra])]))
     if data.kind == "classes":  # a distractor is alone in its class: it is never a query

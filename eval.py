@@ -512,23 +512,27 @@ def cmd_evaluate(opts):
     mod, ckpt, args, path = load_run(opts.run)
     model = trained_model(mod, ckpt, args).to(device)  # before the data: a bad checkpoint fails fast
     data = run_data(mod, args, ckpt, opts)
-    results = {"trained": measure(as_embedding(model, opts.embedding), data, args, device)}
+    trained = Embedding(Remembered(as_embedding(model, opts.embedding).encoder))  # features shared by its whitenings
+    results = {"trained": measure(trained, data, args, device)}
     if not results["trained"]:
         raise UserError(f"{path} holds out nothing to test (--holdout {args.holdout}, and its data has no official "
                         "test split); retrain with --holdout 0.2")
     diagnostics = byol.collapse(model, data, device)
     found, notes = baselines(BASELINES[opts.baselines], mod, args, data, device, opts.embedding, opts.pretrained_arch)
-    trained = Embedding(Remembered(as_embedding(model, opts.embedding).encoder))
-    entries = {"trained": (trained, data, args), **{f"trained, {suffix}": (whitened_model, data, args) for suffix,
-               whitened_model in (whitened(trained, data, device, args.eval_shift).items() if "whitened" in
-                                  BASELINES[opts.baselines] else ())}, **found}  # trained: whitened as the frozen
+    entries = {"trained": (trained, data, args)}
+    if "whitened" in BASELINES[opts.baselines]:  # the trained features, whitened as the frozen ones
+        entries.update({f"trained, {k}": (w, data, args) for k, w in whitened(trained, data, device, args.eval_shift)
+                        .items()})
+    entries.update(found)
     results.update({name: measure(*entry, device) for name, entry in entries.items() if name != "trained"})
     # Each embedding on validation, scored as the test is (its groups alone): training images as distractors, as the
     # scripts use them to pick an epoch, would meet whitenings fitted on those very images (RESULTS.md, "Validation").
-    val_metric = byol.score(trained, data, "val", args, device, distractors=0)[0]
-    validation = {name: byol.score(e, d, "val", a, device, distractors=0)[1] for name, (e, d, a) in entries.items()}
-    among = {name: byol.score(e, d, "val", a, device)[1] for name, (e, d, a) in entries.items() if
-             name.startswith(STARTS) and list(validation.values()).count(validation[name]) > 1}  # ties only
+    scores = {name: byol.score(e, d, "val", a, device, distractors=0) for name, (e, d, a) in entries.items()}
+    val_metric, validation = scores["trained"][0], {name: value for name, (_, value) in scores.items()}
+    starts = {k: v for k, v in validation.items() if k.startswith(STARTS) and v is not None}
+    tied = [k for k, v in starts.items() if v == max(starts.values())]
+    among = {k: byol.score(entries[k][0], entries[k][1], "val", entries[k][2], device)[1] for k in tied} \
+        if len(tied) > 1 else {}  # the scripts' validation, among training images, breaks a tie at the top
     metric = next(m for m in HEADLINE if results["trained"].get(m) is not None)
     line = verdict(metric, results["trained"][metric], {k: v for k, v in results.items() if k in found})
     chosen, chosen_line = choose(validation, among)
@@ -550,8 +554,7 @@ def cmd_evaluate(opts):
                      "epoch": ckpt["epoch"], "embedding": opts.embedding, "data": source, "kind": data.kind,
                      "test_groups": len(data.test), "metric": metric, "results": results, "collapse": diagnostics,
                      "notes": notes, "verdict": line, "validation_metric": val_metric, "validation": validation,
-                     "validation_among_training_images": among,
-                     "chosen": chosen, "chosen_line": chosen_line})
+                     "validation_among_training_images": among, "chosen": chosen, "chosen_line": chosen_line})
     print(f"wrote {out} and {path.parent / 'chosen.pt'} (what embed and export use)")
 
 
