@@ -51,7 +51,7 @@ METHOD = "bn_only"
 BASE_LR = {"sgd": 0.4, "adamw": 4e-3}  # peak learning rate per 256 pairs, scaled with the batch (as BYOL's)
 
 # Recipes: the defaults of each --data (`--data X --help` shows X's), each chosen on validation data (RESULTS.md);
-# a flag overrides any. --pretrained (the default for tll, and for class folders in colour) adds a FINE_TUNE row.
+# a flag overrides any. --pretrained (tll's default) adds a FINE_TUNE row; pretrained=None: both starts compete.
 CONV4 = dict(arch="conv4", width=[64], batch_size=128, optimizer="adamw", hidden_dim=1024, eval_every=5, patience=5,
              val_fraction=0.2)
 HANDWRITING = dict(crop_min_scale=0.6, jitter_strength=0.0, flip_prob=0.0, solarize_prob=0.0, rotation=5.0, shear=5.0,
@@ -60,9 +60,9 @@ RECIPES = {
     "omniglot": dict(CONV4, **HANDWRITING, image_size=28, epochs=45, holdout=0.0, val_fraction=0.0, patience=0,
                      eval_every=9, width=[32, 64, 128, 256]),
     "tll": dict(CONV4, image_size=64, epochs=100, pretrained=True),
-    "pairs": dict(CONV4, image_size=64, epochs=100),
+    "pairs": dict(CONV4, image_size=64, epochs=100, pretrained=None),
     "folder": dict(CONV4, image_size=32, width=[32, 64, 128, 256], crop_min_scale=0.5, jitter_strength=0.5,
-                   gray_prob=0.0, epochs=100, max_pairs=150_000, bn_stats="joint"),
+                   gray_prob=0.0, epochs=100, max_pairs=150_000, bn_stats="joint", pretrained=None),
     "cifar10": dict(image_size=32, arch="resnet18", epochs=200),  # the standard SSL benchmarks, sized for a GPU
     "stl10": dict(image_size=96, arch="resnet18", epochs=100),
 }
@@ -101,13 +101,10 @@ def parse_args(argv=None):
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--data", default="omniglot", choices=list(RECIPES))
     first.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None)
-    first.add_argument("--data-dir", type=Path)
     known = first.parse_known_args(argv)[0]
-    if known.pretrained is None and known.data == "folder":  # colour class folders fine-tune ImageNet weights
-        known.pretrained = folder_in_colour(known.data_dir)
     recipe = recipe_of(known.data, known.pretrained)
-    p = argparse.ArgumentParser(description=f"Defaults: the {known.data} recipe" + " with --pretrained" * recipe[
-        "pretrained"] + " (RECIPES)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=f"Defaults: the {known.data} recipe" + " with --pretrained" * bool(recipe[
+        "pretrained"]) + " (RECIPES)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="omniglot", choices=list(RECIPES), help="the source, which picks the recipe")
     g.add_argument("--data-dir", type=Path, help="where it is (tll: left/ and right/ or their zips; folder: classes)")
@@ -133,7 +130,7 @@ def parse_args(argv=None):
     g.add_argument("--arch", default="resnet18", help="conv4, resnet18, resnet50 or a timm model name")
     g.add_argument("--width", type=bounded(int, 1), nargs="+", default=[64], help="conv4's channels: one, or four")
     g.add_argument("--bn-stats", default="per-view", choices=["per-view", "joint"], help="batch norm per view or both")
-    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False, help="ImageNet weights")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet weights (unset: both compete)")
     g.add_argument("--backbone-lr-factor", type=bounded(float, 0), default=1.0, help="encoder's rate over the head's")
     g.add_argument("--freeze-bn-stats", action=argparse.BooleanOptionalAction, default=False, help="keep BN statistics")
     g = p.add_argument_group("optimisation")
@@ -169,15 +166,6 @@ def parse_args(argv=None):
     args.stem = "small" if args.image_size <= 64 and not args.pretrained else "imagenet"  # resnets: CIFAR's for small
     return args
 
-def folder_in_colour(root):
-    """Whether a class folder holds colour images (sampled at 32 px by prepare.py); False when it cannot say."""
-    try:
-        import prepare
-        data = prepare.load(prepare.prepare("folder", root, image_size=32))
-    except Exception:  # no prepare.py, or no such folder: its error comes when the data loads
-        return False
-    x = data["images"][:: max(1, len(data["images"]) // 256)].float() / 255
-    return data["kind"] == "classes" and ((x[:, :2] - x[:, 1:]).abs().mean() > 0.01).item()
 # <<< shared: arguments
 
 # ----------------------------------------------------------------------------- the method: BN-only's flags, networks,
@@ -326,12 +314,9 @@ def constant(values, device, cached_tensor=functools.cache(torch.tensor)):
     cache = torch.device(device).type == "cuda" and not torch.compiler.is_compiling()
     return (cached_tensor if cache else torch.tensor)(values, device=device)
 
-def standardize(x):
-    """float [B,3,H,W] in [0, 1] -> ImageNet-normalised."""
+def normalize(x):  # uint8 [B,3,H,W] (what the network sees at evaluation), or float in [0, 1] -> ImageNet-normalised
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
     return (x - constant(IMAGENET_MEAN, x.device).view(1, 3, 1, 1)) / constant(IMAGENET_STD, x.device).view(1, 3, 1, 1)
-
-def normalize(x):  # uint8 [B,3,H,W] -> float, ImageNet-normalised: what the network sees at evaluation
-    return standardize(x.float() / 255)
 
 def gray(x):
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
@@ -374,7 +359,7 @@ def augment(x, gen, blur_prob, solarize_prob, args, size=None):
     blur = chance(blur_prob)  # sigma in [0.1, 2] at 224 px, scaled to this size
     x = torch.where(blur, gaussian_blur(x, uniform(0.1, 2.0) * s / 224), x)
     x = torch.where(chance(solarize_prob) & (x >= 0.5), 1 - x, x)
-    return standardize(x).contiguous(memory_format=torch.channels_last)  # 1.5x faster conv4 steps on a CPU
+    return normalize(x).contiguous(memory_format=torch.channels_last)  # 1.5x faster conv4 steps on a CPU
 
 def crop_affine(w, h, cx, cy, flip, angle, slant):
     """[B,2,3] output to input coordinates: diag(w * flip, h) @ rotation @ shear (degrees), then shift by (cx, cy)."""
@@ -767,15 +752,30 @@ def summary(history, args):
                (first[f"pixels_{name}"], "raw pixels"))
     return f"run directory: {args.out}\n" + ("no validation: add data, or raise --val-fraction" if base[0] is None else
         f"{name}: {best[name]:.3f} best.pt (epoch {best['epoch']} of {args.epochs}) vs {base[0]:.3f} {base[1]}, the "
-        f"strongest baseline: {'beats it' if best[name] > base[0] else 'does NOT beat it'}, {best[name] - base[0]:+.3f}"
-        f"\nthe test, every baseline, and the embedding to ship (chosen on validation): python eval.py {args.out}")
+        f"strongest baseline: {'beats it' if best[name] > base[0] else 'does NOT beat it'}, {best[name]-base[0]:+.3f}")
+
+def compete(args, argv):
+    """Both starts train, in RUN/<start> (the same command resumes them); RUN/best.pt: the one better on validation."""
+    claim_run_dir(args.out, False, args.overwrite)  # not over a run of one start
+    lines, runs = [], [args.out / "pretrained", args.out / "no-pretrained"]
+    for start, out in zip(("--pretrained", "--no-pretrained"), runs):
+        sub = parse_args([*argv, start, "--out", str(out)])
+        sub.resume = out / "last.pt" if (out / "last.pt").exists() and not args.overwrite else None
+        lines.append(summary(*train(sub)[1:]))
+    if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes the checkpoints, and reads them
+        (a, won), (b, lost) = sorted(((load_checkpoint(r)["stopping"]["best"], r) for r in runs), key=lambda s: -s[0])
+        save_atomic(load_checkpoint(won), args.out / "best.pt")  # sorted is stable: on a tie, the pretrained start
+        lines.append(f"the starts on validation: {won} {a:.3f} vs {lost} {b:.3f}, {a - b:+.3f}: " + (
+            f"best.pt is the first's" if a > b else "a tie: validation cannot decide, so best.pt is the first's"))
+    return "\n".join(lines)
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model, history, args = train(args)
+        text = summary(*train(args)[1:]) if args.pretrained is not None else compete(args, argv or sys.argv[1:])
         if int(os.environ.get("RANK", 0)) == 0:
-            print(summary(history, args))
+            print(f"{text}\nthe test, every baseline, and the embedding to ship (chosen on validation): python eval.py "
+                  f"{args.out}")
     except UserError as e:
         print(f"{METHOD}.py: error: {e}", file=sys.stderr)
         return 2

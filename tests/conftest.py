@@ -65,7 +65,6 @@ def pytest_configure(config):
             )
     if not compiled_kernels(config.getoption("--benchmark")):
         os.environ["TRITON_INTERPRET"] = "1"  # also covers pytest.main([...]) where sys.argv says nothing
-    config.addinivalue_line("markers", "colour_rule: the test sees the folder recipe's colour rule (not stubbed)")
 
 
 def _is_bench(path) -> bool:
@@ -112,38 +111,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for title, table in _BENCH_TABLES:
         terminalreporter.write_sep("=", title)
         terminalreporter.write_line(table)
-
-
-# --------------------------------------------------------------------------------------
-# Tiny folders train conv4
-# --------------------------------------------------------------------------------------
-SCRIPTS = ("byol", "simsiam", "bn_only", "contrastive", "redundancy")
-_REAL_COLOUR_RULE = {}
-
-
-@pytest.fixture(scope="session", autouse=True)
-def conv4_for_tiny_colour_folders():
-    """The tests' tiny class folders are random colour images, on which the folder recipe would fine-tune ImageNet
-    weights (folder_in_colour). Tests train conv4 on them, as the recipe does on a grayscale folder, unless marked
-    colour_rule: tests/test_recipes.py tests the rule itself, on the real function. Session-wide, so that module
-    fixtures that train see it too."""
-    import importlib
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in SCRIPTS:
-            mod = importlib.import_module(name)
-            _REAL_COLOUR_RULE[name] = mod.folder_in_colour
-            patch.setattr(mod, "folder_in_colour", lambda root, sample=64: False)
-        yield
-
-
-@pytest.fixture(autouse=True)
-def the_real_colour_rule(request, monkeypatch):
-    if request.node.get_closest_marker("colour_rule"):
-        import importlib
-
-        for name in SCRIPTS:
-            monkeypatch.setattr(importlib.import_module(name), "folder_in_colour", _REAL_COLOUR_RULE[name])
 
 
 # --------------------------------------------------------------------------------------

@@ -870,8 +870,7 @@ def test_the_summary_compares_best_pt_with_the_strongest_baseline():
     assert byol.summary(history, args).splitlines() == [
         "run directory: runs/x",
         "val_r_precision: 0.600 best.pt (epoch 1 of 3) vs 0.500 raw pixels, the strongest baseline: beats it, +0.100",
-        "the test, every baseline, and the embedding to ship (chosen on validation): python eval.py runs/x",
-    ]
+    ]  # then main's line of what to run next: test_each_script_runs_in_a_fresh_process
     history = [{**first, "val_r_precision": 0.7}, {"epoch": 1, "val_r_precision": 0.6}]
     line = byol.summary(history, SimpleNamespace(**{**vars(args), "pretrained": True})).splitlines()[1]
     assert line == (
@@ -972,46 +971,41 @@ def test_the_epochs_follow_the_data_without_a_flag(anchors, expected):
     assert (omniglot.epochs, omniglot.warmup_epochs) == (45, 4.5)  # no pair budget: its tuned epochs
 
 
-@pytest.mark.colour_rule
-def test_class_folders_in_colour_fine_tune_and_grayscale_ones_train_conv4(monkeypatch):
-    """folder_in_colour reads prepare.py's 32 px file of the folder: colour classes -> --pretrained (the FINE_TUNE
-    row), grayscale ones (a scanner's few levels of noise included) and unlabelled images -> conv4 from scratch."""
-    import prepare
+def test_the_starts_compete_on_a_folder_or_pairs_without_pretrained(tmp_path, capsys):
+    """--data folder (or pairs) without --pretrained trains both starts, each in a run of its own; RUN/best.pt is
+    the best.pt of the one with the higher validation score, and the run says which won and by how much. The same
+    command again resumes both; a run folder holding a run of one start is not overwritten."""
+    from PIL import Image
 
+    assert [byol.parse_args(["--data", d]).pretrained for d in ("folder", "pairs", "tll", "omniglot")] == [
+        None, None, True, False
+    ]  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    gray = torch.randint(0, 256, (20, 1, 32, 32), generator=g, dtype=torch.uint8).expand(-1, 3, -1, -1)
-    noisy = (gray.short() + torch.randint(-2, 3, gray.shape, generator=g)).clamp(0, 255).to(torch.uint8)
-    files = {
-        "colour": {"kind": "classes", "images": torch.randint(0, 256, (20, 3, 32, 32), generator=g, dtype=torch.uint8)},
-        "gray": {"kind": "classes", "images": gray},
-        "noisy": {"kind": "classes", "images": noisy},
-    }
-    files["loose"] = {**files["colour"], "kind": "images"}
-
-    def fake_prepare(data, root, *args, **kwargs):
-        if str(root) not in files:
-            raise prepare.UserError(f"--data-dir {root} does not exist")
-        return str(root)
-
-    monkeypatch.setattr(prepare, "prepare", fake_prepare)
-    monkeypatch.setattr(prepare, "load", lambda path, *a, **k: files[path])
-    assert [byol.folder_in_colour(root) for root in ("colour", "gray", "noisy", "loose", "missing", None)] == [
-        True,
-        False,
-        False,
-        False,
-        False,
-        False,
-    ]
-    photos = byol.parse_args(["--data", "folder", "--data-dir", "colour"])
-    assert (photos.pretrained, photos.arch, photos.image_size) == (
-        True,
-        byol.FINE_TUNE["folder"]["arch"],
-        byol.FINE_TUNE["folder"]["image_size"],
-    )
-    drawings = byol.parse_args(["--data", "folder", "--data-dir", "gray"])
-    assert (drawings.pretrained, drawings.arch) == (False, "conv4")
-    assert not byol.parse_args(["--data", "folder", "--data-dir", "colour", "--no-pretrained"]).pretrained
+    for c in range(8):  # 8 classes of 3 random colour images: 2 held out, 2 for validation, 4 to train on
+        (tmp_path / "classes" / f"c{c}").mkdir(parents=True)
+        for k in range(3):
+            pixels = torch.randint(0, 256, (24, 24, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "classes" / f"c{c}" / f"{k}.png")
+    run = tmp_path / "run"
+    argv = ["--data", "folder", "--data-dir", str(tmp_path / "classes"), "--out", str(run), "--epochs", "2",
+            "--eval-every", "1", "--image-size", "32", "--crop-size", "0", "--width", "8", "--no-progress"]  # fmt: skip
+    assert byol.main(argv) == 0
+    out = capsys.readouterr().out
+    scores = {s: byol.load_checkpoint(run / s)["stopping"]["best"] for s in ("pretrained", "no-pretrained")}
+    assert scores["pretrained"] != scores["no-pretrained"]  # else the test below could not tell the better
+    won, lost = sorted(scores, key=lambda s: -scores[s])
+    best = byol.load_checkpoint(run / "best.pt")
+    assert best["args"]["pretrained"] == (won == "pretrained") and best["args"]["out"] == str(run / won)
+    assert all(torch.equal(v, best["model"][k]) for k, v in byol.load_checkpoint(run / won)["model"].items())
+    line = f"the starts on validation: {run / won} {scores[won]:.3f} vs {run / lost} {scores[lost]:.3f}, "
+    assert f"{line}{scores[won] - scores[lost]:+.3f}: best.pt is the first's" in out.splitlines()
+    assert out.splitlines()[-1].endswith(f"python eval.py {run}")
+    logs = {s: (run / s / "log.jsonl").read_text() for s in scores}
+    assert byol.main(argv) == 0 and {s: (run / s / "log.jsonl").read_text() for s in scores} == logs  # resumed: done
+    (tmp_path / "single").mkdir()
+    shutil.copy(run / won / "last.pt", tmp_path / "single" / "last.pt")
+    assert byol.main([*argv[:4], "--out", str(tmp_path / "single")]) == 2
+    assert "holds a run" in capsys.readouterr().err and not (tmp_path / "single" / "best.pt").exists()
 
 
 def test_the_four_scripts_share_their_machinery_word_for_word(tmp_path):
