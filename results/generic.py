@@ -1,4 +1,4 @@
-"""The generic class-folder recipe on data nobody tuned it on (issue #28): runs and tables.
+"""The generic class-folder recipe on data nobody tuned it on: runs and tables.
 
 The development sets are ../shared/data/dev (notmnist, cifar10, gtsrb, signdigits) and Omniglot's small2 written
 out as one folder per character. Every run holds out half of the classes as its test (--holdout 0.5); the recipe
@@ -12,7 +12,7 @@ and --pca-dim configurations and its eval-sizes and interpolate stages ran at co
     python results/generic.py test-pretrained [--seeds 0 1 2]  # the same with --pretrained (its FINE_TUNE row)
     python results/generic.py table [OUT]                 # per run: validation and test margins over the best baseline
     python results/generic.py seeds [OUT [STAGE ...]]     # a stage's runs over seeds (test, test-pretrained, tune/CONFIG)
-    python results/generic.py starts [OUT]                # the colour rule's start against the other, on validation
+    python results/generic.py starts [OUT]                # per test run, each start's validation and which won
 
 Variables: DEV=../shared/data/dev  OUT=results/runs/generic-dev  THREADS=1  JOBS=2  SCRIPT=byol.py  SETS="..."
 BASELINES=all (eval.py's: the raw pixels, the untrained network, frozen Lite0 at 224 px, and the same whitened)
@@ -51,17 +51,17 @@ CONFIGS = {
     "ft96": "--arch tf_efficientnet_lite0 --pretrained --image-size 96 --backbone-lr-factor 0.1 --freeze-bn-stats "
     "--crop-min-scale 0.5 --epochs 6 --eval-every 1",
     "s48-c5": f"{S32} --image-size 48 --crop-min-scale 0.5",
-    # Each method's own tuning budget on small2 (issue #29): the same two learning rates around the folder recipe's
+    # Each method's own tuning budget on small2: the same two learning rates around the folder recipe's
     # (2e-3: AdamW's 4e-3 per 256 pairs at batch 128). SCRIPT=simsiam.py OUT=... SETS=small2 ... tune lr-half lr-double
     "lr-half": "--lr 1e-3",
     "lr-double": "--lr 4e-3",
     # Fine-tuning on 96 px crops of images decoded (and embedded) at 160 px (--crop-size), FixRes.
     "ft160-c96": "--pretrained --image-size 160 --crop-size 96",
-    # The colour default (fine-tuning) against forgetting the classes it does not train on (issue #28): positives that
+    # The fine-tuned start against forgetting the classes it does not train on: positives that
     # are two augmentations of one image, and a quarter of the learning rate.
     "ft-aug": "--pairs aug",
     "ft-lr-quarter": "--lr 5e-4",
-    # The start the colour rule does not pick: conv4 from scratch on colour folders (test-pretrained: the converse).
+    # One start alone, as the competition trains it: conv4 from scratch (test-pretrained: the fine-tuned start).
     "scratch": "--no-pretrained",
 }
 
@@ -121,8 +121,11 @@ def launch(jobs):
 
 def summary(run):
     """{val, val_base, test, test_base, baselines: {name: test}, epoch, wall} of a finished run: validation from its
-    log at best.pt's epoch (baseline: the start's or the raw pixels', epoch 0), test from its eval.json."""
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    log at best.pt's epoch (baseline: the start's or the raw pixels', epoch 0), test from its eval.json. A run where
+    the starts competed: the log of the start whose best.pt it kept (the higher best validation; a tie, pretrained)."""
+    runs = [run] if (run / "log.jsonl").exists() else [run / "pretrained", run / "no-pretrained"]
+    logs = [[json.loads(line) for line in (r / "log.jsonl").read_text().splitlines()] for r in runs]
+    log = max(logs, key=lambda log: max(r[log[0]["metric"]] for r in log if r.get(log[0]["metric"]) is not None))
     ev = json.loads((run / "eval.json").read_text())
     name, at = log[0]["metric"], next(r for r in log if r["epoch"] == ev["epoch"])
     base = {k: v["r_precision"] for k, v in ev["results"].items() if not k.startswith("trained")}  # baselines
@@ -163,33 +166,23 @@ def seeds_table(out, stage):
 
 
 def starts_table(out):
-    """Per set and seed, the colour rule's run (test/) against the other start's (test-pretrained/ for grayscale
-    sets, tune/scratch/ for colour ones): the validation score of what each ships (eval.py's choice, scored as the
-    test is), which a competition of starts would pick, and both test scores, reported only."""
-    print("| set | seed | rule's start: validation, test | other start: validation, test | a competition picks |")
-    print("| --- | ---: | --- | --- | --- |")
+    """Per set and seed, the competition inside each test run: the best validation score of each start's run
+    (RUN/pretrained, RUN/no-pretrained), the one whose best.pt became RUN/best.pt, and what eval.py then shipped."""
+    print("| set | seed | fine-tuned Lite0: validation | conv4 from scratch: validation | best.pt | eval.py ships (test) |")
+    print("| --- | ---: | ---: | ---: | --- | --- |")
     for run in sorted(Path(out, "test").glob("s*-*")):
         if run.suffix or not finished(run):
             continue
-        other = next(
-            (
-                o
-                for o in (Path(out, "test-pretrained", run.name), Path(out, "tune", "scratch", run.name))
-                if finished(o)
-            ),
-            None,
-        )
-        if other is None:
-            continue
-        cells = []
-        for r in (run, other):
-            ev = json.loads((r / "eval.json").read_text())
-            cells.append((ev["validation"][ev["chosen"]], ev["results"][ev["chosen"]]["r_precision"]))
-        seed, name = run.name.split("-", 1)
-        pick = "the rule's" if cells[0][0] >= cells[1][0] else "the other"
+        best = {}
+        for start in ("pretrained", "no-pretrained"):
+            records = [json.loads(line) for line in (run / start / "log.jsonl").read_text().splitlines()]
+            best[start] = max(r["val_r_precision"] for r in records if r.get("val_r_precision") is not None)
+        ev, (seed, name) = json.loads((run / "eval.json").read_text()), run.name.split("-", 1)
+        won = "fine-tuned" if best["pretrained"] >= best["no-pretrained"] else "from scratch"
+        shipped = ev["chosen"].replace("tf_efficientnet_lite0", "Lite0")
         print(
-            f"| {name} | {seed[1:]} | {cells[0][0]:.3f}, {cells[0][1]:.3f} | {cells[1][0]:.3f}, {cells[1][1]:.3f} "
-            f"| {pick} |"
+            f"| {name} | {seed[1:]} | {best['pretrained']:.3f} | {best['no-pretrained']:.3f} | {won} "
+            f"| {shipped} ({ev['results'][ev['chosen']]['r_precision']:.3f}) |"
         )
 
 
