@@ -201,13 +201,20 @@ def positive_pairs(rows):
     return torch.stack([a, b], 1)[(a >= 0) & (b >= 0)]
 
 
-def whitened(frozen, data, device, shift=0):
+def whitened(frozen, data, device, shift=0, fit_groups=None):
     """{suffix: frozen, then whitened}: PCA whitening, and learned whitening from the positive pairs, both fitted on
-    features of training images only (the images of a seeded sample of training groups, at most 4096 images)."""
-    rows = data.groups[data.train][torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))]
-    rows = rows[((rows >= 0).sum(1).cumsum(0) <= WHITEN_IMAGES) | (torch.arange(len(rows)) == 0)].clone()
+    features of training images only (the images of a seeded sample of training groups, at most 4096 images; with
+    fit_groups, those of its groups in fit_groups: the features are the sample's, extracted once)."""
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
+    rows, groups = data.groups[data.train][order], torch.tensor(data.train, dtype=torch.long)[order]
+    sample = ((rows >= 0).sum(1).cumsum(0) <= WHITEN_IMAGES) | (torch.arange(len(rows)) == 0)
+    rows, groups = rows[sample].clone(), groups[sample]
     images, rows[rows >= 0] = torch.unique(rows[rows >= 0], return_inverse=True)  # rows: positions in `images`
     feats = features(frozen, data.images, images, device, shift)
+    if fit_groups is not None:  # the sample's rows of those groups, and their images' features
+        rows = rows[torch.isin(groups, torch.tensor(fit_groups, dtype=torch.long))].clone()
+        used, rows[rows >= 0] = torch.unique(rows[rows >= 0], return_inverse=True)
+        feats = feats[used]
     found = {"whitened": Whiten(*fit_whitening(feats))}
     if data.kind != "images" and len(pairs := positive_pairs(rows)):
         found["whitened from positives"] = Whiten(*fit_pair_whitening(feats, pairs))
@@ -416,20 +423,21 @@ def baselines(kinds, mod, args, data, device, embedding, arch):
     return found, notes
 
 
-def choose(validation, among=None):
+def choose(validation, alone=None):
     """(name, line) of the embedding a run ships: of the trained and the frozen embeddings, plain or whitened, the
-    best on validation; between equals, the best among training images as distractors (`among`, as the scripts
-    validate), then the first (the trained one comes first); the trained one when nothing was validated."""
-    scored, among = {k: v for k, v in validation.items() if v is not None and k.startswith(STARTS)}, among or {}
+    best on validation; between equals, the best over the validation groups alone (`alone`), then the first (the
+    trained one comes first); the trained one when nothing was validated."""
+    scored, alone = {k: v for k, v in validation.items() if v is not None and k.startswith(STARTS)}, alone or {}
     if "trained" not in scored:
         return "trained", "no validation data: the trained embedding ships, unchosen (raise --val-fraction)"
-    key = lambda k: (scored[k], among.get(k) or -float("inf"))  # noqa: E731
+    key = lambda k: (scored[k], alone.get(k) or -float("inf"))  # noqa: E731
     best = max(scored, key=key)
     runner_up = max((k for k in scored if k != best), key=key, default=None)
     if runner_up and scored[best] == scored[runner_up]:
         return best, f"ships {best}: on validation it ties with {runner_up} ({scored[best]:.4f}), " + (
-            f"and among training images as distractors scores {among[best]:.4f} against {among[runner_up]:.4f}"
-            if key(best) != key(runner_up) else "and so it does among training images: validation cannot decide")
+            f"and over the validation groups alone scores {alone[best]:.4f} against {alone[runner_up]:.4f}"
+            if key(best) != key(runner_up) else "and so it does over the validation groups alone: validation cannot "
+            "decide")
     margin = f", {scored[best] - scored[runner_up]:+.4f} over {runner_up}" if runner_up else ""
     lost = "" if best.startswith("trained") else ": training did not beat the frozen features, so they ship"
     return best, f"ships {best}, the best on validation ({scored[best]:.4f}{margin}){lost}"
@@ -525,17 +533,27 @@ def cmd_evaluate(opts):
                         .items()})
     entries.update(found)
     results.update({name: measure(*entry, device) for name, entry in entries.items() if name != "trained"})
-    # Each embedding on validation, scored as the test is (its groups alone): training images as distractors, as the
-    # scripts use them to pick an epoch, would meet whitenings fitted on those very images (RESULTS.md, "Validation").
-    scores = {name: byol.score(e, d, "val", a, device, distractors=0) for name, (e, d, a) in entries.items()}
+    # Each embedding on validation, as the scripts score it: pairs and classes among up to 1024 training images, here
+    # of one half of the training groups, each whitening fitted again on the other half: it never saw its distractors,
+    # which would flatter it (RESULTS.md, "A user's own images"). A tie at the top: the groups alone break it.
+    halves = data.episodes is None and data.kind != "images"  # episodes and copies of images rank no training images
+    fit, pool = byol.split(data.train, len(data.train) // 2, args.seed + 3) if halves else (None, data.train)
+    validating, refitted = {}, {}
+    for name, (e, d, a) in entries.items():
+        if fit is not None and isinstance(e.encoder, nn.Sequential) and isinstance(e.encoder[-1], Whiten):
+            base = e.encoder[0]  # the encoder both of its whitenings share
+            refitted[base] = refitted.get(base) or whitened(Embedding(base), d, device, a.eval_shift, fit)
+            e = refitted[base]["whitened from positives" if name.endswith("from positives") else "whitened"]
+        validating[name] = (e, SimpleNamespace(**{**vars(d), "train": pool}), a)
+    scores = {name: byol.score(e, d, "val", a, device) for name, (e, d, a) in validating.items()}
     val_metric, validation = scores["trained"][0], {name: value for name, (_, value) in scores.items()}
     starts = {k: v for k, v in validation.items() if k.startswith(STARTS) and v is not None}
     tied = [k for k, v in starts.items() if v == max(starts.values())]
-    among = {k: byol.score(entries[k][0], entries[k][1], "val", entries[k][2], device)[1] for k in tied} \
-        if len(tied) > 1 else {}  # the scripts' validation, among training images, breaks a tie at the top
+    alone = {k: byol.score(validating[k][0], validating[k][1], "val", validating[k][2], device, distractors=0)[1]
+             for k in tied} if len(tied) > 1 else {}
     metric = next(m for m in HEADLINE if results["trained"].get(m) is not None)
     line = verdict(metric, results["trained"][metric], {k: v for k, v in results.items() if k in found})
-    chosen, chosen_line = choose(validation, among)
+    chosen, chosen_line = choose(validation, alone)
     source = str(args.data_file) if args.data_file else args.data
     print(f"{ckpt['method']} {path} (epoch {ckpt['epoch']}, {opts.embedding}) on {source}: {len(data.test)} held-out "
           f"{data.kind}" + (", the 20 official one-shot runs" if data.test_runs is not None else ""))
@@ -554,7 +572,7 @@ def cmd_evaluate(opts):
                      "epoch": ckpt["epoch"], "embedding": opts.embedding, "data": source, "kind": data.kind,
                      "test_groups": len(data.test), "metric": metric, "results": results, "collapse": diagnostics,
                      "notes": notes, "verdict": line, "validation_metric": val_metric, "validation": validation,
-                     "validation_among_training_images": among, "chosen": chosen, "chosen_line": chosen_line})
+                     "validation_alone": alone, "chosen": chosen, "chosen_line": chosen_line})
     print(f"wrote {out} and {path.parent / 'chosen.pt'} (what embed and export use)")
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -358,11 +359,22 @@ def test_whitening_is_fitted_on_training_images_only(classes_run, tmp_path, monk
     embed = lambda part: byol.embed_images(ev.Embedding(encoder), ev.Resized(data.images, 32)[part], "cpu")[0]
     train_feats = embed(members)
     (pca, _), (learned, pairs) = fitted[:2]  # the frozen features' (the trained ones' follow)
-    assert torch.equal(pca, learned) and len(fitted) == 4
+    assert torch.equal(pca, learned) and len(fitted) == 8
     assert pca.shape == train_feats.shape and torch.allclose(pca, train_feats, atol=1e-5)
     assert not torch.allclose(pca.mean(0), embed(data.groups[data.test].flatten()).mean(0), atol=1e-3)
     label = {int(i): g for g, row in enumerate(data.groups[data.train]) for i in row if i >= 0}
     assert len(pairs) and all(label[int(members[a])] == label[int(members[b])] for a, b in pairs)
+    # Validation's whitenings (the trained features', then the frozen ones'): fitted again on half of the training
+    # classes, so that the other half, its distractors, stays unseen.
+    args = run_data(classes_run)[0]
+    fit, pool = byol.split(data.train, len(data.train) // 2, args.seed + 3)
+    half = data.groups[fit].flatten()
+    half = half[half >= 0].sort().values
+    (pca, _), (learned, pairs) = fitted[6:]
+    assert torch.equal(pca, learned) and torch.allclose(pca, embed(half), atol=1e-5) and 0 < len(half) < len(members)
+    assert set(pairs.flatten().tolist()) <= set(range(len(half))) and not set(half.tolist()) & set(
+        data.groups[pool].flatten().tolist()
+    )
 
 
 def test_the_run_ships_the_best_start_on_validation_and_says_which(classes_run, tmp_path, capsys):
@@ -373,7 +385,7 @@ def test_the_run_ships_the_best_start_on_validation_and_says_which(classes_run, 
     tie = {"trained": 0.7, "frozen X": 0.7, "trained, whitened": 0.6}
     chosen, line = ev.choose(tie)  # a tie that nothing breaks: the trained embedding, and the line says so
     assert chosen == "trained" and line.endswith("validation cannot decide") and "ties with frozen X (0.7000)" in line
-    chosen, line = ev.choose(tie, among={"trained": 0.4, "frozen X": 0.5})  # the scripts' validation breaks it
+    chosen, line = ev.choose(tie, alone={"trained": 0.4, "frozen X": 0.5})  # the validation classes alone break it
     assert chosen == "frozen X" and line.endswith("scores 0.5000 against 0.4000")
     assert (
         ev.choose({"trained": 0.8, "frozen X": 0.7})[1] == "ships trained, the best on validation (0.8000, "
@@ -385,10 +397,15 @@ def test_the_run_ships_the_best_start_on_validation_and_says_which(classes_run, 
     report = json.loads((tmp_path / "e.json").read_text())
     starts = {k: v for k, v in report["validation"].items() if k.startswith(("trained", "frozen"))}
     assert len(starts) == 6 and set(report["validation"]) == set(report["results"])
-    among = report["validation_among_training_images"]  # what breaks ties
-    assert report["chosen"] == max(starts, key=lambda k: (starts[k], among.get(k, -1)))
-    args, data, model = run_data(classes_run)  # validation scored as the test is: its classes alone
-    assert report["validation"]["trained"] == byol.score(model, data, "val", args, "cpu", distractors=0)[1]
+    alone = report["validation_alone"]  # what breaks ties
+    assert report["chosen"] == max(starts, key=lambda k: (starts[k], alone.get(k, -1)))
+    args, data, model = run_data(classes_run)  # validation among one half of the training classes
+    pool = byol.split(data.train, len(data.train) // 2, args.seed + 3)[1]
+    halved = SimpleNamespace(**{**vars(data), "train": pool})
+    assert report["validation"]["trained"] == byol.score(model, halved, "val", args, "cpu")[1]
+    pixels = byol.Pixels()  # raw pixels, where the distractors tell the halves apart
+    assert report["validation"]["raw pixels"] == byol.score(pixels, halved, "val", args, "cpu")[1]
+    assert report["validation"]["raw pixels"] != byol.score(pixels, data, "val", args, "cpu")[1]
     assert report["chosen_line"] in capsys.readouterr().out
     assert torch.load(classes_run / "chosen.pt", weights_only=True)["chosen"] == report["chosen"]
 
