@@ -143,6 +143,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="seeds split, weights, batches, views")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the step")
+    g.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on a CPU too, as on a GPU: for bf16 units")
     g.add_argument("--out", type=Path, help="run directory (default runs/<method>-<data>-s<seed>)%(default).0s")
     g.add_argument("--resume", type=lambda t: Path(t, "last.pt" if Path(t).is_dir() else ""), help="a last.pt, or run")
     g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
@@ -154,12 +155,11 @@ def parse_args(argv=None):
     add_method_args(p.add_argument_group(f"method ({METHOD})"))
     p.set_defaults(**{k: v for k, v in recipe.items() if k not in ("batch_size", "epochs", "max_pairs")})
     args = p.parse_args(argv)
-    allowed = {"--resume", "--stop-after-epochs", "--device", "--no-progress"}
+    allowed = {"--resume", "--stop-after-epochs", "--device", "--cpu-bf16", "--no-progress"}
     extra = {a.split("=")[0] for a in argv if a[:2] == "--"} - allowed
     if args.resume and extra:
         p.error(f"--resume continues the run with its own settings; drop {' '.join(sorted(extra))}")
-    gpu = args.device.startswith("cuda")
-    if args.device.split(":")[0] not in ("auto", "cpu", "cuda") or gpu and not torch.cuda.is_available():
+    if args.device.split(":")[0] not in ("auto", "cpu") + ("cuda",) * torch.cuda.is_available():
         p.error(f"--device {args.device}: pass --device cpu (or auto), or cuda[:N] where torch sees a GPU")
     if 2 * args.eval_shift >= args.image_size or 0 < args.crop_size < 16 or len(args.width) not in (1, 4):
         p.error("--eval-shift must be below half of --image-size, --crop-size 0 or 16 or more, --width 1 or 4 numbers")
@@ -625,7 +625,7 @@ def train(args):
     if ckpt is not None:  # the run continues with its own settings
         if ckpt["method"] != METHOD:
             raise UserError(f"--resume {args.resume} is a {ckpt['method']} run; resume it with {ckpt['method']}.py")
-        keep = {k: getattr(args, k) for k in ("resume", "stop_after_epochs", "device", "no_progress")}
+        keep = {k: getattr(args, k) for k in ("resume", "stop_after_epochs", "device", "cpu_bf16", "no_progress")}
         args = SimpleNamespace(**{**ckpt["args"], **keep, "overwrite": False, "out": Path(args.resume).parent})
     args.out, world, rank = Path(args.out), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(args.device if args.device not in ("auto", "cuda") else
@@ -664,7 +664,7 @@ def train(args):
     net = nn.parallel.DistributedDataParallel(model, [device] * (device.type == "cuda") or None) if world > 1 else model
     def train_step(x1, x2, groups, gen, step):  # augmentation, forward, backward, updates
         v1, v2 = augment_pair(x1, x2, gen, args)  # a method with negatives (contrastive.py) also takes the groups
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or args.cpu_bf16):
             loss = net(v1, v2, groups) if getattr(model, "takes_groups", False) else net(v1, v2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

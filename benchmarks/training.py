@@ -19,6 +19,7 @@ Images count 2 views x batch. byol-pytorch and lightly: `pip install -e ".[bench
 
     python benchmarks/training.py --device cpu --threads 2 --arch conv4 --only step epoch   # byol.py's default recipe
     python benchmarks/training.py --device cpu --threads 2 --arch conv4 --only step --compile
+    python benchmarks/training.py --device cpu --threads 2 --arch conv4 --only step --cpu-bf16   # byol.py --cpu-bf16
     python benchmarks/training.py --device cpu --threads 2 --arch resnet18 --data-dir ../shared/data/tll-dev
     bash benchmarks/gpu.sh training OUT [DATA_DIR]    # CUDA: conv4 at 28 px, resnet18 at 32 and 224 px, resnet50
 """
@@ -84,6 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=at_least(1), help="torch intra-op threads (None: torch's own choice)")
     p.add_argument("--only", nargs="+", default=list(SECTIONS), choices=SECTIONS, metavar="SECTION", help="sections")
     p.add_argument("--compile", action="store_true", help="step: also ours compiled, as byol.py --compile runs it")
+    p.add_argument("--cpu-bf16", action="store_true", help="step: every trainer under bf16 autocast on the CPU too")
     p.add_argument("--workers", type=at_least(0), default=4, help="their DataLoaders' workers")
     p.add_argument("--data-dir", type=Path, help="epoch: TLL pairs, DIR/left/*.jpg and DIR/right/*.jpg")
     p.add_argument("--max-pairs", type=at_least(2), help="epoch: at most this many pairs (None: all; or 8 steps)")
@@ -106,6 +108,7 @@ def recipe(cfg, arch=None):
     """byol.py's arguments at this size and batch. conv4: `python byol.py`'s own (the Omniglot recipe). The resnets:
     its settings for pairs of photos, from scratch with byol-pytorch's ImageNet stem, SGD and 4096/256 MLPs."""
     argv = ["--image-size", str(cfg.image_size), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed)]
+    argv += ["--cpu-bf16"] * getattr(cfg, "cpu_bf16", False)
     if (arch or cfg.arch) == "conv4":
         return fit(byol.parse_args(argv + (["--width", *cfg.width.split(",")] if cfg.width else [])), anchors=2720)
     argv += ["--arch", arch or cfg.arch, *"--data tll --no-pretrained --optimizer sgd --hidden-dim 4096".split()]
@@ -131,9 +134,9 @@ def encoder(args):
     return byol.build_encoder(args.arch, args.stem, args.pretrained, width=args.width)
 
 
-def autocast(device):
-    """bf16 on CUDA, as byol.py trains there; fp32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, args):
+    """bf16 on CUDA, as byol.py trains there; on the CPU fp32, or bf16 with --cpu-bf16 (every trainer alike)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or args.cpu_bf16)
 
 
 def random_images(n, size, device, seed):
@@ -159,7 +162,7 @@ def our_trainer(args, device, total_steps):
 
     def train_step(x1, x2, gen, index):
         views = byol.augment_pair(x1, x2, gen, args)  # channels_last
-        with autocast(device):
+        with autocast(device, args):
             loss = model(*views)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -197,7 +200,7 @@ def their_trainer(args, device):
     optimizer = byol.build_method_optimizer(args, torch.nn.ModuleDict(dict(encoder=net, learner=learner)))
 
     def step(x):
-        with autocast(device):
+        with autocast(device, args):
             loss = learner(x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -229,7 +232,7 @@ def lightly_trainer(args, device):
 
     def step(v1, v2):
         update_momentum(online, momentum, m=args.base_tau)
-        with autocast(device):
+        with autocast(device, args):
             p1, z1, p2, z2 = predictor(online(v1)), momentum(v1).detach(), predictor(online(v2)), momentum(v2).detach()
             loss = 0.5 * (criterion(p1, z2) + criterion(p2, z1))
         loss.backward()
@@ -272,7 +275,7 @@ def timing_row(name, seconds, images, note):
 def run_step_section(cfg, device):
     args, total = recipe(cfg), cfg.warmup + cfg.repeats
     x1, x2 = (random_images(cfg.batch_size, cfg.image_size, device, cfg.seed + k) for k in (0, 1))
-    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    precision = "bf16 autocast" if device.type == "cuda" or args.cpu_bf16 else "fp32"
     ours = our_trainer(args, device, total)
     steps = {OURS: (lambda i: ours(x1, x2, i), f"{precision}; model and views channels_last: byol.py's step")}
     compile_s = None
@@ -292,7 +295,7 @@ def run_step_section(cfg, device):
 
     def floor(index):
         model.zero_grad(set_to_none=True)
-        with autocast(device):
+        with autocast(device, args):
             loss = model(*views)
         loss.backward()
 

@@ -197,6 +197,21 @@ def test_resume_after_a_half_written_log_line(classes_file, tmp_path):
     assert [r["epoch"] for r in log_of(run)] == [0, 1, 2]
 
 
+def test_cpu_bf16_autocasts_the_step_on_the_cpu_for_this_invocation(classes_file, tmp_path, monkeypatch):
+    """--cpu-bf16: the step's forward under bf16 autocast on the CPU, fp32 without it; like --device, it belongs to
+    the invocation, so a resumed run takes it from the command that resumes it."""
+    autocast = []
+    forward = byol.BYOL.forward
+    monkeypatch.setattr(byol.BYOL, "forward", lambda self, *v: autocast.append(torch.is_autocast_enabled("cpu"))
+                        or forward(self, *v))  # fmt: skip
+    run = tmp_path / "run"
+    assert run_main(byol, tiny("byol", classes_file, run, "--stop-after-epochs", "1", "--cpu-bf16"))[0] == 0
+    steps = len(autocast)
+    assert steps and all(autocast) and byol.load_checkpoint(run / "last.pt")["args"]["cpu_bf16"]
+    assert run_main(byol, ["--resume", run / "last.pt", "--no-progress"])[0] == 0
+    assert len(autocast) == 2 * steps and not any(autocast[steps:])
+
+
 def test_resume_refuses_changed_data(make_data, tmp_path):
     data, run = make_data(), tmp_path / "run"
     assert run_main(byol, tiny("byol", data, run, "--stop-after-epochs", "1"))[0] == 0
