@@ -423,6 +423,27 @@ def baselines(kinds, mod, args, data, device, embedding, arch):
     return found, notes
 
 
+def validate(entries, data, args, device):
+    """(metric, {name: score}) of each embedding (name: (model, data, args)) on validation, as the scripts score it:
+    pairs and classes rank among up to 1024 training images. Here those are of one half of the training groups, and
+    each whitening is fitted again on the other half, so that it never saw its distractors, which would flatter it
+    (RESULTS.md, "A user's own images"); then the halves swap, and the two scores are averaged. Episodes, and copies
+    of loose images, rank no training images: they are scored once, as they are."""
+    halves = byol.split(data.train, len(data.train) // 2, args.seed + 3)
+    split = data.episodes is None and data.kind != "images" and len(data.train) >= 4
+    scores = {}
+    for fit, pool in [halves, halves[::-1]] if split else [(None, data.train)]:
+        refitted = {}
+        for name, (e, d, a) in entries.items():
+            if fit is not None and isinstance(e.encoder, nn.Sequential) and isinstance(e.encoder[-1], Whiten):
+                base = e.encoder[0]  # the encoder its whitenings share
+                refitted[base] = refitted.get(base) or whitened(Embedding(base), d, device, a.eval_shift, fit)
+                e = refitted[base].get("whitened from positives" if name.endswith("from positives") else "whitened", e)
+            metric, value = byol.score(e, SimpleNamespace(**{**vars(d), "train": pool}), "val", a, device)
+            scores.setdefault(name, []).append(value)
+    return metric, {name: None if None in s else sum(s) / len(s) for name, s in scores.items()}
+
+
 def choose(validation, alone=None):
     """(name, line) of the embedding a run ships: of the trained and the frozen embeddings, plain or whitened, the
     best on validation; between equals, the best over the validation groups alone (`alone`), then the first (the
@@ -533,24 +554,11 @@ def cmd_evaluate(opts):
                         .items()})
     entries.update(found)
     results.update({name: measure(*entry, device) for name, entry in entries.items() if name != "trained"})
-    # Each embedding on validation, as the scripts score it: pairs and classes among up to 1024 training images, here
-    # of one half of the training groups, each whitening fitted again on the other half: it never saw its distractors,
-    # which would flatter it (RESULTS.md, "A user's own images"). A tie at the top: the groups alone break it.
-    halves = data.episodes is None and data.kind != "images"  # episodes and copies of images rank no training images
-    fit, pool = byol.split(data.train, len(data.train) // 2, args.seed + 3) if halves else (None, data.train)
-    validating, refitted = {}, {}
-    for name, (e, d, a) in entries.items():
-        if fit is not None and isinstance(e.encoder, nn.Sequential) and isinstance(e.encoder[-1], Whiten):
-            base = e.encoder[0]  # the encoder both of its whitenings share
-            refitted[base] = refitted.get(base) or whitened(Embedding(base), d, device, a.eval_shift, fit)
-            e = refitted[base]["whitened from positives" if name.endswith("from positives") else "whitened"]
-        validating[name] = (e, SimpleNamespace(**{**vars(d), "train": pool}), a)
-    scores = {name: byol.score(e, d, "val", a, device) for name, (e, d, a) in validating.items()}
-    val_metric, validation = scores["trained"][0], {name: value for name, (_, value) in scores.items()}
+    val_metric, validation = validate(entries, data, args, device)
     starts = {k: v for k, v in validation.items() if k.startswith(STARTS) and v is not None}
     tied = [k for k, v in starts.items() if v == max(starts.values())]
-    alone = {k: byol.score(validating[k][0], validating[k][1], "val", validating[k][2], device, distractors=0)[1]
-             for k in tied} if len(tied) > 1 else {}
+    alone = {k: byol.score(entries[k][0], entries[k][1], "val", entries[k][2], device, distractors=0)[1]
+             for k in tied} if len(tied) > 1 else {}  # a tie at the top: the validation groups alone break it
     metric = next(m for m in HEADLINE if results["trained"].get(m) is not None)
     line = verdict(metric, results["trained"][metric], {k: v for k, v in results.items() if k in found})
     chosen, chosen_line = choose(validation, alone)

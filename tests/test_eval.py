@@ -359,22 +359,22 @@ def test_whitening_is_fitted_on_training_images_only(classes_run, tmp_path, monk
     embed = lambda part: byol.embed_images(ev.Embedding(encoder), ev.Resized(data.images, 32)[part], "cpu")[0]
     train_feats = embed(members)
     (pca, _), (learned, pairs) = fitted[:2]  # the frozen features' (the trained ones' follow)
-    assert torch.equal(pca, learned) and len(fitted) == 8
+    assert torch.equal(pca, learned) and len(fitted) == 12
     assert pca.shape == train_feats.shape and torch.allclose(pca, train_feats, atol=1e-5)
     assert not torch.allclose(pca.mean(0), embed(data.groups[data.test].flatten()).mean(0), atol=1e-3)
     label = {int(i): g for g, row in enumerate(data.groups[data.train]) for i in row if i >= 0}
     assert len(pairs) and all(label[int(members[a])] == label[int(members[b])] for a, b in pairs)
     # Validation's whitenings (the trained features', then the frozen ones'): fitted again on half of the training
-    # classes, so that the other half, its distractors, stays unseen.
+    # classes, so that the other half, its distractors, stays unseen; then the halves swap.
     args = run_data(classes_run)[0]
-    fit, pool = byol.split(data.train, len(data.train) // 2, args.seed + 3)
-    half = data.groups[fit].flatten()
-    half = half[half >= 0].sort().values
-    (pca, _), (learned, pairs) = fitted[6:]
-    assert torch.equal(pca, learned) and torch.allclose(pca, embed(half), atol=1e-5) and 0 < len(half) < len(members)
-    assert set(pairs.flatten().tolist()) <= set(range(len(half))) and not set(half.tolist()) & set(
-        data.groups[pool].flatten().tolist()
-    )
+    halves = byol.split(data.train, len(data.train) // 2, args.seed + 3)
+    for (fit, pool), ((pca, _), (learned, pairs)) in zip([halves, halves[::-1]], [fitted[6:8], fitted[10:12]]):
+        half = data.groups[fit].flatten()
+        half = half[half >= 0].sort().values
+        assert torch.equal(pca, learned) and torch.allclose(pca, embed(half), atol=1e-5) and 0 < len(half) < len(members)
+        assert set(pairs.flatten().tolist()) <= set(range(len(half))) and not set(half.tolist()) & set(
+            data.groups[pool].flatten().tolist()
+        )
 
 
 def test_the_run_ships_the_best_start_on_validation_and_says_which(classes_run, tmp_path, capsys):
@@ -399,13 +399,15 @@ def test_the_run_ships_the_best_start_on_validation_and_says_which(classes_run, 
     assert len(starts) == 6 and set(report["validation"]) == set(report["results"])
     alone = report["validation_alone"]  # what breaks ties
     assert report["chosen"] == max(starts, key=lambda k: (starts[k], alone.get(k, -1)))
-    args, data, model = run_data(classes_run)  # validation among one half of the training classes
-    pool = byol.split(data.train, len(data.train) // 2, args.seed + 3)[1]
-    halved = SimpleNamespace(**{**vars(data), "train": pool})
-    assert report["validation"]["trained"] == byol.score(model, halved, "val", args, "cpu")[1]
-    pixels = byol.Pixels()  # raw pixels, where the distractors tell the halves apart
-    assert report["validation"]["raw pixels"] == byol.score(pixels, halved, "val", args, "cpu")[1]
-    assert report["validation"]["raw pixels"] != byol.score(pixels, data, "val", args, "cpu")[1]
+    args, data, model = run_data(classes_run)  # validation among each half of the training classes, averaged
+    split = byol.split(data.train, len(data.train) // 2, args.seed + 3)
+    halves = [SimpleNamespace(**{**vars(data), "train": half}) for half in split]
+    on_halves = lambda m: [byol.score(m, half, "val", args, "cpu")[1] for half in halves]  # noqa: E731
+    assert len(set(on_halves(model))) == 2  # so that the mean below is of both
+    assert report["validation"]["trained"] == pytest.approx(sum(on_halves(model)) / 2)
+    pixels = byol.Pixels()  # not among all the training images
+    assert report["validation"]["raw pixels"] == pytest.approx(sum(on_halves(pixels)) / 2)
+    assert report["validation"]["raw pixels"] != pytest.approx(byol.score(pixels, data, "val", args, "cpu")[1])
     assert report["chosen_line"] in capsys.readouterr().out
     assert torch.load(classes_run / "chosen.pt", weights_only=True)["chosen"] == report["chosen"]
 
