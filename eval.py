@@ -424,7 +424,7 @@ def baselines(kinds, mod, args, data, device, embedding, arch):
 
 
 def validate(entries, data, args, device):
-    """(metric, {name: score}) of each embedding (name: (model, data, args)) on validation, as the scripts score it:
+    """(metric, {name: score}, how) of each embedding (name: (model, data, args)) on validation, as the scripts score:
     pairs and classes rank among up to 1024 training images. Here those are of one half of the training groups, and
     each whitening is fitted again on the other half, so that it never saw its distractors, which would flatter it
     (RESULTS.md, "A user's own images"); then the halves swap, and the two scores are averaged. Episodes, and copies
@@ -441,7 +441,9 @@ def validate(entries, data, args, device):
                 e = refitted[base].get("whitened from positives" if name.endswith("from positives") else "whitened", e)
             metric, value = byol.score(e, SimpleNamespace(**{**vars(d), "train": pool}), "val", a, device)
             scores.setdefault(name, []).append(value)
-    return metric, {name: None if None in s else sum(s) / len(s) for name, s in scores.items()}
+    how = ("the validation groups among images of each half of the training groups in turn, each whitening fitted on "
+           "the other half; the two scores averaged") if split else "as the training scripts score it"
+    return metric, {name: None if None in s else sum(s) / len(s) for name, s in scores.items()}, how
 
 
 def choose(validation, alone=None):
@@ -554,7 +556,7 @@ def cmd_evaluate(opts):
                         .items()})
     entries.update(found)
     results.update({name: measure(*entry, device) for name, entry in entries.items() if name != "trained"})
-    val_metric, validation = validate(entries, data, args, device)
+    val_metric, validation, protocol = validate(entries, data, args, device)
     starts = {k: v for k, v in validation.items() if k.startswith(STARTS) and v is not None}
     tied = [k for k, v in starts.items() if v == max(starts.values())]
     alone = {k: byol.score(entries[k][0], entries[k][1], "val", entries[k][2], device, distractors=0)[1]
@@ -565,7 +567,8 @@ def cmd_evaluate(opts):
     source = str(args.data_file) if args.data_file else args.data
     print(f"{ckpt['method']} {path} (epoch {ckpt['epoch']}, {opts.embedding}) on {source}: {len(data.test)} held-out "
           f"{data.kind}" + (", the 20 official one-shot runs" if data.test_runs is not None else ""))
-    print(table({name: {val_metric: validation[name], **r} for name, r in results.items()}), *notes, sep="\n")
+    print(table({name: {val_metric: validation[name], **r} for name, r in results.items()}), *notes,
+          f"{val_metric}: {protocol}", sep="\n")
     print("collapse (projector, training images): " + ", ".join(f"{k} {v:.4g}" for k, v in diagnostics.items()))
     print(line or "no baselines (--baselines none): nothing to compare with")
     print(f"{chosen_line}; on the test, {metric} {results[chosen][metric]:.4f}")
@@ -580,7 +583,8 @@ def cmd_evaluate(opts):
                      "epoch": ckpt["epoch"], "embedding": opts.embedding, "data": source, "kind": data.kind,
                      "test_groups": len(data.test), "metric": metric, "results": results, "collapse": diagnostics,
                      "notes": notes, "verdict": line, "validation_metric": val_metric, "validation": validation,
-                     "validation_alone": alone, "chosen": chosen, "chosen_line": chosen_line})
+                     "validation_protocol": protocol, "validation_alone": alone, "chosen": chosen,
+                     "chosen_line": chosen_line})
     print(f"wrote {out} and {path.parent / 'chosen.pt'} (what embed and export use)")
 
 

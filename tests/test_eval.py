@@ -397,6 +397,7 @@ def test_the_run_ships_the_best_start_on_validation_and_says_which(classes_run, 
     report = json.loads((tmp_path / "e.json").read_text())
     starts = {k: v for k, v in report["validation"].items() if k.startswith(("trained", "frozen"))}
     assert len(starts) == 6 and set(report["validation"]) == set(report["results"])
+    assert report["validation_protocol"].startswith("the validation groups among images of each half")  # it says so
     alone = report["validation_alone"]  # what breaks ties
     assert report["chosen"] == max(starts, key=lambda k: (starts[k], alone.get(k, -1)))
     args, data, model = run_data(classes_run)  # validation among each half of the training classes, averaged
