@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -375,6 +376,32 @@ def test_whitening_is_fitted_on_training_images_only(classes_run, tmp_path, monk
         assert set(pairs.flatten().tolist()) <= set(range(len(half))) and not set(half.tolist()) & set(
             data.groups[pool].flatten().tolist()
         )
+
+
+def test_validation_halves_the_training_classes_down_to_three(tmp_path):
+    """Ten classes, half held out and a fifth of the rest carved for validation, leave 3 training classes, as on a
+    10-class folder: validation still ranks among one half of them and fits each whitening on the other."""
+    path = write_data(tmp_path / "d.pt", groups=10, per_group=5, size=16)
+    flags = ["--image-size", "16", "--holdout", "0.5", "--val-fraction", "0.4", "--eval-shift", "0"]
+    args = byol.parse_args(["--data-file", str(path), *flags])
+    data = byol.load_data(args)
+    assert len(data.train) == 3 and len(data.val) == 2
+    pixels = ev.Embedding(nn.Flatten())
+    entries = {"raw pixels": (byol.Pixels(), data, args)}
+    entries["pixels whitened"] = (ev.whitened(pixels, data, "cpu")["whitened"], data, args)  # PCA: well posed here
+    _, scores, how = ev.validate(entries, data, args, "cpu")
+    assert how.startswith("the validation groups among images of each half")
+    halves = byol.split(data.train, 1, args.seed + 3)
+    for name, (e, _, _) in entries.items():
+        on_halves = []
+        for fit, pool in (halves, halves[::-1]):
+            if name != "raw pixels":  # whitened again on the other half
+                fitted = ev.whitened(pixels, SimpleNamespace(**{**vars(data), "train": fit}), "cpu")
+                e = fitted["whitened"]
+            on_halves.append(byol.score(e, SimpleNamespace(**{**vars(data), "train": pool}), "val", args, "cpu")[1])
+        assert scores[name] == pytest.approx(sum(on_halves) / 2), name
+    on_all = byol.score(entries["pixels whitened"][0], data, "val", args, "cpu")[1]  # fitted on its distractors
+    assert scores["pixels whitened"] != pytest.approx(on_all)
 
 
 def test_the_run_ships_the_best_start_on_validation_and_says_which(classes_run, tmp_path, capsys):
